@@ -1,0 +1,44 @@
+# The two commands: `make run` and `make test`. Both create .venv and install on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Demo settings for `make run` only: loopback, a demo app id and a demo token.
+DEMO_SDKAPPID ?= 1400000000
+DEMO_TOKEN ?= demo-token-not-for-production
+
+.PHONY: run test install lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@$(BIN)/topic-audit migrate
+	@echo
+	@echo "!! DEMO MODE: SdkAppid $(DEMO_SDKAPPID) and a demo token, loopback only. Not for production. !!"
+	@echo
+	@echo "Receiver:  http://127.0.0.1:8000/callback   Datasette: http://127.0.0.1:8001/audit"
+	@echo "Send a first signed callback from another terminal:"
+	@echo
+	@echo "    TOPIC_AUDIT_SDKAPPID=$(DEMO_SDKAPPID) TOPIC_AUDIT_TOKEN=$(DEMO_TOKEN) $(BIN)/topic-audit send"
+	@echo
+	@TOPIC_AUDIT_SDKAPPID=$(DEMO_SDKAPPID) TOPIC_AUDIT_TOKEN=$(DEMO_TOKEN) \
+	  TOPIC_AUDIT_HOST=127.0.0.1 TOPIC_AUDIT_EXPLORE_HOST=127.0.0.1 \
+	  sh -c '$(BIN)/topic-audit explore & explore=$$!; trap "kill $$explore 2>/dev/null" EXIT INT TERM; \
+	         $(BIN)/topic-audit serve'
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,249 @@
+"""The receiver: ``create_app(settings)`` builds the Litestar application.
+
+The callback route is an ASGI handler so that it sees every request to its path, whatever the method,
+and reads the body itself with a hard limit on the bytes actually received. Its path is one way:
+raw request -> :func:`service.checks.decide` -> one durable append by the writer -> the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.handlers import asgi
+from litestar.types import Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import chain, checks, models
+from service.metrics import Metrics
+from service.migrations import migrate
+from service.settings import Settings
+from service.writer import AppendError, AuditWriter
+
+log = logging.getLogger("service")
+
+REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_FIELD_LIMIT = 256  # query-derived columns are bounded; the full query string is kept in query_string
+
+
+def iso_now(now: float) -> str:
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T20:39:14.123Z``."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
+    return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+
+
+def headers_json(headers: tuple[tuple[str, str], ...]) -> str:
+    """Request headers as a JSON object; repeated names joined with ", "; credentials redacted."""
+    merged: dict[str, str] = {}
+    for name, value in headers:
+        shown = "[redacted]" if name in REDACTED_HEADERS else value
+        merged[name] = f"{merged[name]}, {shown}" if name in merged else shown
+    return json.dumps(merged, ensure_ascii=False)
+
+
+async def read_body(receive: Receive, declared: int | None, limit: int) -> tuple[bytes, bool]:
+    """The body, read up to ``limit`` bytes; (bytes, truncated). Nothing is read past the limit."""
+    if declared is not None and declared > limit:
+        return b"", True
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            break
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                chunks.append(chunk[: limit - (size - len(chunk))])
+                return b"".join(chunks), True
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), False
+
+
+def _declared_length(headers: tuple[tuple[str, str], ...]) -> int | None:
+    for name, value in headers:
+        if name == "content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _bounded(value: str | None) -> str | None:
+    return value[:_FIELD_LIMIT] if value is not None else None
+
+
+def build_row(
+    request: checks.RawRequest, decision: checks.Decision, received: float, elapsed: float, answer: bytes
+) -> dict[str, Any]:
+    """The log row for ``decision`` (all columns but ``id`` and the chain links)."""
+    query = decision.query
+    return {
+        "received_at": iso_now(received),
+        "method": request.method,
+        "path": request.path,
+        "query_string": request.query_string,
+        "sdk_app_id": _bounded(query.get("SdkAppid")),
+        "callback_command": _bounded(decision.command),
+        "client_ip": _bounded(query.get("ClientIP")),
+        "opt_platform": _bounded(query.get("OptPlatform")),
+        "request_time": _bounded(query.get("RequestTime")),
+        "remote_addr": request.remote_addr,
+        "request_headers": headers_json(request.headers),
+        "request_body": chain.stored_body(request.body),
+        "request_body_sha256": hashlib.sha256(request.body).hexdigest(),
+        "request_body_bytes": len(request.body),
+        "status_code": decision.status_code,
+        "response_body": answer.decode(),
+        "outcome": decision.outcome,
+        "reason": decision.reason,
+        "detail": decision.detail[:2000] if decision.detail else None,
+        "topic_id": decision.topic_id,
+        "group_id": decision.group_id,
+        "duplicate_of": None,
+        "elapsed_ms": round(elapsed * 1000, 3),
+    }
+
+
+def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
+    limit = settings.max_body_bytes
+
+    @asgi(settings.callback_path, copy_scope=False)
+    async def callback(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        received = time.time()
+        headers = _headers(scope)
+        declared = _declared_length(headers)
+        client = scope.get("client")
+        body, truncated = await read_body(receive, declared, limit)
+        request = checks.RawRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query_string=scope["query_string"].decode("latin-1"),
+            headers=headers,
+            body=body,
+            remote_addr=client[0] if client else None,
+            declared_length=declared,
+            body_truncated=truncated,
+        )
+        try:
+            decision = checks.decide(request, settings, received)
+        except Exception:
+            log.exception("unexpected failure while checking a callback")
+            decision = checks.Decision(
+                500, "error", "internal_error", "unexpected failure; see the service log"
+            )
+        answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+        row = build_row(request, decision, received, time.perf_counter() - started, answer)
+        writer: AuditWriter = scope["app"].state.writer
+        status = decision.status_code
+        try:
+            await writer.append(row, decision.event)
+        except AppendError as exc:
+            log.error("audit append failed; answering 503: %s", exc)
+            status = 503
+            answer = models.answer_body(503, "audit_unavailable", "the request could not be recorded")
+        response_headers = list(_JSON_HEADERS)
+        if status == 405:
+            response_headers.append((b"allow", b"POST"))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": answer})
+        metrics.answered(decision.command, time.perf_counter() - started)
+
+    return callback
+
+
+def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Every error outside the callback route answers in the same JSON shape."""
+    if isinstance(exc, HTTPException):
+        status, reason = exc.status_code, _REASONS.get(exc.status_code, "http_error")
+    else:
+        log.error("unhandled exception on %s", request.url.path, exc_info=exc)
+        status, reason = 500, "internal_error"
+    return Response(models.answer_body(status, reason), status_code=status, media_type=MediaType.JSON)
+
+
+_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> Response[bytes]:
+    """The process is up."""
+    return Response(models.OK_BODY, media_type=MediaType.JSON)
+
+
+@get("/readyz")
+async def readyz(state: State) -> Response[bytes]:
+    """The database is writable: the writer can take the write lock."""
+    writer: AuditWriter = state.writer
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(writer.run(_probe)), timeout=2.0)
+    except Exception as exc:
+        return Response(
+            models.answer_body(503, "not_ready", f"database not writable: {type(exc).__name__}"),
+            status_code=503,
+            media_type=MediaType.JSON,
+        )
+    return Response(models.OK_BODY, media_type=MediaType.JSON)
+
+
+def _probe(conn: Any) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
+
+
+@get("/metrics")
+async def metrics_endpoint(state: State) -> Response[bytes]:
+    registry = state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
+    """The receiver for ``settings``: migrates the database and owns its writer for its lifetime."""
+    metrics = metrics or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        migrate(settings.db)
+        writer = AuditWriter(settings.db, settings.max_batch, observer=metrics)
+        writer.start()
+        counts = await asyncio.wrap_future(writer.run(_counts))
+        metrics.set_initial(*counts)
+        app.state.writer = writer
+        try:
+            yield
+        finally:
+            writer.stop()
+
+    return Litestar(
+        route_handlers=[make_callback_handler(settings, metrics), healthz, readyz, metrics_endpoint],
+        lifespan=[lifespan],
+        state=State({"settings": settings, "metrics": metrics}),
+        exception_handlers={Exception: _error_response},
+        openapi_config=None,
+        request_max_body_size=settings.max_body_bytes,
+    )
+
+
+def _counts(conn: Any) -> tuple[int, int, int]:
+    entries = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+    active, deleted = conn.execute(
+        "SELECT count(*) FILTER (WHERE deleted_entry_id IS NULL), count(*) FILTER (WHERE deleted_entry_id "
+        "IS NOT NULL) FROM topics"
+    ).fetchone()
+    return int(entries), int(active), int(deleted)

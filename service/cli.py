@@ -1,0 +1,294 @@
+"""The ``topic-audit`` command line. Every option has help text and an environment variable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service import migrations, projection, samples
+from service.settings import Settings, SettingsError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _db_option(f: Any) -> Any:
+    return click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="TOPIC_AUDIT_DB",
+        default=Path("data/audit.db"),
+        show_default=True,
+        show_envvar=True,
+        help="The SQLite audit database.",
+    )(f)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="topic-audit")
+def main() -> None:
+    """topic-audit: the audited webhook target for Tencent Cloud Chat topic callbacks."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--host",
+    envvar="TOPIC_AUDIT_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    show_envvar=True,
+    help="Address to bind the receiver to.",
+)
+@click.option(
+    "--port",
+    envvar="TOPIC_AUDIT_PORT",
+    default=8000,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Port to bind the receiver to.",
+)
+@_db_option
+@click.option(
+    "--sdkappid",
+    envvar="TOPIC_AUDIT_SDKAPPID",
+    show_envvar=True,
+    help="The app's SDKAppID; callbacks for any other app are rejected. Required.",
+)
+@click.option(
+    "--callback-path",
+    envvar="TOPIC_AUDIT_CALLBACK_PATH",
+    default="/callback",
+    show_default=True,
+    show_envvar=True,
+    help="The webhook route.",
+)
+@click.option(
+    "--max-body-bytes",
+    envvar="TOPIC_AUDIT_MAX_BODY_BYTES",
+    default=65536,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Larger bodies are rejected (413) and still audited.",
+)
+@click.option(
+    "--sign-tolerance-seconds",
+    envvar="TOPIC_AUDIT_SIGN_TOLERANCE_SECONDS",
+    default=60,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Allowed distance between RequestTime and now when a token is set.",
+)
+@click.option(
+    "--max-batch",
+    envvar="TOPIC_AUDIT_MAX_BATCH",
+    default=256,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Most rows committed in one transaction (group commit).",
+)
+@click.option(
+    "--log-level",
+    envvar="TOPIC_AUDIT_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of the service.",
+)
+def serve(
+    host: str,
+    port: int,
+    db: Path,
+    sdkappid: str | None,
+    callback_path: str,
+    max_body_bytes: int,
+    sign_tolerance_seconds: int,
+    max_batch: int,
+    log_level: str,
+) -> None:
+    """Run the receiver.
+
+    The token is read only from the environment (TOPIC_AUDIT_TOKEN), never from the command line, so that
+    it does not show in process listings or shell history. When it is set, every callback must carry a
+    valid Sign and RequestTime.
+    """
+    import os
+
+    import uvicorn
+
+    from service.app import create_app
+
+    if not sdkappid:
+        raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
+    try:
+        settings = Settings(
+            sdk_app_id=sdkappid,
+            token=os.environ.get("TOPIC_AUDIT_TOKEN") or None,
+            sign_tolerance_seconds=sign_tolerance_seconds,
+            db=db,
+            host=host,
+            port=port,
+            callback_path=callback_path,
+            max_body_bytes=max_body_bytes,
+            max_batch=max_batch,
+        )
+        settings.validate()
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    auth = (
+        "Sign/RequestTime required"
+        if settings.token
+        else "NO callback authentication (TOPIC_AUDIT_TOKEN unset)"
+    )
+    click.echo(
+        f"topic-audit receiver on http://{host}:{port}{callback_path} for SdkAppid {sdkappid}; {auth}; "
+        f"audit log {db}",
+        err=True,
+    )
+    uvicorn.run(
+        create_app(settings), host=host, port=port, access_log=False, log_level=log_level, server_header=False
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--url",
+    envvar="TOPIC_AUDIT_SEND_URL",
+    default="http://127.0.0.1:8000/callback",
+    show_default=True,
+    show_envvar=True,
+    help="The receiver's callback URL.",
+)
+@click.option(
+    "--sdkappid",
+    envvar="TOPIC_AUDIT_SDKAPPID",
+    required=True,
+    show_envvar=True,
+    help="SDKAppID to put in the query string.",
+)
+@click.option(
+    "--sample",
+    "sample_names",
+    multiple=True,
+    type=click.Choice(sorted(samples.SAMPLES)),
+    help="A documented sample to send (repeatable). Default: the topic lifecycle "
+    "before-create, after-create, info-changed, destroyed.",
+)
+@click.option(
+    "--file",
+    "file",
+    type=click.File("rb"),
+    envvar="TOPIC_AUDIT_SEND_FILE",
+    show_envvar=True,
+    help="Send this JSON body instead of samples ('-' for stdin); its CallbackCommand is used.",
+)
+@click.option(
+    "--unique/--no-unique",
+    default=True,
+    show_default=True,
+    envvar="TOPIC_AUDIT_SEND_UNIQUE",
+    show_envvar=True,
+    help="Give each run its own TopicId so that samples are new topics, not redeliveries.",
+)
+@click.option(
+    "--count",
+    default=1,
+    type=click.IntRange(1),
+    show_default=True,
+    envvar="TOPIC_AUDIT_SEND_COUNT",
+    show_envvar=True,
+    help="Send everything this many times.",
+)
+def send(url: str, sdkappid: str, sample_names: tuple[str, ...], file: Any, unique: bool, count: int) -> None:
+    """Sign and post Tencent-style callbacks, printing each answer.
+
+    Signs with TOPIC_AUDIT_TOKEN when it is set (read from the environment only).
+    """
+    import os
+
+    import httpx
+
+    token = os.environ.get("TOPIC_AUDIT_TOKEN") or None
+    if file is not None:
+        raw = file.read()
+        try:
+            command = json.loads(raw).get("CallbackCommand", "")
+        except (ValueError, AttributeError):
+            command = ""
+        bodies = [(command, raw)]
+    else:
+        names = sample_names or ("before-create", "after-create", "info-changed", "destroyed")
+        suffix = f"{int(time.time() * 1000):x}" if unique else ""
+        bodies = [
+            (samples.SAMPLES[n]["CallbackCommand"], _encode(_uniquify(samples.sample(n), suffix)))
+            for n in names
+        ]
+    failures = 0
+    with httpx.Client(timeout=5.0) as client:
+        for _ in range(count):
+            for command, body in bodies:
+                target = f"{url}?{samples.query(sdkappid, command, token)}"
+                try:
+                    response = client.post(target, content=body, headers={"content-type": "application/json"})
+                except httpx.HTTPError as exc:
+                    raise click.ClickException(f"cannot reach {url}: {exc}") from None
+                failures += response.status_code != 200
+                click.echo(f"{response.status_code} {command or '(no command)'} {response.text}")
+    if failures:
+        sys.exit(1)
+
+
+def _uniquify(body: dict[str, Any], suffix: str) -> dict[str, Any]:
+    if not suffix:
+        return body
+    if "TopicId" in body:
+        body["TopicId"] = f"{body['TopicId']}{suffix}"
+    if "TopicIdList" in body:
+        body["TopicIdList"] = [f"{t}{suffix}" for t in body["TopicIdList"]]
+    return body
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+@main.command(context_settings=CONTEXT)
+@_db_option
+def migrate(db: Path) -> None:
+    """Create the database or bring its schema up to date."""
+    migrations.migrate(db)
+    click.echo(f"{db}: schema up to date")
+
+
+@main.command("rebuild-projection", context_settings=CONTEXT)
+@_db_option
+def rebuild_projection(db: Path) -> None:
+    """Rebuild the topics table from the audit log in one transaction.
+
+    Readers keep seeing the old table until the new one is committed; a running receiver waits only for
+    the final swap.
+    """
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        started = time.perf_counter()
+        topics = projection.rebuild(conn)
+    finally:
+        conn.close()
+    click.echo(f"rebuilt {topics} topics from {db} in {time.perf_counter() - started:.2f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,102 @@
+"""The schema, as named sqlite-utils migrations. The schema lives here and nowhere else.
+
+Rules for new migrations: never ``Table.transform()`` ``audit_log`` (it drops triggers and would rewrite
+the chained rows); add columns with ``ALTER TABLE … ADD COLUMN`` and list them in ``chain.COLUMNS``;
+``tests/test_migrations.py`` checks the append-only triggers still exist after every migration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("topic_audit")
+
+OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "error")
+
+
+@migrations()
+def m001_audit_log(db: Database) -> None:
+    outcomes = ", ".join(f"'{o}'" for o in OUTCOMES)
+    db.execute(
+        f"""
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            received_at TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            query_string TEXT NOT NULL,
+            sdk_app_id TEXT,
+            callback_command TEXT,
+            client_ip TEXT,
+            opt_platform TEXT,
+            request_time TEXT,
+            remote_addr TEXT,
+            request_headers TEXT NOT NULL,
+            request_body BLOB,
+            request_body_sha256 TEXT NOT NULL,
+            request_body_bytes INTEGER NOT NULL,
+            status_code INTEGER NOT NULL,
+            response_body TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ({outcomes})),
+            reason TEXT,
+            detail TEXT,
+            topic_id TEXT,
+            group_id TEXT,
+            duplicate_of INTEGER REFERENCES audit_log(id),
+            elapsed_ms REAL,
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL UNIQUE
+        )
+        """
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
+    )
+    for columns in (["received_at"], ["topic_id"], ["group_id"], ["outcome", "reason"], ["callback_command"]):
+        db["audit_log"].create_index(columns)  # type: ignore[union-attr]
+
+
+@migrations()
+def m002_topics(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE topics (
+            topic_id TEXT PRIMARY KEY,
+            group_id TEXT,
+            name TEXT,
+            type TEXT,
+            owner_account TEXT,
+            operator_account TEXT,
+            custom_data TEXT,
+            introduction TEXT,
+            notification TEXT,
+            face_url TEXT,
+            created_at TEXT,
+            created_entry_id INTEGER REFERENCES audit_log(id),
+            updated_at TEXT,
+            updated_entry_id INTEGER REFERENCES audit_log(id),
+            deleted_at TEXT,
+            deleted_entry_id INTEGER REFERENCES audit_log(id)
+        )
+        """
+    )
+    db["topics"].create_index(["group_id"])  # type: ignore[union-attr]
+
+
+def migrate(path: Path) -> None:
+    """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(path)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        migrations.apply(db)
+    finally:
+        db.close()

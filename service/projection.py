@@ -1,0 +1,264 @@
+"""The ``topics`` projection: what a topic event does to the current state, as a pure function.
+
+:func:`project` decides, from the state before the event, whether it is new (``accepted``) or a
+redelivery (``duplicate``, with the entry it repeats) and which rows it changes. The writer calls it
+inside the transaction that appends the log row; :func:`rebuild` replays the log through the same
+function, so the projection is always a rebuild of the log.
+
+Redelivery rules (Tencent retries after-events on timeout, with the same body):
+- create: the topic was already created by an earlier entry;
+- info changed: the body is identical to the one that last changed the topic;
+- destroyed: every topic in the list is already deleted.
+Events for topics never seen (created before the service existed) are applied as far as they go.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from service import models
+
+COLUMNS: Final = (
+    "topic_id",
+    "group_id",
+    "name",
+    "type",
+    "owner_account",
+    "operator_account",
+    "custom_data",
+    "introduction",
+    "notification",
+    "face_url",
+    "created_at",
+    "created_entry_id",
+    "updated_at",
+    "updated_entry_id",
+    "deleted_at",
+    "deleted_entry_id",
+)
+
+Topic = dict[str, Any]
+# topic_id -> (current row or None, request_body_sha256 of the entry at its updated_entry_id)
+Lookup = Callable[[str], tuple[Topic | None, str | None]]
+
+
+@dataclass(slots=True)
+class Effect:
+    outcome: str
+    duplicate_of: int | None = None
+    changes: list[tuple[Topic | None, Topic]] = field(default_factory=list)
+    """(row before, row after) for every topic the event changes."""
+
+
+def state(row: Topic | None) -> str | None:
+    """``active``, ``deleted``, or None for a topic not in the projection."""
+    if row is None:
+        return None
+    return "deleted" if row["deleted_entry_id"] is not None else "active"
+
+
+def _blank(topic_id: str, group_id: str) -> Topic:
+    row: Topic = dict.fromkeys(COLUMNS)
+    row["topic_id"] = topic_id
+    row["group_id"] = group_id
+    return row
+
+
+def _merge_custom(current: str | None, items: list[models.UserDefinedData] | None) -> str | None:
+    new = models.custom_data(items)
+    if new is None:
+        return current
+    merged = {**json.loads(current), **new} if current else new
+    return json.dumps(merged, ensure_ascii=False)
+
+
+def project(event: models.TopicEvent, entry_id: int, at: str, body_sha256: str, lookup: Lookup) -> Effect:
+    """What ``event`` (entry ``entry_id``, received ``at``) does to the projection."""
+    if isinstance(event, models.AfterCreateTopic):
+        return _create(event, entry_id, at, lookup)
+    if isinstance(event, models.AfterTopicInfoChanged):
+        return _change(event, entry_id, at, body_sha256, lookup)
+    if isinstance(event, models.AfterTopicDestroyed):
+        return _destroy(event, entry_id, at, lookup)
+    raise TypeError(f"{type(event).__name__} is not projected")
+
+
+def _create(event: models.AfterCreateTopic, entry_id: int, at: str, lookup: Lookup) -> Effect:
+    before, _ = lookup(event.TopicId)
+    if before is not None and before["created_entry_id"] is not None:
+        return Effect("duplicate", before["created_entry_id"])
+    after = dict(before) if before is not None else _blank(event.TopicId, event.GroupId)
+    # An earlier info-change or destroy (delivered out of order) is newer than the create: keep it.
+    given = {
+        "name": event.Name,
+        "type": event.Type,
+        "owner_account": event.Owner_Account,
+        "operator_account": event.Operator_Account,
+        "introduction": event.Introduction,
+        "notification": event.Notification,
+        "face_url": event.FaceUrl,
+    }
+    for column, value in given.items():
+        if after[column] is None:
+            after[column] = value
+    if after["custom_data"] is None:
+        after["custom_data"] = _merge_custom(None, event.UserDefinedDataList)
+    after["created_at"], after["created_entry_id"] = at, entry_id
+    if after["updated_entry_id"] is None:
+        after["updated_at"], after["updated_entry_id"] = at, entry_id
+    return Effect("accepted", changes=[(before, after)])
+
+
+def _change(
+    event: models.AfterTopicInfoChanged, entry_id: int, at: str, body_sha256: str, lookup: Lookup
+) -> Effect:
+    assert event.TopicId is not None  # the checks do not send a change without TopicId here
+    before, last_sha = lookup(event.TopicId)
+    if before is not None and last_sha == body_sha256:
+        return Effect("duplicate", before["updated_entry_id"])
+    after = dict(before) if before is not None else _blank(event.TopicId, event.GroupId)
+    changed = {
+        "name": event.Name,
+        "introduction": event.Introduction,
+        "notification": event.Notification,
+        "face_url": event.FaceUrl,
+        "operator_account": event.Operator_Account,
+    }
+    for column, value in changed.items():
+        if value is not None:
+            after[column] = value
+    if after["type"] is None:
+        after["type"] = event.Type
+    after["custom_data"] = _merge_custom(after["custom_data"], event.UserDefinedDataList)
+    after["updated_at"], after["updated_entry_id"] = at, entry_id
+    return Effect("accepted", changes=[(before, after)])
+
+
+def _destroy(event: models.AfterTopicDestroyed, entry_id: int, at: str, lookup: Lookup) -> Effect:
+    changes: list[tuple[Topic | None, Topic]] = []
+    first_deleted_by: int | None = None
+    for topic_id in dict.fromkeys(event.TopicIdList):  # a repeated id is one topic
+        before, _ = lookup(topic_id)
+        if before is not None and before["deleted_entry_id"] is not None:
+            first_deleted_by = first_deleted_by or before["deleted_entry_id"]
+            continue
+        after = dict(before) if before is not None else _blank(topic_id, event.GroupId)
+        if after["type"] is None:
+            after["type"] = event.Type
+        after["deleted_at"], after["deleted_entry_id"] = at, entry_id
+        changes.append((before, after))
+    if not changes:
+        return Effect("duplicate", first_deleted_by)
+    return Effect("accepted", changes=changes)
+
+
+class SqlStore:
+    """The projection as a table on a connection the caller holds in a transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, table: str = "topics") -> None:
+        self.conn = conn
+        self._select = (
+            f"SELECT t.*, a.request_body_sha256 FROM {table} t "
+            "LEFT JOIN audit_log a ON a.id = t.updated_entry_id WHERE t.topic_id = ?"
+        )
+        self._upsert = (
+            f"INSERT OR REPLACE INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        )
+
+    def lookup(self, topic_id: str) -> tuple[Topic | None, str | None]:
+        found = self.conn.execute(self._select, (topic_id,)).fetchone()
+        if found is None:
+            return None, None
+        return dict(zip(COLUMNS, found[: len(COLUMNS)], strict=True)), found[len(COLUMNS)]
+
+    def write(self, effect: Effect) -> None:
+        for _, after in effect.changes:
+            self.conn.execute(self._upsert, [after[c] for c in COLUMNS])
+
+
+class MemoryStore:
+    """The projection held in memory while the log is replayed (see :func:`rebuild`)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Topic] = {}
+        self.last_sha: dict[str, str | None] = {}
+
+    def lookup(self, topic_id: str) -> tuple[Topic | None, str | None]:
+        return self.rows.get(topic_id), self.last_sha.get(topic_id)
+
+    def write(self, effect: Effect, body_sha256: str, entry_id: int) -> None:
+        for _, after in effect.changes:
+            self.rows[after["topic_id"]] = after
+            if after["updated_entry_id"] == entry_id:
+                self.last_sha[after["topic_id"]] = body_sha256
+
+
+@dataclass(slots=True)
+class Mismatch:
+    """An accepted entry that, replayed, would not be accepted (the log and its outcomes disagree)."""
+
+    entry_id: int
+    replayed_outcome: str
+
+
+def replay(
+    conn: sqlite3.Connection, store: MemoryStore | None = None, after_id: int = 0
+) -> tuple[MemoryStore, list[Mismatch], int]:
+    """Replay the accepted entries after ``after_id``, in order, into ``store`` (a new one by default).
+
+    Returns the store, the entries whose replay was not ``accepted``, and the last id read.
+    """
+    store = store if store is not None else MemoryStore()
+    mismatches: list[Mismatch] = []
+    last_id = after_id
+    rows = conn.execute(
+        "SELECT id, received_at, callback_command, request_body, request_body_sha256 FROM audit_log "
+        "WHERE outcome = 'accepted' AND id > ? ORDER BY id",
+        (after_id,),
+    )
+    for entry_id, at, command, body, sha in rows:
+        event = parse_event(command, body)
+        effect = project(event, entry_id, at, sha, store.lookup)
+        if effect.outcome != "accepted":
+            mismatches.append(Mismatch(entry_id, effect.outcome))
+        store.write(effect, sha, entry_id)
+        last_id = entry_id
+    return store, mismatches, last_id
+
+
+def parse_event(command: str, body: str | bytes) -> models.TopicEvent:
+    """A logged topic event, decoded exactly as the receiver decoded it."""
+    return msgspec.convert(msgspec.json.decode(body), models.PAYLOAD_TYPES[command])
+
+
+def rebuilt_rows(store: MemoryStore) -> Iterator[tuple[Any, ...]]:
+    for row in store.rows.values():
+        yield tuple(row[c] for c in COLUMNS)
+
+
+def rebuild(conn: sqlite3.Connection) -> int:
+    """Rebuild ``topics`` from the log in one transaction; readers see the old table until commit.
+
+    The bulk of the log is replayed before the write lock is taken, so the receiver waits only for the
+    entries that arrived meanwhile and for the table swap. ``conn`` must be in autocommit mode.
+    """
+    store, _, last_id = replay(conn)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        replay(conn, store, last_id)
+        conn.execute("DELETE FROM topics")
+        conn.executemany(
+            f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            rebuilt_rows(store),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(store.rows)

@@ -1,0 +1,92 @@
+"""Settings, read once from the environment by :func:`Settings.from_env`.
+
+Nothing else in the package reads ``os.environ``: the CLI builds a :class:`Settings` and passes it down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PREFIX = "TOPIC_AUDIT_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    sdk_app_id: str = ""
+    """The app's SDKAppID (``TOPIC_AUDIT_SDKAPPID``); callbacks for any other app are rejected."""
+
+    token: str | None = None
+    """Callback-auth token (``TOPIC_AUDIT_TOKEN``); when set, ``Sign``/``RequestTime`` are required."""
+
+    sign_tolerance_seconds: int = 60
+    """Allowed distance between ``RequestTime`` and now (``TOPIC_AUDIT_SIGN_TOLERANCE_SECONDS``)."""
+
+    db: Path = Path("data/audit.db")
+    """The SQLite file (``TOPIC_AUDIT_DB``)."""
+
+    host: str = "127.0.0.1"
+    """Receiver bind address (``TOPIC_AUDIT_HOST``)."""
+
+    port: int = 8000
+    """Receiver port (``TOPIC_AUDIT_PORT``)."""
+
+    callback_path: str = "/callback"
+    """The webhook route (``TOPIC_AUDIT_CALLBACK_PATH``)."""
+
+    max_body_bytes: int = 65536
+    """Larger request bodies are rejected, and still audited (``TOPIC_AUDIT_MAX_BODY_BYTES``)."""
+
+    max_batch: int = 256
+    """Most rows the writer commits in one transaction (``TOPIC_AUDIT_MAX_BATCH``)."""
+
+    def __repr__(self) -> str:  # the token never appears in logs or tracebacks
+        shown = ", ".join(
+            f"{f.name}={'<set>' if f.name == 'token' and self.token else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({shown})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``TOPIC_AUDIT_*`` variables; keyword overrides win (CLI options)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = PREFIX + f.name.upper().replace("SDK_APP_ID", "SDKAPPID")
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.callback_path.startswith("/"):
+            raise SettingsError(f"{PREFIX}CALLBACK_PATH must start with '/', got {self.callback_path!r}")
+        if self.max_body_bytes < 1024:
+            raise SettingsError(f"{PREFIX}MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
+        if self.sign_tolerance_seconds < 1:
+            raise SettingsError(f"{PREFIX}SIGN_TOLERANCE_SECONDS must be positive")
+        if not 1 <= self.max_batch <= 10000:
+            raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
+
+
+def _coerce(name: str, annotation: object, raw: str) -> object:
+    kind = str(annotation)
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if kind == "Path":
+        return Path(raw)
+    return raw
