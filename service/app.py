@@ -21,7 +21,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.handlers import asgi
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import chain, checks, models
@@ -132,7 +132,7 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         client = scope.get("client")
         body, truncated = await read_body(receive, declared, limit)
         request = checks.RawRequest(
-            method=scope["method"],
+            method=scope["method"],  # type: ignore[typeddict-item]
             path=scope["path"],
             query_string=scope["query_string"].decode("latin-1"),
             headers=headers,
@@ -161,8 +161,14 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         response_headers = list(_JSON_HEADERS)
         if status == 405:
             response_headers.append((b"allow", b"POST"))
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": answer})
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": response_headers,
+        }
+        await send(start)
+        body_event: HTTPResponseBodyEvent = {"type": "http.response.body", "body": answer, "more_body": False}
+        await send(body_event)
         metrics.answered(decision.command, time.perf_counter() - started)
 
     return callback

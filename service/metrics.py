@@ -40,7 +40,7 @@ APPEND_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 
 
 def command_label(command: str | None) -> str:
-    return command if command in models.KNOWN_COMMANDS else "other"  # type: ignore[return-value]
+    return command if command is not None and command in models.KNOWN_COMMANDS else "other"
 
 
 def package_version() -> str:
@@ -52,7 +52,7 @@ def package_version() -> str:
 
 class Metrics:
     def __init__(self) -> None:
-        disable_created_metrics()  # *_created series only double what dashboards read
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series only double what dashboards read
         self.registry = CollectorRegistry()
         r = self.registry
         self.callbacks = Counter(

@@ -141,6 +141,8 @@ class AuditWriter:
             self._commit_group(batch)
 
     def _run_job(self, item: object) -> None:
+        job: Callable[[sqlite3.Connection | None], Any]
+        future: Future[Any]
         job, future = item  # type: ignore[misc]
         try:
             future.set_result(job(self._conn))
