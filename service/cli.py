@@ -290,5 +290,58 @@ def rebuild_projection(db: Path) -> None:
     click.echo(f"rebuilt {topics} topics from {db} in {time.perf_counter() - started:.2f} s")
 
 
+@main.command(context_settings=CONTEXT)
+@_db_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_VERIFY_JSON",
+    show_envvar=True,
+    help="Print the result as one JSON object (for automation).",
+)
+def verify(db: Path, as_json: bool) -> None:
+    """Check the audit log: contiguous ids, body hashes, the hash chain, and the projection.
+
+    Exits 1 when anything is found, naming the first bad entry of each kind.
+    """
+    from service import verify as checks
+
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    started = time.perf_counter()
+    try:
+        total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        with click.progressbar(
+            length=total, label="chain", file=sys.stderr, hidden=as_json or total < 100000
+        ) as bar:
+            findings, count, head = checks.verify_chain(conn, bar.update)
+        findings += checks.verify_projection(conn)
+    finally:
+        conn.close()
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": not findings,
+                    "entries": count,
+                    "head": head,
+                    "seconds": round(seconds, 3),
+                    "findings": [f.as_dict() for f in findings],
+                }
+            )
+        )
+    else:
+        for f in findings:
+            where = f"entry {f.entry_id}" if f.entry_id is not None else "log"
+            topic = f" topic {f.topic_id}" if f.topic_id else ""
+            click.echo(f"FAIL {f.check}: {where}{topic}: {f.message}")
+        click.echo(f"{'OK' if not findings else 'FAILED'}: {count} entries, head {head}, {seconds:.2f} s")
+    if findings:
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -60,6 +60,12 @@ def m001_audit_log(db: Database) -> None:
         "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
         "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
     )
+    # INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers: refuse it up front.
+    db.execute(
+        "CREATE TRIGGER audit_log_no_replace BEFORE INSERT ON audit_log "
+        "WHEN EXISTS (SELECT 1 FROM audit_log WHERE id = NEW.id OR entry_hash = NEW.entry_hash) "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: replacing an entry refused'); END"
+    )
     for columns in (["received_at"], ["topic_id"], ["group_id"], ["outcome", "reason"], ["callback_command"]):
         db["audit_log"].create_index(columns)  # type: ignore[union-attr]
 

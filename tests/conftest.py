@@ -1,0 +1,138 @@
+"""Shared fixtures: real SQLite files under tmp_path, the real app with its lifespan, a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import TestClient
+
+from service import samples
+from service.app import create_app
+from service.metrics import Metrics
+from service.settings import Settings
+
+APP_ID = "1400000001"
+TOKEN = "test-token-7f3a9c1e5b"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def settings(db_path: Path) -> Settings:
+    return Settings(sdk_app_id=APP_ID, token=TOKEN, db=db_path)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def client(settings: Settings, metrics: Metrics) -> Iterator[TestClient[Any]]:
+    with TestClient(create_app(settings, metrics)) as test_client:
+        yield test_client
+
+
+Post = Callable[..., httpx.Response]
+
+
+@pytest.fixture
+def post(client: TestClient[Any]) -> Post:
+    """Post a body (dict, bytes or str) signed like Tencent does; keyword arguments adjust the query."""
+
+    def _post(
+        body: Any, command: str | None = None, *, query: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        if isinstance(body, dict):
+            command = command or body.get("CallbackCommand")
+            content = json.dumps(body, ensure_ascii=False).encode()
+        else:
+            content = body.encode() if isinstance(body, str) else body
+        if query is None:
+            query = samples.query(APP_ID, command or "", TOKEN)
+        return client.post(f"/callback?{query}", content=content, **kwargs)
+
+    return _post
+
+
+def rows(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM audit_log WHERE {where} ORDER BY id", params)]
+    finally:
+        conn.close()
+
+
+def topics(db: Path) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["topic_id"]: dict(r) for r in conn.execute("SELECT * FROM topics")}
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``topic-audit serve`` as a real process on loopback."""
+
+    def __init__(self, db: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.db, self.log, self.port = db, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "TOPIC_AUDIT_SDKAPPID": APP_ID,
+            "TOPIC_AUDIT_TOKEN": TOKEN,
+            "TOPIC_AUDIT_DB": str(db),
+            "TOPIC_AUDIT_PORT": str(self.port),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve"], env=self.env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def server(db_path: Path, tmp_path: Path) -> Iterator[Server]:
+    running = Server(db_path, tmp_path / "server.log").start()
+    try:
+        yield running
+    finally:
+        running.stop()

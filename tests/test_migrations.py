@@ -1,0 +1,74 @@
+"""The schema: migrations apply cleanly, and audit_log stays append-only after every one of them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlite_utils import Database
+
+from service import chain
+from service.migrations import migrate, migrations
+
+
+def triggers(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    finally:
+        conn.close()
+
+
+def test_triggers_exist_after_every_migration(tmp_path: Path) -> None:
+    names = [m.name for m in migrations._migrations]
+    for i, name in enumerate(names):
+        path = tmp_path / f"upto-{i}.db"
+        db = Database(path)
+        later = names[i + 1 :]
+        migrations.apply(db, stop_before=later[0] if later else None)
+        assert [a.name for a in migrations.applied(db)] == names[: i + 1], name
+        db.close()
+        assert {"audit_log_no_update", "audit_log_no_delete", "audit_log_no_replace"} <= triggers(path), (
+            f"after {name}"
+        )
+
+
+def test_migrate_is_idempotent_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    migrate(path)
+    migrate(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")]
+    finally:
+        conn.close()
+    assert tuple(columns) == chain.COLUMNS
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_log SET outcome = 'accepted'",
+        "UPDATE audit_log SET detail = 'edited' WHERE id = 1",
+        "DELETE FROM audit_log WHERE id = 1",
+        "DELETE FROM audit_log",
+        "INSERT OR REPLACE INTO audit_log SELECT * FROM audit_log WHERE id = 1",
+        "REPLACE INTO audit_log SELECT * FROM audit_log WHERE id = 1",
+        "INSERT INTO audit_log SELECT * FROM audit_log WHERE id = 1",
+    ],
+)
+def test_update_and_delete_are_refused(tmp_path: Path, statement: str) -> None:
+    path = tmp_path / "a.db"
+    migrate(path)
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO audit_log (id, received_at, method, path, query_string, request_headers, request_body_sha256,"
+        " request_body_bytes, status_code, response_body, outcome, prev_hash, entry_hash)"
+        " VALUES (1, 'now', 'POST', '/callback', '', '{}', '', 0, 200, '{}', 'ignored', '', 'h')"
+    )
+    conn.commit()
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute(statement)
+    conn.close()

@@ -1,0 +1,236 @@
+"""The single writer: group commit, commit-before-answer, failure isolation, chain continuity."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service import chain, verify
+from service.migrations import migrate
+from service.writer import AppendError, AuditWriter
+
+
+def make_row(n: int, **changes: Any) -> dict[str, Any]:
+    body = f'{{"n": {n}}}'.encode()
+    row: dict[str, Any] = {
+        "received_at": "2026-11-25T00:00:00.000Z",
+        "method": "POST",
+        "path": "/callback",
+        "query_string": f"n={n}",
+        "sdk_app_id": "1",
+        "callback_command": "Group.CallbackAfterCreateGroup",
+        "client_ip": None,
+        "opt_platform": None,
+        "request_time": None,
+        "remote_addr": "127.0.0.1",
+        "request_headers": "{}",
+        "request_body": chain.stored_body(body),
+        "request_body_sha256": hashlib.sha256(body).hexdigest(),
+        "request_body_bytes": len(body),
+        "status_code": 200,
+        "response_body": "{}",
+        "outcome": "ignored",
+        "reason": None,
+        "detail": None,
+        "topic_id": f"t{n}",
+        "group_id": None,
+        "duplicate_of": None,
+        "elapsed_ms": 0.1,
+    }
+    row.update(changes)
+    return row
+
+
+class Recorder:
+    """Observer that records each committed group (the writer's own report)."""
+
+    def __init__(self) -> None:
+        self.groups: list[int] = []
+        self.failed = 0
+
+    def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:
+        self.groups.append(len(rows))
+
+    def batch_failed(self, count: int) -> None:
+        self.failed += count
+
+    def topics_changed(self, before: str | None, after: str | None) -> None:
+        pass
+
+
+@pytest.fixture
+def fresh_db(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.db"
+    migrate(path)
+    return path
+
+
+def check_chain(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        findings, count, _ = verify.verify_chain(conn)
+    finally:
+        conn.close()
+    assert findings == []
+    return count
+
+
+def visible(path: Path, topic_id: str) -> bool:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT 1 FROM audit_log WHERE topic_id = ?", (topic_id,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_no_answer_precedes_its_commit(fresh_db: Path) -> None:
+    recorder = Recorder()
+    writer = AuditWriter(fresh_db, max_batch=16, observer=recorder)
+    writer.start()
+    seen_before_commit: list[int] = []
+
+    async def one(n: int) -> None:
+        await writer.append(make_row(n))
+        # The instant the append resolves, a separate connection must already see the row.
+        if not visible(fresh_db, f"t{n}"):
+            seen_before_commit.append(n)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(n) for n in range(300)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        writer.stop()
+    assert seen_before_commit == []
+    assert check_chain(fresh_db) == 300
+    assert sum(recorder.groups) == 300
+    assert max(recorder.groups) > 1, "concurrent appends should share transactions"
+    assert max(recorder.groups) <= 16
+
+
+def test_a_lone_append_commits_at_once(fresh_db: Path) -> None:
+    recorder = Recorder()
+    writer = AuditWriter(fresh_db, observer=recorder)
+    writer.start()
+    try:
+        committed = asyncio.run(writer.append(make_row(1)))
+    finally:
+        writer.stop()
+    assert committed.id == 1 and recorder.groups == [1]
+
+
+def _hold(writer: AuditWriter) -> threading.Event:
+    """Block the writer thread until the returned event is set, so that appends pile up in the queue."""
+    release = threading.Event()
+    writer.run(lambda conn: release.wait(10))
+    return release
+
+
+def test_a_bad_row_fails_only_its_own_request(fresh_db: Path) -> None:
+    recorder = Recorder()
+    writer = AuditWriter(fresh_db, observer=recorder)
+    writer.start()
+
+    async def main() -> list[Any]:
+        release = _hold(writer)
+        tasks = [
+            asyncio.ensure_future(writer.append(make_row(n, outcome="bogus" if n == 5 else "ignored")))
+            for n in range(10)
+        ]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        writer.stop()
+    failed = [n for n, r in enumerate(results) if isinstance(r, AppendError)]
+    assert failed == [5]
+    assert recorder.failed == 1
+    assert check_chain(fresh_db) == 9
+
+
+def test_a_locked_database_fails_the_group_and_recovers(fresh_db: Path) -> None:
+    recorder = Recorder()
+    writer = AuditWriter(fresh_db, observer=recorder)
+    writer.start()
+    other = sqlite3.connect(fresh_db, isolation_level=None)
+
+    async def main() -> tuple[list[Any], Any]:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        results = await asyncio.gather(
+            *(writer.append(make_row(n)) for n in range(5)), return_exceptions=True
+        )
+        other.execute("ROLLBACK")
+        after = await writer.append(make_row(99))
+        return results, after
+
+    try:
+        results, after = asyncio.run(main())
+    finally:
+        writer.stop()
+        other.close()
+    assert all(isinstance(r, AppendError) for r in results)
+    assert "locked" in str(results[0])
+    assert recorder.failed == 5
+    assert after.id == 1  # nothing half-written; the chain starts cleanly when the fault clears
+    assert check_chain(fresh_db) == 1
+
+
+def test_a_restarted_writer_continues_the_chain(fresh_db: Path) -> None:
+    for start in (0, 10):
+        writer = AuditWriter(fresh_db)
+        writer.start()
+
+        async def main(start: int = start) -> None:
+            await asyncio.gather(*(writer.append(make_row(start + n)) for n in range(10)))
+
+        try:
+            asyncio.run(main())
+        finally:
+            writer.stop()
+    assert check_chain(fresh_db) == 20
+
+
+def test_two_writers_on_one_file_keep_one_chain(fresh_db: Path) -> None:
+    writers = [AuditWriter(fresh_db, max_batch=8) for _ in range(2)]
+    for w in writers:
+        w.start()
+
+    async def main() -> None:
+        await asyncio.gather(*(writers[n % 2].append(make_row(n)) for n in range(200)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        for w in writers:
+            w.stop()
+    assert check_chain(fresh_db) == 200
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe\x00binary", b"caf\xc3\xa9 \x00 nul", b"", "😀".encode()])
+def test_body_bytes_are_kept_exactly(fresh_db: Path, body: bytes) -> None:
+    writer = AuditWriter(fresh_db)
+    writer.start()
+    row = make_row(
+        1, request_body=chain.stored_body(body), request_body_sha256=hashlib.sha256(body).hexdigest()
+    )
+    try:
+        asyncio.run(writer.append(row))
+    finally:
+        writer.stop()
+    conn = sqlite3.connect(fresh_db)
+    try:
+        stored = conn.execute("SELECT request_body FROM audit_log").fetchone()[0]
+    finally:
+        conn.close()
+    assert chain.body_bytes(stored) == body
+    check_chain(fresh_db)
