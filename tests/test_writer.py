@@ -190,7 +190,7 @@ def test_a_restarted_writer_continues_the_chain(fresh_db: Path) -> None:
         writer = AuditWriter(fresh_db)
         writer.start()
 
-        async def main(start: int = start) -> None:
+        async def main(writer: AuditWriter = writer, start: int = start) -> None:
             await asyncio.gather(*(writer.append(make_row(start + n)) for n in range(10)))
 
         try:
