@@ -182,6 +182,8 @@ def serve(
     "sample_names",
     multiple=True,
     type=click.Choice(sorted(samples.SAMPLES)),
+    envvar="TOPIC_AUDIT_SEND_SAMPLE",
+    show_envvar=True,
     help="A documented sample to send (repeatable). Default: the topic lifecycle "
     "before-create, after-create, info-changed, destroyed.",
 )
@@ -261,6 +263,45 @@ def _uniquify(body: dict[str, Any], suffix: str) -> dict[str, Any]:
 
 def _encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--host",
+    envvar="TOPIC_AUDIT_EXPLORE_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    show_envvar=True,
+    help="Address to bind Datasette to (loopback only for now).",
+)
+@click.option(
+    "--port",
+    envvar="TOPIC_AUDIT_EXPLORE_PORT",
+    default=8001,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Port to bind Datasette to.",
+)
+@_db_option
+def explore(host: str, port: int, db: Path) -> None:
+    """Serve the audit database read-only in Datasette, as `audit`, for auditors."""
+    import asyncio
+
+    import uvicorn
+
+    from service.explore import is_loopback, make_datasette
+
+    if not is_loopback(host):
+        raise click.UsageError(
+            f"refusing to serve the audit log on {host}: anonymous access is only allowed on "
+            "loopback, and this version has no login"
+        )
+    migrations.migrate(db)
+    ds = make_datasette(db)
+    asyncio.run(ds.invoke_startup())
+    click.echo(f"Datasette on http://{host}:{port}/{'audit'} (read-only view of {db})", err=True)
+    uvicorn.run(ds.app(), host=host, port=port, log_level="warning")
 
 
 @main.command(context_settings=CONTEXT)

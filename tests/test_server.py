@@ -1,0 +1,155 @@
+"""The real ``topic-audit serve`` process: concurrency, restarts, secrets, and the ``send`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from conftest import APP_ID, TOKEN, Server, rows, topics
+
+from service import samples
+
+
+def deliver_concurrently(url: str, count: int, prefix: str) -> list[httpx.Response]:
+    async def main() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+
+            async def one(n: int) -> httpx.Response:
+                body = samples.sample("after-create", TopicId=f"{prefix}-{n}")
+                query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+                return await client.post(f"{url}/callback?{query}", json=body)
+
+            return await asyncio.gather(*(one(n) for n in range(count)))
+
+    return asyncio.run(main())
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_200_concurrent_deliveries(server: Server) -> None:
+    responses = deliver_concurrently(server.url, 200, "conc")
+    assert [r.status_code for r in responses] == [200] * 200
+    assert all(r.json() == {"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0} for r in responses)
+    logged = rows(server.db)
+    assert [r["id"] for r in logged] == list(range(1, 201))
+    assert {r["outcome"] for r in logged} == {"accepted"}
+    assert len(topics(server.db)) == 200
+    result = run_cli("verify", "--db", str(server.db), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["entries"] == 200
+
+
+def test_a_restart_continues_the_chain(db_path: Path, tmp_path: Path) -> None:
+    for round_ in range(2):
+        running = Server(db_path, tmp_path / "server.log").start()
+        try:
+            assert all(r.status_code == 200 for r in deliver_concurrently(running.url, 20, f"r{round_}"))
+        finally:
+            running.stop()
+    logged = rows(db_path)
+    assert [r["id"] for r in logged] == list(range(1, 41))
+    assert logged[20]["prev_hash"] == logged[19]["entry_hash"]
+    assert run_cli("verify", "--db", str(db_path)).returncode == 0
+
+
+def test_verify_finds_a_forged_row(server: Server) -> None:
+    deliver_concurrently(server.url, 5, "v")
+    server.stop()
+    conn = sqlite3.connect(server.db)
+    conn.execute("DROP TRIGGER audit_log_no_update")
+    conn.execute("UPDATE audit_log SET client_ip = '10.0.0.1' WHERE id = 3")
+    conn.commit()
+    conn.close()
+    result = run_cli("verify", "--db", str(server.db))
+    assert result.returncode == 1
+    assert "FAIL hash: entry 3" in result.stdout
+
+
+def test_the_token_appears_nowhere(server: Server) -> None:
+    deliver_concurrently(server.url, 10, "secret")
+    bad = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", "wrong-token")
+    answers = [
+        httpx.post(f"{server.url}/callback?{bad}", json=samples.sample("after-create")).text,
+        httpx.post(f"{server.url}/callback?SdkAppid={APP_ID}", content=b"{").text,
+        httpx.get(f"{server.url}/metrics").text,
+        httpx.get(f"{server.url}/readyz").text,
+    ]
+    server.stop()
+    token = TOKEN.encode()
+    for path in server.db.parent.iterdir():  # the database, its WAL, and the server log
+        assert token not in path.read_bytes(), path
+    for answer in answers:
+        assert TOKEN not in answer
+
+
+def test_credentials_in_headers_are_redacted(server: Server) -> None:
+    body = samples.sample("after-create")
+    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+    headers = {"Authorization": "Bearer very-secret", "Cookie": "session=very-secret", "X-Trace": "kept"}
+    assert httpx.post(f"{server.url}/callback?{query}", json=body, headers=headers).status_code == 200
+    [row] = rows(server.db)
+    stored = json.loads(row["request_headers"])
+    assert stored["authorization"] == "[redacted]" and stored["cookie"] == "[redacted]"
+    assert stored["x-trace"] == "kept"
+    assert "very-secret" not in json.dumps(row, default=str)
+
+
+def test_send_posts_the_signed_lifecycle(server: Server) -> None:
+    env = {"TOPIC_AUDIT_SDKAPPID": APP_ID, "TOPIC_AUDIT_TOKEN": TOKEN}
+    result = run_cli("send", "--url", f"{server.url}/callback", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("200 ") for line in lines)
+    assert [r["outcome"] for r in rows(server.db)] == ["ignored", "accepted", "accepted", "accepted"]
+    [topic] = topics(server.db).values()
+    assert topic["deleted_entry_id"] == 4 and topic["notification"] == "NewNotification"
+
+
+def test_send_a_file_from_stdin(server: Server) -> None:
+    env = {"TOPIC_AUDIT_SDKAPPID": APP_ID, "TOPIC_AUDIT_TOKEN": TOKEN}
+    body = json.dumps(samples.sample("group-created"))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "send", "--url", f"{server.url}/callback", "--file", "-"],
+        input=body,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert rows(server.db)[0]["callback_command"] == "Group.CallbackAfterCreateGroup"
+
+
+def test_send_exits_non_zero_when_rejected(server: Server) -> None:
+    env = {"TOPIC_AUDIT_SDKAPPID": "999", "TOPIC_AUDIT_TOKEN": TOKEN}
+    result = run_cli("send", "--url", f"{server.url}/callback", "--sample", "after-create", env=env)
+    assert result.returncode == 1
+    assert result.stdout.startswith("403 ")
+
+
+def test_serve_requires_an_app_id(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPIC_AUDIT_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--db", str(tmp_path / "x.db")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "TOPIC_AUDIT_SDKAPPID" in result.stderr
