@@ -34,6 +34,7 @@ log = logging.getLogger("service")
 
 REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+MAX_ELAPSED_MS = 1e8  # keeps the float inside the range where the canonical form is unambiguous
 _FIELD_LIMIT = 256  # query-derived columns are bounded; the full query string is kept in query_string
 
 
@@ -116,7 +117,7 @@ def build_row(
         "topic_id": decision.topic_id,
         "group_id": decision.group_id,
         "duplicate_of": None,
-        "elapsed_ms": round(elapsed * 1000, 3),
+        "elapsed_ms": round(min(max(elapsed * 1000, 0.0), MAX_ELAPSED_MS), 3),
     }
 
 

@@ -48,7 +48,7 @@ def m001_audit_log(db: Database) -> None:
             duplicate_of INTEGER REFERENCES audit_log(id),
             elapsed_ms REAL,
             prev_hash TEXT NOT NULL,
-            entry_hash TEXT NOT NULL UNIQUE
+            entry_hash TEXT NOT NULL
         )
         """
     )
@@ -60,11 +60,12 @@ def m001_audit_log(db: Database) -> None:
         "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
         "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
     )
-    # INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers: refuse it up front.
+    # Rows are only ever appended at the end, with the next id: this refuses gaps, inserts in the
+    # middle, and INSERT OR REPLACE (which would delete the old row without firing the DELETE trigger).
     db.execute(
-        "CREATE TRIGGER audit_log_no_replace BEFORE INSERT ON audit_log "
-        "WHEN EXISTS (SELECT 1 FROM audit_log WHERE id = NEW.id OR entry_hash = NEW.entry_hash) "
-        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: replacing an entry refused'); END"
+        "CREATE TRIGGER audit_log_append_only BEFORE INSERT ON audit_log "
+        "WHEN NEW.id IS NOT (SELECT coalesce(max(id), 0) FROM audit_log) + 1 "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: ids must continue the log'); END"
     )
     for columns in (["received_at"], ["topic_id"], ["group_id"], ["outcome", "reason"], ["callback_command"]):
         db["audit_log"].create_index(columns)  # type: ignore[union-attr]

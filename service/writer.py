@@ -177,40 +177,56 @@ class AuditWriter:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
-        transitions: list[tuple[str | None, str | None]] = []
-        results: list[Committed] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            head = conn.execute(_HEAD).fetchone()
-            head_id, head_hash = head if head is not None else (0, chain.GENESIS)
-            store = projection.SqlStore(conn)
-            for pending in batch:
-                row = pending.row
-                head_id += 1
-                if pending.event is not None:
-                    effect = projection.project(
-                        pending.event, head_id, row["received_at"], row["request_body_sha256"], store.lookup
-                    )
-                    row["outcome"], row["duplicate_of"] = effect.outcome, effect.duplicate_of
-                    store.write(effect)
-                    transitions.extend((projection.state(b), projection.state(a)) for b, a in effect.changes)
-                row["id"], row["prev_hash"] = head_id, head_hash
-                row["entry_hash"] = head_hash = chain.entry_hash(row)
-                conn.execute(_INSERT, row)
-                results.append(Committed(head_id, row["outcome"], row["duplicate_of"], head_hash))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        results, transitions = append_batch(conn, [(p.row, p.event) for p in batch])
         if self.observer is not None:
             try:
-                self.observer.batch_committed([p.row for p in batch], time.perf_counter() - started, head_id)
+                self.observer.batch_committed(
+                    [p.row for p in batch], time.perf_counter() - started, results[-1].id
+                )
                 for before, after in transitions:
                     self.observer.topics_changed(before, after)
             except Exception:  # the rows are committed: a reporting bug must not turn them into 503s
                 log.exception("the writer's observer failed")
         return results
+
+
+Transition = tuple[str | None, str | None]
+
+
+def append_batch(
+    conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]]
+) -> tuple[list[Committed], list[Transition]]:
+    """Append ``items`` (row, event to project) in one transaction on ``conn`` (autocommit mode).
+
+    Fills in each row's ``id``, chain links and, for topic events, ``outcome`` and ``duplicate_of``.
+    Returns what was committed and the topic state transitions (before, after) it caused.
+    """
+    transitions: list[Transition] = []
+    results: list[Committed] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        head = conn.execute(_HEAD).fetchone()
+        head_id, head_hash = head if head is not None else (0, chain.GENESIS)
+        store = projection.SqlStore(conn)
+        for row, event in items:
+            head_id += 1
+            if event is not None:
+                effect = projection.project(
+                    event, head_id, row["received_at"], row["request_body_sha256"], store.lookup
+                )
+                row["outcome"], row["duplicate_of"] = effect.outcome, effect.duplicate_of
+                store.write(effect)
+                transitions.extend((projection.state(b), projection.state(a)) for b, a in effect.changes)
+            row["id"], row["prev_hash"] = head_id, head_hash
+            row["entry_hash"] = head_hash = chain.entry_hash(row)
+            conn.execute(_INSERT, row)
+            results.append(Committed(head_id, row["outcome"], row["duplicate_of"], head_hash))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results, transitions
 
 
 def _resolve(batch: list[_Pending], results: list[Committed]) -> None:

@@ -29,7 +29,7 @@ def test_triggers_exist_after_every_migration(tmp_path: Path) -> None:
         migrations.apply(db, stop_before=later[0] if later else None)
         assert [a.name for a in migrations.applied(db)] == names[: i + 1], name
         db.close()
-        assert {"audit_log_no_update", "audit_log_no_delete", "audit_log_no_replace"} <= triggers(path), (
+        assert {"audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"} <= triggers(path), (
             f"after {name}"
         )
 
@@ -57,6 +57,10 @@ def test_migrate_is_idempotent_and_uses_wal(tmp_path: Path) -> None:
         "INSERT OR REPLACE INTO audit_log SELECT * FROM audit_log WHERE id = 1",
         "REPLACE INTO audit_log SELECT * FROM audit_log WHERE id = 1",
         "INSERT INTO audit_log SELECT * FROM audit_log WHERE id = 1",
+        "INSERT INTO audit_log (id, received_at, method, path, query_string, request_headers,"
+        " request_body_sha256, request_body_bytes, status_code, response_body, outcome, prev_hash, entry_hash)"
+        " SELECT 3, received_at, method, path, query_string, request_headers, request_body_sha256,"
+        " request_body_bytes, status_code, response_body, outcome, prev_hash, entry_hash FROM audit_log",
     ],
 )
 def test_update_and_delete_are_refused(tmp_path: Path, statement: str) -> None:
