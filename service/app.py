@@ -8,11 +8,12 @@ raw request -> :func:`service.checks.decide` -> one durable append by the writer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import chain, checks, models
+from service.checkpoints import Signer, make_checkpoint
 from service.metrics import Metrics
 from service.migrations import migrate
 from service.settings import Settings
@@ -232,9 +234,17 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         counts = await asyncio.wrap_future(writer.run(_counts))
         metrics.set_initial(*counts)
         app.state.writer = writer
+        ticker, job = _start_checkpoints(settings, writer)
         try:
             yield
         finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+            if job is not None:  # a last checkpoint covers everything answered before shutdown
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(writer.run(job))
             writer.stop()
 
     return Litestar(
@@ -245,6 +255,38 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         openapi_config=None,
         request_max_body_size=settings.max_body_bytes,
     )
+
+
+CheckpointJob = Callable[[Any], None]
+
+
+def _start_checkpoints(
+    settings: Settings, writer: AuditWriter
+) -> tuple[asyncio.Task[None] | None, CheckpointJob | None]:
+    """Sign a checkpoint every ``checkpoint_seconds`` on the writer thread (a consistent head)."""
+    if settings.checkpoint_seconds == 0:
+        return None, None
+    signer, created = Signer.load_or_create(settings.signing_key_path)
+    if created:
+        log.warning(
+            "created checkpoint signing key %s (0600); export its public key with `topic-audit public-key` "
+            "and keep it where the auditors are",
+            settings.signing_key_path,
+        )
+    file = settings.checkpoint_path
+
+    def job(conn: Any) -> None:
+        make_checkpoint(conn, signer, file, iso_now(time.time()))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(settings.checkpoint_seconds)
+            try:
+                await asyncio.wrap_future(writer.run(job))
+            except Exception:
+                log.exception("could not write a checkpoint; will retry")
+
+    return asyncio.create_task(tick(), name="checkpoints"), job
 
 
 def _counts(conn: Any) -> tuple[int, int, int]:

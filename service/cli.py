@@ -18,6 +18,27 @@ from service.settings import Settings, SettingsError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _checkpoint_file_option(f: Any) -> Any:
+    return click.option(
+        "--checkpoint-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="TOPIC_AUDIT_CHECKPOINT_FILE",
+        show_envvar=True,
+        help="The signed checkpoint file, outside the database. [default: <db>.checkpoints.jsonl]",
+    )(f)
+
+
+def _signing_key_option(f: Any) -> Any:
+    return click.option(
+        "--signing-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="TOPIC_AUDIT_SIGNING_KEY",
+        show_envvar=True,
+        help="Ed25519 key (PEM) that signs checkpoints; created 0600 when absent. "
+        "[default: checkpoint-signing.key beside the database]",
+    )(f)
+
+
 def _db_option(f: Any) -> Any:
     return click.option(
         "--db",
@@ -97,6 +118,17 @@ def main() -> None:
     help="Most rows committed in one transaction (group commit).",
 )
 @click.option(
+    "--checkpoint-seconds",
+    envvar="TOPIC_AUDIT_CHECKPOINT_SECONDS",
+    default=60,
+    type=click.IntRange(0),
+    show_default=True,
+    show_envvar=True,
+    help="Sign a checkpoint this often, even when idle (0: off).",
+)
+@_checkpoint_file_option
+@_signing_key_option
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -114,6 +146,9 @@ def serve(
     max_body_bytes: int,
     sign_tolerance_seconds: int,
     max_batch: int,
+    checkpoint_seconds: int,
+    checkpoint_file: Path | None,
+    signing_key: Path | None,
     log_level: str,
 ) -> None:
     """Run the receiver.
@@ -141,6 +176,9 @@ def serve(
             callback_path=callback_path,
             max_body_bytes=max_body_bytes,
             max_batch=max_batch,
+            checkpoint_seconds=checkpoint_seconds,
+            checkpoint_file=checkpoint_file,
+            signing_key=signing_key,
         )
         settings.validate()
     except SettingsError as exc:
@@ -341,11 +379,31 @@ def rebuild_projection(db: Path) -> None:
     show_envvar=True,
     help="Print the result as one JSON object (for automation).",
 )
-def verify(db: Path, as_json: bool) -> None:
-    """Check the audit log: contiguous ids, body hashes, the hash chain, and the projection.
+@_checkpoint_file_option
+@click.option(
+    "--public-key",
+    envvar="TOPIC_AUDIT_PUBLIC_KEY",
+    show_envvar=True,
+    help="Pin the checkpoint signer: raw hex or a PEM file (from `topic-audit public-key`). Without it "
+    "the key of the first checkpoint is trusted.",
+)
+def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: str | None) -> None:
+    """Check the audit log: contiguous ids, body hashes, the hash chain, every signed checkpoint, and
+    the projection.
 
     Exits 1 when anything is found, naming the first bad entry of each kind.
     """
+    from service.checkpoints import load_public_key
+    from service.settings import Settings as _Settings
+
+    file = _Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
+    pinned = None
+    if public_key:
+        text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
+        try:
+            pinned = load_public_key(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--public-key") from None
     from service import verify as checks
 
     if not db.exists():
@@ -357,8 +415,7 @@ def verify(db: Path, as_json: bool) -> None:
         with click.progressbar(
             length=total, label="chain", file=sys.stderr, hidden=as_json or total < 100000
         ) as bar:
-            findings, count, head = checks.verify_chain(conn, bar.update)
-        findings += checks.verify_projection(conn)
+            findings, count, head = checks.verify_all(conn, file, pinned, bar.update)
     finally:
         conn.close()
     seconds = time.perf_counter() - started
@@ -369,6 +426,7 @@ def verify(db: Path, as_json: bool) -> None:
                     "ok": not findings,
                     "entries": count,
                     "head": head,
+                    "first_bad_id": checks.first_bad_id(findings),
                     "seconds": round(seconds, 3),
                     "findings": [f.as_dict() for f in findings],
                 }
@@ -382,6 +440,60 @@ def verify(db: Path, as_json: bool) -> None:
         click.echo(f"{'OK' if not findings else 'FAILED'}: {count} entries, head {head}, {seconds:.2f} s")
     if findings:
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@_db_option
+@_checkpoint_file_option
+@_signing_key_option
+def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None) -> None:
+    """Sign a checkpoint of the log now (the receiver also does so every --checkpoint-seconds)."""
+    from service.app import iso_now
+    from service.checkpoints import Signer, make_checkpoint
+    from service.writer import connect
+
+    settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    signer, created = Signer.load_or_create(settings.signing_key_path)
+    if created:
+        click.echo(
+            f"created signing key {settings.signing_key_path} (0600); export its public key with "
+            "`topic-audit public-key`",
+            err=True,
+        )
+    migrations.migrate(db)
+    conn = connect(db)
+    try:
+        cp = make_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()))
+    finally:
+        conn.close()
+    click.echo(
+        f"checkpoint: {cp['log_size']} entries, head {cp['head_hash']}, digest {cp['digest']} "
+        f"-> {settings.checkpoint_path}"
+    )
+
+
+@main.command("public-key", context_settings=CONTEXT)
+@_db_option
+@_signing_key_option
+@click.option(
+    "--hex",
+    "as_hex",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_PUBLIC_KEY_HEX",
+    show_envvar=True,
+    help="Print the raw key in hex instead of PEM.",
+)
+def public_key(db: Path, signing_key: Path | None, as_hex: bool) -> None:
+    """Print the checkpoint signer's public key, for auditors to pin with `verify --public-key`."""
+    from service.checkpoints import Signer
+
+    path = Settings(db=db, signing_key=signing_key).signing_key_path
+    if not path.exists():
+        raise click.ClickException(f"no signing key at {path}; `topic-audit checkpoint` creates one")
+    signer, _ = Signer.load_or_create(path)
+    click.echo(signer.public_key_hex if as_hex else signer.public_key_pem().rstrip())
 
 
 if __name__ == "__main__":  # pragma: no cover

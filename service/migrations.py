@@ -98,6 +98,29 @@ def m002_topics(db: Database) -> None:
     db["topics"].create_index(["group_id"])  # type: ignore[union-attr]
 
 
+@migrations()
+def m003_checkpoints(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE checkpoints (
+            id INTEGER PRIMARY KEY,
+            log_size INTEGER NOT NULL,
+            head_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            prev_digest TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            signature TEXT NOT NULL
+        )
+        """
+    )
+    for action in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER checkpoints_no_{action.lower()} BEFORE {action} ON checkpoints "
+            f"BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: {action} refused'); END"
+        )
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

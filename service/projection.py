@@ -223,8 +223,11 @@ def replay(
         (after_id,),
     )
     for entry_id, at, command, body, sha in rows:
-        event = parse_event(command, body)
-        effect = project(event, entry_id, at, sha, store.lookup)
+        try:
+            effect = project(parse_event(command, body), entry_id, at, sha, store.lookup)
+        except (KeyError, TypeError, ValueError, msgspec.MsgspecError) as exc:  # an altered log
+            mismatches.append(Mismatch(entry_id, f"unreplayable ({type(exc).__name__}: {exc})"))
+            continue
         if effect.outcome != "accepted":
             mismatches.append(Mismatch(entry_id, effect.outcome))
         store.write(effect, sha, entry_id)

@@ -46,6 +46,26 @@ class Settings:
     max_batch: int = 256
     """Most rows the writer commits in one transaction (``TOPIC_AUDIT_MAX_BATCH``)."""
 
+    checkpoint_seconds: int = 60
+    """Sign a checkpoint this often while serving, even when idle; 0 turns it off
+    (``TOPIC_AUDIT_CHECKPOINT_SECONDS``)."""
+
+    checkpoint_file: Path | None = None
+    """Append-only file of signed checkpoints, outside the database (``TOPIC_AUDIT_CHECKPOINT_FILE``;
+    default: beside the database, ``<db>.checkpoints.jsonl``)."""
+
+    signing_key: Path | None = None
+    """Ed25519 private key (PEM) that signs checkpoints; created 0600 on first use
+    (``TOPIC_AUDIT_SIGNING_KEY``; default: ``checkpoint-signing.key`` beside the database)."""
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_file or self.db.with_name(self.db.name + ".checkpoints.jsonl")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.db.with_name("checkpoint-signing.key")
+
     def __repr__(self) -> str:  # the token never appears in logs or tracebacks
         shown = ", ".join(
             f"{f.name}={'<set>' if f.name == 'token' and self.token else getattr(self, f.name)!r}"
@@ -76,6 +96,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
         if self.sign_tolerance_seconds < 1:
             raise SettingsError(f"{PREFIX}SIGN_TOLERANCE_SECONDS must be positive")
+        if self.checkpoint_seconds < 0:
+            raise SettingsError(f"{PREFIX}CHECKPOINT_SECONDS must be 0 (off) or positive")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
 
@@ -87,6 +109,6 @@ def _coerce(name: str, annotation: object, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if kind == "Path":
+    if kind.startswith("Path"):
         return Path(raw)
     return raw

@@ -1,0 +1,210 @@
+"""The tamper matrix: every way of altering a copy of a populated log is found, at the right entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from benchmarks.logs import generate_log
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from service import chain, checkpoints, verify
+from service.checkpoints import Signer, make_checkpoint
+from service.writer import connect
+
+SIZE = 60  # checkpoints after entries 20, 40 and 60
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log of 60 realistic entries with three signed checkpoints (built once, copied per case)."""
+    folder = tmp_path_factory.mktemp("populated")
+    db = folder / "audit.db"
+    signer, _ = Signer.load_or_create(folder / "key.pem")
+    for round_ in range(3):
+        generate_log(db, 20, seed=round_)
+        conn = connect(db)
+        make_checkpoint(conn, signer, folder / "cp.jsonl", f"2026-11-25T00:00:0{round_}.000Z")
+        conn.close()
+    return folder
+
+
+@pytest.fixture
+def copy(populated: Path, tmp_path: Path) -> Path:
+    for name in ("audit.db", "cp.jsonl", "key.pem"):
+        shutil.copy(populated / name, tmp_path / name)
+    return tmp_path
+
+
+def findings(folder: Path, pinned: str | None = None) -> list[verify.Finding]:
+    conn = sqlite3.connect(folder / "audit.db")
+    try:
+        found, _, _ = verify.verify_all(conn, folder / "cp.jsonl", pinned)
+    finally:
+        conn.close()
+    return found
+
+
+def tamper(folder: Path, *statements: str, params: tuple[Any, ...] = ()) -> None:
+    conn = sqlite3.connect(folder / "audit.db")
+    for trigger in ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"):
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for statement in statements:
+        conn.execute(statement, params if "?" in statement else ())
+    conn.commit()
+    conn.close()
+
+
+def first(found: list[verify.Finding]) -> tuple[str, int | None]:
+    """(check, entry) of the first bad entry, as ``verify --json`` reports it in ``first_bad_id``."""
+    assert found, "tampering went unnoticed"
+    entry = verify.first_bad_id(found)
+    return next(f.check for f in found if f.entry_id == entry), entry
+
+
+def test_the_intact_log_passes(copy: Path) -> None:
+    assert findings(copy) == []
+    assert len(checkpoints.read_file(copy / "cp.jsonl")) == 3
+
+
+def _edited(column: str) -> str:
+    if column in ("id", "status_code", "request_body_bytes", "duplicate_of"):
+        return f"{column} = coalesce({column}, 0) + 1000"
+    if column == "elapsed_ms":
+        return "elapsed_ms = elapsed_ms + 1"
+    if column == "outcome":  # the CHECK constraint allows only real outcomes: flip to another one
+        return "outcome = CASE outcome WHEN 'accepted' THEN 'ignored' ELSE 'accepted' END"
+    if column == "request_body":
+        return "request_body = CAST(request_body || ' ' AS BLOB)"
+    return f"{column} = coalesce({column}, '') || 'x'"
+
+
+@pytest.mark.parametrize("column", chain.COLUMNS)
+def test_editing_any_column_of_one_row(copy: Path, column: str) -> None:
+    tamper(copy, f"UPDATE audit_log SET {_edited(column)} WHERE id = 30")
+    assert first(findings(copy))[1] == 30
+
+
+def test_deleting_a_row(copy: Path) -> None:
+    tamper(copy, "DELETE FROM audit_log WHERE id = 30")
+    assert first(findings(copy)) == ("ids", 30)
+
+
+def test_deleting_a_row_and_renumbering(copy: Path) -> None:
+    tamper(copy, "DELETE FROM audit_log WHERE id = 30", "UPDATE audit_log SET id = id - 1 WHERE id > 30")
+    assert first(findings(copy))[1] == 30
+
+
+def _row(folder: Path, entry_id: int) -> dict[str, Any]:
+    conn = sqlite3.connect(folder / "audit.db")
+    conn.row_factory = sqlite3.Row
+    row = dict(conn.execute("SELECT * FROM audit_log WHERE id = ?", (entry_id,)).fetchone())
+    conn.close()
+    return row
+
+
+def test_inserting_a_forged_row(copy: Path) -> None:
+    forged = _row(copy, 30)
+    forged.update(id=31, prev_hash=forged["entry_hash"], detail="forged", topic_id="forged-topic")
+    forged["entry_hash"] = chain.entry_hash(forged)
+    columns = ", ".join(chain.COLUMNS)
+    tamper(
+        copy,
+        *(f"UPDATE audit_log SET id = id + 1 WHERE id = {i}" for i in range(SIZE, 30, -1)),
+        f"INSERT INTO audit_log ({columns}) VALUES ({', '.join('?' * len(chain.COLUMNS))})",
+        params=tuple(forged[c] for c in chain.COLUMNS),
+    )
+    found = findings(copy)
+    assert verify.Finding("chain", 31, "entry 31 was inserted: entry 32 links past it") in found
+
+
+def test_reordering_rows(copy: Path) -> None:
+    tamper(
+        copy,
+        "UPDATE audit_log SET id = -1 WHERE id = 30",
+        "UPDATE audit_log SET id = 30 WHERE id = 31",
+        "UPDATE audit_log SET id = 31 WHERE id = -1",
+    )
+    assert first(findings(copy))[1] == 30
+
+
+def test_truncating_the_tail(copy: Path) -> None:
+    tamper(copy, "DELETE FROM audit_log WHERE id > 50")
+    assert first(findings(copy)) == ("checkpoint_prefix", 51)
+
+
+def test_rewriting_the_whole_chain_is_caught_by_the_checkpoints(copy: Path) -> None:
+    conn = sqlite3.connect(copy / "audit.db")
+    conn.row_factory = sqlite3.Row
+    rows = [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
+    conn.close()
+    rows[29]["client_ip"] = "198.51.100.66"  # entry 30
+    prev = chain.GENESIS
+    for row in rows:
+        row["prev_hash"] = prev
+        row["entry_hash"] = prev = chain.entry_hash(row)
+    tamper(copy, "DELETE FROM audit_log")
+    conn = sqlite3.connect(copy / "audit.db")
+    conn.executemany(
+        f"INSERT INTO audit_log ({', '.join(chain.COLUMNS)}) VALUES ({', '.join('?' * len(chain.COLUMNS))})",
+        [tuple(r[c] for c in chain.COLUMNS) for r in rows],
+    )
+    conn.commit()
+    conn.close()
+    found = findings(copy)
+    assert {f.check for f in found} == {"checkpoint_prefix"}  # the chain itself is consistent again
+    # The altered entry lies after the last checkpoint that still matches (20) and by the next (40).
+    assert first(found) == ("checkpoint_prefix", 21)
+    assert "21..40" in found[0].message
+
+
+def _rewrite_file(folder: Path, lines: list[dict[str, Any]]) -> None:
+    (folder / "cp.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_forging_a_checkpoint_line(copy: Path) -> None:
+    lines = checkpoints.read_file(copy / "cp.jsonl")
+    lines[1]["log_size"] = 39
+    _rewrite_file(copy, lines)
+    assert "checkpoint_signature" in {f.check for f in findings(copy)}
+
+
+def test_checkpoints_signed_by_another_key(copy: Path) -> None:
+    pinned = Signer.load_or_create(copy / "key.pem")[0].public_key_hex
+    other = Signer(Ed25519PrivateKey.generate(), copy / "other.pem")
+    (copy / "cp.jsonl").unlink()
+    conn = connect(copy / "audit.db")
+    conn.execute("DROP TRIGGER checkpoints_no_delete")
+    conn.execute("DELETE FROM checkpoints")
+    make_checkpoint(conn, other, copy / "cp.jsonl", "2026-11-25T01:00:00.000Z")
+    conn.close()
+    assert findings(copy) == []  # self-consistent: only a pinned key tells
+    assert {f.check for f in findings(copy, pinned)} == {"checkpoint_key"}
+
+
+def test_removing_a_checkpoint_line(copy: Path) -> None:
+    lines = checkpoints.read_file(copy / "cp.jsonl")
+    _rewrite_file(copy, [lines[0], lines[2]])
+    assert {"checkpoint_chain", "checkpoint_table"} <= {f.check for f in findings(copy)}
+
+
+def test_deleting_the_checkpoint_file(copy: Path) -> None:
+    (copy / "cp.jsonl").unlink()
+    assert "checkpoint_file" in {f.check for f in findings(copy)}
+
+
+def test_editing_the_projection(copy: Path) -> None:
+    conn = sqlite3.connect(copy / "audit.db")
+    topic_id, entry = conn.execute(
+        "SELECT topic_id, updated_entry_id FROM topics ORDER BY topic_id"
+    ).fetchone()
+    conn.execute("UPDATE topics SET name = 'edited' WHERE topic_id = ?", (topic_id,))
+    conn.commit()
+    conn.close()
+    [found] = findings(copy)
+    assert (found.check, found.topic_id, found.entry_id) == ("projection", topic_id, entry)
+    assert "name" in found.message
