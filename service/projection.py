@@ -14,9 +14,8 @@ Events for topics never seen (created before the service existed) are applied as
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -74,8 +73,8 @@ def _merge_custom(current: str | None, items: list[models.UserDefinedData] | Non
     new = models.custom_data(items)
     if new is None:
         return current
-    merged = {**json.loads(current), **new} if current else new
-    return json.dumps(merged, ensure_ascii=False)
+    merged = {**msgspec.json.decode(current), **new} if current else new
+    return msgspec.json.encode(merged).decode()
 
 
 def project(event: models.TopicEvent, entry_id: int, at: str, body_sha256: str, lookup: Lookup) -> Effect:
@@ -237,28 +236,39 @@ def replay(
 
 def parse_event(command: str, body: str | bytes) -> models.TopicEvent:
     """A logged topic event, decoded exactly as the receiver decoded it."""
-    return msgspec.convert(msgspec.json.decode(body), models.PAYLOAD_TYPES[command])
+    return _DECODERS[command].decode(body)
 
 
-def rebuilt_rows(store: MemoryStore) -> Iterator[tuple[Any, ...]]:
-    for row in store.rows.values():
-        yield tuple(row[c] for c in COLUMNS)
+# Decoding straight into the payload type gives the same struct as the receiver's decode-then-convert
+# for every body the receiver accepted (tests/test_projection.py replays every recorded outcome).
+_DECODERS = {command: msgspec.json.Decoder(kind) for command, kind in models.PAYLOAD_TYPES.items()}
 
 
 def rebuild(conn: sqlite3.Connection) -> int:
     """Rebuild ``topics`` from the log in one transaction; readers see the old table until commit.
 
     The bulk of the log is replayed before the write lock is taken, so the receiver waits only for the
-    entries that arrived meanwhile and for the table swap. ``conn`` must be in autocommit mode.
+    entries that arrived meanwhile and for the table swap. The table is dropped and recreated from its
+    own stored definition (the schema stays the migrations'), then filled in key order: much faster
+    than deleting and re-inserting row by row. ``conn`` must be in autocommit mode.
     """
     store, _, last_id = replay(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         replay(conn, store, last_id)
-        conn.execute("DELETE FROM topics")
+        schema = [
+            sql
+            for (sql,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL "
+                "ORDER BY type = 'table' DESC"
+            )
+        ]
+        conn.execute("DROP TABLE topics")
+        for sql in schema:
+            conn.execute(sql)
         conn.executemany(
             f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-            rebuilt_rows(store),
+            (tuple(store.rows[key][c] for c in COLUMNS) for key in sorted(store.rows)),
         )
         conn.execute("COMMIT")
     except BaseException:

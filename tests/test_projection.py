@@ -28,7 +28,7 @@ def test_documented_create_sample_is_projected_field_by_field(post: Post, settin
         "type": "Community",
         "owner_account": "leckie",
         "operator_account": "group_root",
-        "custom_data": json.dumps({"UserDefined1": "hello", "UserDefined2": "world"}),
+        "custom_data": '{"UserDefined1":"hello","UserDefined2":"world"}',
         "introduction": None,
         "notification": None,
         "face_url": None,
