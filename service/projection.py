@@ -14,6 +14,7 @@ Events for topics never seen (created before the service existed) are applied as
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ def _destroy(event: models.AfterTopicDestroyed, entry_id: int, at: str, lookup: 
     return Effect("accepted", changes=changes)
 
 
+_values = operator.itemgetter(*COLUMNS)
+
+
 class SqlStore:
     """The projection as a table on a connection the caller holds in a transaction."""
 
@@ -178,7 +182,7 @@ class SqlStore:
 
     def write(self, effect: Effect) -> None:
         for _, after in effect.changes:
-            self.conn.execute(self._upsert, [after[c] for c in COLUMNS])
+            self.conn.execute(self._upsert, _values(after))
 
 
 class MemoryStore:
@@ -268,7 +272,7 @@ def rebuild(conn: sqlite3.Connection) -> int:
             conn.execute(sql)
         conn.executemany(
             f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-            (tuple(store.rows[key][c] for c in COLUMNS) for key in sorted(store.rows)),
+            map(operator.itemgetter(*COLUMNS), (store.rows[key] for key in sorted(store.rows))),
         )
         conn.execute("COMMIT")
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from dataclasses import fields
@@ -78,3 +79,36 @@ def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("5 entries intact")
+
+
+def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path: Path) -> None:
+    from service import samples
+    from service.app import iso_now
+    from service.checkpoints import Signer, make_checkpoint
+    from service.writer import connect
+
+    signer, _ = Signer.load_or_create(tmp_path / "key.pem")
+    file = tmp_path / "audit.db.checkpoints.jsonl"
+    for name in ("after-create", "info-changed", "destroyed"):
+        post(samples.sample(name))
+        conn = connect(settings.db)
+        make_checkpoint(conn, signer, file, iso_now(0))
+        conn.close()
+    (tmp_path / "checkpoint-public-key.hex").write_text(signer.public_key_hex)
+    script = README.split("### Signed checkpoints", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    script = script.replace('"file:audit.db', f'"file:{settings.db}')
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=30
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "3 checkpoints verified; the log is intact up to entry 3"
+    # and it fails once the tail is cut off
+    conn = sqlite3.connect(settings.db)
+    conn.execute("DROP TRIGGER audit_log_no_delete")
+    conn.execute("DELETE FROM audit_log WHERE id = 3")
+    conn.commit()
+    conn.close()
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=30
+    )
+    assert run.returncode != 0 and "lost entries" in run.stderr

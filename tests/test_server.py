@@ -153,3 +153,40 @@ def test_serve_requires_an_app_id(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "TOPIC_AUDIT_SDKAPPID" in result.stderr
+
+
+def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_path: Path) -> None:
+    import stat
+    import time
+
+    from service import checkpoints
+
+    running = Server(db_path, tmp_path / "server.log", env={"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}).start()
+    file = db_path.with_name("audit.db.checkpoints.jsonl")
+    try:
+        deliver_concurrently(running.url, 5, "cp")
+        deadline = time.monotonic() + 10
+        while len(checkpoints.read_file(file)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # idle: checkpoints keep coming
+    finally:
+        running.stop()
+    lines = checkpoints.read_file(file)
+    assert len(lines) >= 3
+    assert lines[-1]["log_size"] == 5  # the last one, at shutdown, covers everything answered
+    key = db_path.with_name("checkpoint-signing.key")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "created checkpoint signing key" in (tmp_path / "server.log").read_text()
+    pem = run_cli("public-key", "--db", str(db_path))
+    assert pem.returncode == 0 and pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "pub.pem").write_text(pem.stdout)
+    result = run_cli("verify", "--db", str(db_path), "--public-key", str(tmp_path / "pub.pem"), "--json")
+    assert result.returncode == 0, result.stdout
+    other = run_cli("verify", "--db", str(db_path), "--public-key", "ab" * 32, "--json")
+    assert other.returncode == 1 and json.loads(other.stdout)["findings"][0]["check"] == "checkpoint_key"
+
+
+def test_checkpoint_command(server: Server) -> None:
+    deliver_concurrently(server.url, 3, "cmd")
+    result = run_cli("checkpoint", "--db", str(server.db))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("checkpoint: 3 entries")

@@ -208,3 +208,10 @@ def test_editing_the_projection(copy: Path) -> None:
     [found] = findings(copy)
     assert (found.check, found.topic_id, found.entry_id) == ("projection", topic_id, entry)
     assert "name" in found.message
+
+
+def test_the_two_process_verify_finds_the_same(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tamper(copy, "UPDATE audit_log SET detail = 'edited' WHERE id = 30")
+    single = findings(copy)
+    monkeypatch.setattr(verify, "PARALLEL_FROM", 0)
+    assert findings(copy) == single and first(single) == ("hash", 30)
