@@ -136,3 +136,15 @@ def server(db_path: Path, tmp_path: Path) -> Iterator[Server]:
         yield running
     finally:
         running.stop()
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool; skips the test when it is absent, unless TOPIC_AUDIT_REQUIRE_TOOLS=1."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("TOPIC_AUDIT_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{name} is required (TOPIC_AUDIT_REQUIRE_TOOLS=1) but not installed")
+        pytest.skip(f"{name} is not installed (apt-get install {name})")
+    return path
