@@ -250,16 +250,80 @@ def serve(
     show_envvar=True,
     help="Send everything this many times.",
 )
-def send(url: str, sdkappid: str, sample_names: tuple[str, ...], file: Any, unique: bool, count: int) -> None:
+@click.option(
+    "--rate",
+    type=click.FloatRange(0),
+    envvar="TOPIC_AUDIT_SEND_RATE",
+    show_envvar=True,
+    help="Load mode: deliveries per second (0: as fast as the connections allow).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.1),
+    envvar="TOPIC_AUDIT_SEND_DURATION",
+    show_envvar=True,
+    help="Load mode: how long to send, in seconds. [default: 10 when --rate is given]",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    type=click.IntRange(1, 1024),
+    show_default=True,
+    envvar="TOPIC_AUDIT_SEND_CONCURRENCY",
+    show_envvar=True,
+    help="Load mode: connections in flight at once.",
+)
+@click.option(
+    "--mix",
+    default="good=90,duplicate=5,bad=5",
+    show_default=True,
+    envvar="TOPIC_AUDIT_SEND_MIX",
+    show_envvar=True,
+    help="Load mode: weights of good deliveries (topic lifecycles), duplicates (Tencent retries) and bad "
+    "ones (wrong signature, malformed JSON, wrong app id, invalid payload).",
+)
+def send(
+    url: str,
+    sdkappid: str,
+    sample_names: tuple[str, ...],
+    file: Any,
+    unique: bool,
+    count: int,
+    rate: float | None,
+    duration: float | None,
+    concurrency: int,
+    mix: str,
+) -> None:
     """Sign and post Tencent-style callbacks, printing each answer.
 
-    Signs with TOPIC_AUDIT_TOKEN when it is set (read from the environment only).
+    With --rate or --duration, send steady load instead and print a summary (statuses, latency
+    percentiles). Signs with TOPIC_AUDIT_TOKEN when it is set (read from the environment only).
     """
     import os
 
     import httpx
 
     token = os.environ.get("TOPIC_AUDIT_TOKEN") or None
+    if rate is not None or duration is not None:
+        from service import load
+
+        try:
+            weights = load.parse_mix(mix)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--mix") from None
+        report = load.run_blocking(
+            url=url,
+            sdk_app_id=sdkappid,
+            token=token,
+            rate=rate or 0.0,
+            duration=duration or 10.0,
+            concurrency=concurrency,
+            mix=weights,
+        )
+        click.echo(report.summary())
+        if report.sent == 0 or report.errors:
+            sys.exit(1)
+        return
     if file is not None:
         raw = file.read()
         try:

@@ -190,3 +190,29 @@ def test_checkpoint_command(server: Server) -> None:
     result = run_cli("checkpoint", "--db", str(server.db))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("checkpoint: 3 entries")
+
+
+def test_send_load_mode_delivers_the_mix(server: Server) -> None:
+    env = {"TOPIC_AUDIT_SDKAPPID": APP_ID, "TOPIC_AUDIT_TOKEN": TOKEN}
+    result = run_cli(
+        "send",
+        "--url",
+        f"{server.url}/callback",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--concurrency",
+        "4",
+        "--mix",
+        "good=6,duplicate=2,bad=2",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    logged = rows(server.db)
+    outcomes = {r["outcome"] for r in logged}
+    assert {"accepted", "duplicate", "rejected"} <= outcomes
+    assert 150 <= len(logged) <= 210  # ~200 at 100/s for 2 s
+    assert f"sent {len(logged)} " in result.stdout
+    rejected = {r["reason"] for r in logged if r["outcome"] == "rejected"}
+    assert rejected == {"signature_invalid", "malformed_json", "app_id_mismatch", "invalid_payload"}
