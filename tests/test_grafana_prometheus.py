@@ -1,0 +1,183 @@
+"""End to end with a real Prometheus scraping the real service every second: every dashboard expression
+returns data, and every alert condition is false while healthy and true once its failure is injected.
+
+Failures are injected for real: bad deliveries (rejections), the database write lock held by another
+connection for a little less than the busy timeout (slow answers) and for longer (writes failing, 503),
+and the receiver stopped (down). The seconds from injection to the condition turning true are printed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import APP_ID, TOKEN, Server, free_port, require_tool
+from grafana_files import alert_rules, dashboard_queries, evaluate
+
+from service import load
+
+pytestmark = pytest.mark.slow
+
+
+class Prometheus:
+    def __init__(self, binary: str, target: str, folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = folder / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
+        )
+        self.log = (folder / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+        )
+        wait_for(
+            lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200, 30, "prometheus ready"
+        )
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", (expr, body)
+        result = body["data"]["result"]
+        if body["data"]["resultType"] == "scalar":
+            return [({}, float(result[1]))]
+        return [(series["metric"], float(series["value"][1])) for series in result]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self.log.close()
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:
+    """Poll ``check`` until true; returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            if check():
+                return time.monotonic() - started
+        except (httpx.HTTPError, sqlite3.Error):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+@pytest.fixture
+def stack(db_path: Path, tmp_path: Path) -> Iterator[tuple[Server, Prometheus]]:
+    binary = require_tool("prometheus")
+    server = Server(db_path, tmp_path / "server.log").start()
+    prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path)
+    try:
+        yield server, prometheus
+    finally:
+        prometheus.stop()
+        server.stop()
+
+
+def traffic(server: Server, seconds: float, mix: str, rate: float = 40) -> load.Report:
+    return load.run_blocking(
+        url=f"{server.url}/callback",
+        sdk_app_id=APP_ID,
+        token=TOKEN,
+        rate=rate,
+        duration=seconds,
+        concurrency=8,
+        mix=load.parse_mix(mix),
+    )
+
+
+def hold_write_lock(db: Path, held: float, released: float, until: float) -> threading.Thread:
+    """Another process's writer: take the write lock for ``held`` s, let go for ``released`` s, repeat."""
+
+    def run() -> None:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=5)
+        while time.monotonic() < until:
+            conn.execute("BEGIN IMMEDIATE")
+            time.sleep(held)
+            conn.execute("ROLLBACK")
+            time.sleep(released)
+        conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_dashboard_and_alerts_against_real_prometheus(stack: tuple[Server, Prometheus], capsys: Any) -> None:
+    server, prometheus = stack
+    rules = {r["uid"]: r for r in alert_rules()}
+
+    def firing(uid: str) -> bool:
+        return evaluate(rules[uid], prometheus.query)
+
+    def fired_after(uid: str, started: float, within: float = 40) -> float:
+        """Wait until ``uid`` fires; the seconds since its failure was injected at ``started``."""
+        wait_for(lambda: firing(uid), within, f"{uid} to fire")
+        return time.monotonic() - started
+
+    # Healthy: good deliveries only.
+    report = traffic(server, 6, "good=9,duplicate=1")
+    assert report.statuses.keys() == {200}
+    wait_for(lambda: prometheus.query("sum(topic_audit_log_entries)")[0][1] >= report.sent, 20, "a scrape")
+    time.sleep(2)
+    for title, expr in dashboard_queries():
+        assert prometheus.query(expr), f"panel {title!r} has no data: {expr}"
+    assert {uid for uid in rules if firing(uid)} == set(), "alerts fire on a healthy service"
+
+    timings: dict[str, float] = {}
+    # Rejections.
+    started = time.monotonic()
+    traffic(server, 3, "bad=1", rate=20)
+    timings["topic-audit-rejections"] = fired_after("topic-audit-rejections", started)
+    assert not firing("topic-audit-audit-writes-failing")
+
+    # Slow answers: the lock is held 0.8 s at a time, inside the 1 s busy timeout, so answers are slow but
+    # (nearly all) OK; a request that still finds the lock taken after 1 s is answered 503, never OK.
+    started = time.monotonic()
+    locker = hold_write_lock(server.db, 0.8, 0.3, started + 6)
+    slow = traffic(server, 6, "good=1", rate=20)
+    locker.join()
+    assert slow.statuses[200] >= 0.9 * slow.sent and set(slow.statuses) <= {200, 503}, slow.statuses
+    assert slow.percentile(99) > 0.5
+    timings["topic-audit-slow-answers"] = fired_after("topic-audit-slow-answers", started)
+    assert not firing("topic-audit-audit-writes-failing")
+
+    # Writes failing: the lock is held past the busy timeout; requests are answered 503, never OK.
+    started = time.monotonic()
+    locker = hold_write_lock(server.db, 3.0, 0.05, started + 4)
+    failing = traffic(server, 4, "good=1", rate=20)
+    locker.join()
+    assert 503 in failing.statuses
+    timings["topic-audit-audit-writes-failing"] = fired_after("topic-audit-audit-writes-failing", started)
+    timings["topic-audit-error-budget-burn"] = fired_after("topic-audit-error-budget-burn", started)
+    assert httpx.get(f"{server.url}/readyz").status_code == 200  # recovered by itself
+
+    # Receiver down.
+    server.stop()
+    started = time.monotonic()
+    timings["topic-audit-receiver-down"] = fired_after("topic-audit-receiver-down", started)
+    for _title, expr in dashboard_queries():
+        prometheus.query(expr)  # still valid queries with the target down
+
+    with capsys.disabled():
+        print("\nseconds from injected failure to alert condition true (Prometheus, 1 s scrapes):")
+        for uid, seconds in timings.items():
+            print(f"  {uid}: {seconds:.1f}")
+    assert all(seconds < 60 for seconds in timings.values()), timings
