@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
@@ -42,9 +43,21 @@ MAX_ELAPSED_MS = 1e8  # keeps the float inside the range where the canonical for
 _FIELD_LIMIT = 256  # query-derived columns are bounded; the full query string is kept in query_string
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def iso_now(now: float) -> str:
-    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T20:39:14.123Z``."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T20:39:14.123Z`` (formatted once a second)."""
+    global _second_cache
+    fraction, whole = math.modf(now)  # split and rounded exactly as datetime.fromtimestamp does
+    second, micro = int(whole), round(fraction * 1_000_000)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache = (second, prefix)
+    return f"{prefix}.{micro // 1000:03d}Z"
 
 
 def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
@@ -57,7 +70,7 @@ def headers_json(headers: tuple[tuple[str, str], ...]) -> str:
     for name, value in headers:
         shown = "[redacted]" if name in REDACTED_HEADERS else value
         merged[name] = f"{merged[name]}, {shown}" if name in merged else shown
-    return json.dumps(merged, ensure_ascii=False)
+    return msgspec.json.encode(merged).decode()
 
 
 async def read_body(receive: Receive, declared: int | None, limit: int) -> tuple[bytes, bool]:

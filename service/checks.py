@@ -59,9 +59,17 @@ def sign(token: str, request_time: str) -> str:
 
 
 def parse_query(query_string: str) -> dict[str, str]:
-    """Query parameters; the first of a repeated name wins (the raw string is recorded anyway)."""
+    """Query parameters; the first of a repeated name wins (the raw string is recorded anyway).
+
+    Tencent's query strings are plain ASCII: they are split directly, and only a string with
+    percent-escapes or ``+`` goes through the standard library's decoding.
+    """
+    if "%" in query_string or "+" in query_string:
+        pairs = parse_qsl(query_string, keep_blank_values=True)
+    else:
+        pairs = [(n, v) for n, _, v in (p.partition("=") for p in query_string.split("&") if p)]
     query: dict[str, str] = {}
-    for name, value in parse_qsl(query_string, keep_blank_values=True):
+    for name, value in pairs:
         query.setdefault(name, value)
     return query
 

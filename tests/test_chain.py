@@ -43,3 +43,26 @@ def test_request_body_and_entry_hash_are_not_hashed() -> None:
 def test_body_bytes_round_trip() -> None:
     for raw in (b"", b"{}", "话题".encode(), b"\xff\x00\xfe", b"a\x00b"):
         assert chain.body_bytes(chain.stored_body(raw)) == raw
+
+
+@settings(max_examples=2000)
+@given(st.floats(min_value=0, max_value=4e9))
+def test_received_at_matches_datetime(now: float) -> None:
+    from datetime import UTC, datetime
+
+    from service.app import iso_now
+
+    assert iso_now(now) == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@settings(max_examples=2000)
+@given(st.text(alphabet="ab=&%2B+x;", max_size=40))
+def test_fast_query_parsing_matches_the_standard_library(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from service.checks import parse_query
+
+    expected: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        expected.setdefault(name, value)
+    assert parse_query(query) == expected
