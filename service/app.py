@@ -148,7 +148,12 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         headers = _headers(scope)
         declared = _declared_length(headers)
         client = scope.get("client")
-        body, truncated = await read_body(receive, declared, limit)
+        timed_out = False
+        try:
+            async with asyncio.timeout(settings.body_timeout_seconds):
+                body, truncated = await read_body(receive, declared, limit)
+        except TimeoutError:
+            body, truncated, timed_out = b"", False, True
         request = checks.RawRequest(
             method=scope["method"],  # type: ignore[typeddict-item]
             path=scope["path"],
@@ -158,6 +163,7 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
             remote_addr=client[0] if client else None,
             declared_length=declared,
             body_truncated=truncated,
+            timed_out=timed_out,
         )
         try:
             decision = checks.decide(request, settings, received)
@@ -172,8 +178,7 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         status = decision.status_code
         try:
             await writer.append(row, decision.event)
-        except AppendError as exc:
-            log.error("audit append failed; answering 503: %s", exc)
+        except AppendError:  # logged by the writer once per fault episode
             status = 503
             answer = models.answer_body(503, "audit_unavailable", "the request could not be recorded")
         response_headers = list(_JSON_HEADERS)
@@ -213,10 +218,10 @@ def healthz() -> Response[bytes]:
 
 @get("/readyz")
 async def readyz(state: State) -> Response[bytes]:
-    """The database is writable: the writer can take the write lock."""
+    """The database takes a durable write now (the heartbeat row, committed by the writer)."""
     writer: AuditWriter = state.writer
     try:
-        await asyncio.wait_for(asyncio.wrap_future(writer.run(_probe)), timeout=2.0)
+        await asyncio.wait_for(asyncio.wrap_future(writer.probe()), timeout=2.0)
     except Exception as exc:
         return Response(
             models.answer_body(503, "not_ready", f"database not writable: {type(exc).__name__}"),
@@ -224,11 +229,6 @@ async def readyz(state: State) -> Response[bytes]:
             media_type=MediaType.JSON,
         )
     return Response(models.OK_BODY, media_type=MediaType.JSON)
-
-
-def _probe(conn: Any) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("ROLLBACK")
 
 
 @get("/metrics", sync_to_thread=False)

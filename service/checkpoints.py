@@ -107,6 +107,7 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
         checkpoint["signature"] = signer.key.sign(signed).hex()
         file.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(file)
         with file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(checkpoint, sort_keys=True) + "\n")
             f.flush()
@@ -121,6 +122,18 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
             conn.execute("ROLLBACK")
         raise
     return checkpoint
+
+
+def _drop_partial_line(file: Path) -> None:
+    """A crash while appending can leave half a line (never recorded in the table): cut it off."""
+    if not file.exists():
+        return
+    with file.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def signature_ok(checkpoint: dict[str, Any]) -> bool:

@@ -36,6 +36,8 @@ class RawRequest:
     declared_length: int | None = None
     body_truncated: bool = False
     """Reading stopped at the body limit: ``body`` holds only the first bytes."""
+    timed_out: bool = False
+    """The client did not send the whole body in time: ``body`` holds what arrived."""
 
 
 @dataclass(slots=True)
@@ -86,6 +88,11 @@ def decide(request: RawRequest, settings: Settings, now: float) -> Decision:
 
     if request.method != "POST":
         return _reject(405, "method_not_allowed", f"{request.method} is not allowed; use POST", **common)
+
+    if request.timed_out:
+        return _reject(
+            408, "request_timeout", f"body not received within {settings.body_timeout_seconds} s", **common
+        )
 
     limit = settings.max_body_bytes
     if request.declared_length is not None and request.declared_length > limit:

@@ -118,6 +118,23 @@ def main() -> None:
     help="Most rows committed in one transaction (group commit).",
 )
 @click.option(
+    "--body-timeout-seconds",
+    envvar="TOPIC_AUDIT_BODY_TIMEOUT_SECONDS",
+    default=5,
+    type=click.IntRange(1),
+    show_default=True,
+    show_envvar=True,
+    help="A request body must arrive within this time, or it is answered 408 (and recorded).",
+)
+@click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_ALLOW_UNAUTHENTICATED",
+    show_envvar=True,
+    help="Allow a non-loopback --host without TOPIC_AUDIT_TOKEN (only behind another layer that "
+    "authenticates Tencent).",
+)
+@click.option(
     "--checkpoint-seconds",
     envvar="TOPIC_AUDIT_CHECKPOINT_SECONDS",
     default=60,
@@ -146,6 +163,8 @@ def serve(
     max_body_bytes: int,
     sign_tolerance_seconds: int,
     max_batch: int,
+    body_timeout_seconds: int,
+    allow_unauthenticated: bool,
     checkpoint_seconds: int,
     checkpoint_file: Path | None,
     signing_key: Path | None,
@@ -165,6 +184,13 @@ def serve(
 
     if not sdkappid:
         raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
+    from service.explore import is_loopback
+
+    if not os.environ.get("TOPIC_AUDIT_TOKEN") and not is_loopback(host) and not allow_unauthenticated:
+        raise click.UsageError(
+            f"refusing to listen on {host} without callback authentication: set TOPIC_AUDIT_TOKEN (the token "
+            "from the IM console), or pass --allow-unauthenticated if another layer authenticates Tencent"
+        )
     try:
         settings = Settings(
             sdk_app_id=sdkappid,
@@ -176,6 +202,8 @@ def serve(
             callback_path=callback_path,
             max_body_bytes=max_body_bytes,
             max_batch=max_batch,
+            body_timeout_seconds=body_timeout_seconds,
+            allow_unauthenticated=allow_unauthenticated,
             checkpoint_seconds=checkpoint_seconds,
             checkpoint_file=checkpoint_file,
             signing_key=signing_key,

@@ -16,6 +16,7 @@ from service import models
 
 REASONS: Final = (
     "method_not_allowed",
+    "request_timeout",
     "body_too_large",
     "app_id_missing",
     "app_id_mismatch",

@@ -121,6 +121,12 @@ def m003_checkpoints(db: Database) -> None:
         )
 
 
+@migrations()
+def m004_heartbeat(db: Database) -> None:
+    # One row the writer rewrites to prove the database takes durable writes (/readyz).
+    db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,13 @@ class Settings:
     max_body_bytes: int = 65536
     """Larger request bodies are rejected, and still audited (``TOPIC_AUDIT_MAX_BODY_BYTES``)."""
 
+    body_timeout_seconds: int = 5
+    """A request body must arrive within this many seconds, or the request is answered 408 and recorded
+    (``TOPIC_AUDIT_BODY_TIMEOUT_SECONDS``). Tencent itself gives up after 2 s."""
+
+    allow_unauthenticated: bool = False
+    """Let ``serve`` bind a non-loopback address without a token (``TOPIC_AUDIT_ALLOW_UNAUTHENTICATED``)."""
+
     max_batch: int = 256
     """Most rows the writer commits in one transaction (``TOPIC_AUDIT_MAX_BATCH``)."""
 
@@ -109,6 +116,12 @@ def _coerce(name: str, annotation: object, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
     if kind.startswith("Path"):
         return Path(raw)
     return raw

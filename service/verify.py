@@ -133,7 +133,11 @@ def verify_checkpoints(
     def note(check: str, entry_id: int | None, message: str) -> None:
         found.setdefault(check, Finding(check, entry_id, message))
 
-    lines = checkpoints.read_file(file)
+    try:
+        lines = checkpoints.read_file(file)
+    except ValueError as exc:
+        note("checkpoint_file", None, f"{file} is not a checkpoint file: {exc}")
+        lines = []
     has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'checkpoints'").fetchone()
     stored = [r[0] for r in conn.execute("SELECT digest FROM checkpoints ORDER BY id")] if has_table else []
     if not lines and stored:

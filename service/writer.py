@@ -84,6 +84,7 @@ class AuditWriter:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._failed_rows = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +150,24 @@ class AuditWriter:
         except BaseException as exc:  # the job's caller sees it
             future.set_exception(exc)
 
+    def probe(self) -> Future[None]:
+        """A real durable write (the heartbeat row, committed): readiness, and the end of a fault episode."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ'))"
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._recovered()
+
+        return self.run(job)
+
     def _commit_group(self, batch: list[_Pending]) -> None:
         if not batch:
             return
@@ -164,11 +183,28 @@ class AuditWriter:
             for pending in batch:
                 self._commit_group([pending])
             return
+        self._recovered()
         _resolve(batch, results)
+
+    # -- fault episodes: logged once when they begin and once when they end, not per request --------
+    @property
+    def failing(self) -> bool:
+        """The last write failed and none has succeeded since."""
+        return self._failed_rows > 0
+
+    def _recovered(self) -> None:
+        if self._failed_rows:
+            log.warning("audit log writes recovered; %d rows were refused (answered 503)", self._failed_rows)
+            self._failed_rows = 0
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         if self.observer is not None:
             self.observer.batch_failed(len(batch))
+        if not self._failed_rows:
+            log.error(
+                "audit log writes failing (%s: %s); answering 503 until they succeed", type(exc).__name__, exc
+            )
+        self._failed_rows += len(batch)
         error = AppendError(f"{type(exc).__name__}: {exc}")
         for pending in batch:
             pending.loop.call_soon_threadsafe(_set_exception, pending.future, error)
