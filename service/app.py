@@ -181,7 +181,7 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         except AppendError:  # logged by the writer once per fault episode
             status = 503
             answer = models.answer_body(503, "audit_unavailable", "the request could not be recorded")
-        response_headers = list(_JSON_HEADERS)
+        response_headers = [*_JSON_HEADERS, (b"content-length", str(len(answer)).encode())]
         if status == 405:
             response_headers.append((b"allow", b"POST"))
         start: HTTPResponseStartEvent = {
