@@ -144,7 +144,7 @@ def _check_body(body: bytes, command: str | None, query: Mapping[str, str]) -> D
     common: dict[str, Any] = {"command": command, "query": query}
     try:
         document = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         return _reject(400, "malformed_json", str(exc), **common)
     if not isinstance(document, dict):
         return _reject(

@@ -216,3 +216,29 @@ def test_send_load_mode_delivers_the_mix(server: Server) -> None:
     assert f"sent {len(logged)} " in result.stdout
     rejected = {r["reason"] for r in logged if r["outcome"] == "rejected"}
     assert rejected == {"signature_invalid", "malformed_json", "app_id_mismatch", "invalid_payload"}
+
+
+def test_two_serve_processes_on_one_file_keep_one_chain(db_path: Path, tmp_path: Path) -> None:
+    first = Server(db_path, tmp_path / "one.log").start()
+    second = Server(db_path, tmp_path / "two.log").start()
+    try:
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=64)) as client:
+
+                async def one(url: str, n: int) -> httpx.Response:
+                    body = samples.sample("after-create", TopicId=f"two-{n}")
+                    return await client.post(
+                        f"{url}/callback?{samples.query(APP_ID, body['CallbackCommand'], TOKEN)}", json=body
+                    )
+
+                return await asyncio.gather(*(one((first.url, second.url)[n % 2], n) for n in range(200)))
+
+        responses = asyncio.run(both())
+    finally:
+        first.stop()
+        second.stop()
+    assert [r.status_code for r in responses] == [200] * 200
+    assert [r["id"] for r in rows(db_path)] == list(range(1, 201))
+    assert len(topics(db_path)) == 200
+    assert run_cli("verify", "--db", str(db_path)).returncode == 0
