@@ -402,7 +402,8 @@ def _encode(body: dict[str, Any]) -> bytes:
     default="127.0.0.1",
     show_default=True,
     show_envvar=True,
-    help="Address to bind Datasette to (loopback only for now).",
+    help="Address to bind Datasette to. Any address but loopback requires TOPIC_AUDIT_AUDITOR_PASSWORD_HASH "
+    "and/or TOPIC_AUDIT_API_TOKEN: anonymous users are then refused.",
 )
 @click.option(
     "--port",
@@ -420,18 +421,25 @@ def explore(host: str, port: int, db: Path) -> None:
 
     import uvicorn
 
-    from service.explore import is_loopback, make_datasette
+    from service.explore import AccessError, make_datasette
 
-    if not is_loopback(host):
-        raise click.UsageError(
-            f"refusing to serve the audit log on {host}: anonymous access is only allowed on "
-            "loopback, and this version has no login"
-        )
     migrations.migrate(db)
-    ds = make_datasette(db)
+    try:
+        ds = make_datasette(db, host)
+    except AccessError as exc:
+        raise click.UsageError(str(exc)) from None
     asyncio.run(ds.invoke_startup())
-    click.echo(f"Datasette on http://{host}:{port}/{'audit'} (read-only view of {db})", err=True)
+    click.echo(f"Datasette on http://{host}:{port}/audit (read-only view of {db})", err=True)
     uvicorn.run(ds.app(), host=host, port=port, log_level="warning")
+
+
+@main.command("hash-password", context_settings=CONTEXT)
+@click.password_option(help="The auditor's password (prompted for, never echoed).")
+def hash_password(password: str) -> None:
+    """Print the hash to put in TOPIC_AUDIT_AUDITOR_PASSWORD_HASH (Datasette login for user `auditor`)."""
+    from datasette_auth_passwords.utils import hash_password as _hash
+
+    click.echo(_hash(password))
 
 
 @main.command(context_settings=CONTEXT)

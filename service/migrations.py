@@ -127,6 +127,49 @@ def m004_heartbeat(db: Database) -> None:
     db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)")
 
 
+@migrations()
+def m005_search(db: Database) -> None:
+    """Full-text search over request bodies and topic texts, kept current by triggers.
+
+    The indexes are derived tables: writing them never touches audit_log's rows, so the append-only
+    guarantees and the hash chain are unaffected (and verify does not read them).
+    """
+    db.execute(
+        "CREATE VIRTUAL TABLE audit_log_fts USING fts5("
+        "request_body, detail, content='audit_log', content_rowid='id')"
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_fts_insert AFTER INSERT ON audit_log BEGIN "
+        "INSERT INTO audit_log_fts (rowid, request_body, detail) VALUES (new.id, new.request_body, new.detail); END"
+    )
+    db.execute("INSERT INTO audit_log_fts (audit_log_fts) VALUES ('rebuild')")
+    db.execute(
+        "CREATE VIRTUAL TABLE topics_fts USING fts5("
+        "name, introduction, notification, content='topics', content_rowid='rowid')"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_insert AFTER INSERT ON topics BEGIN "
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "VALUES (new.rowid, new.name, new.introduction, new.notification); END"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_update AFTER UPDATE ON topics BEGIN "
+        "INSERT INTO topics_fts (topics_fts, rowid, name, introduction, notification) "
+        "VALUES ('delete', old.rowid, old.name, old.introduction, old.notification); "
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "VALUES (new.rowid, new.name, new.introduction, new.notification); END"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_delete AFTER DELETE ON topics BEGIN "
+        "INSERT INTO topics_fts (topics_fts, rowid, name, introduction, notification) "
+        "VALUES ('delete', old.rowid, old.name, old.introduction, old.notification); END"
+    )
+    db.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
+    # The latency chart reads received_at and elapsed_ms from one covering index.
+    db.execute("DROP INDEX idx_audit_log_received_at")
+    db["audit_log"].create_index(["received_at", "elapsed_ms"])  # type: ignore[union-attr]
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

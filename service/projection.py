@@ -170,8 +170,11 @@ class SqlStore:
             f"SELECT t.*, a.request_body_sha256 FROM {table} t "
             "LEFT JOIN audit_log a ON a.id = t.updated_entry_id WHERE t.topic_id = ?"
         )
+        # A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so
+        # the full-text index of topics stays in step.
         self._upsert = (
-            f"INSERT OR REPLACE INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+            f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+            f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"
         )
 
     def lookup(self, topic_id: str) -> tuple[Topic | None, str | None]:
@@ -260,20 +263,23 @@ def rebuild(conn: sqlite3.Connection) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         replay(conn, store, last_id)
-        schema = [
-            sql
-            for (sql,) in conn.execute(
-                "SELECT sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL "
-                "ORDER BY type = 'table' DESC"
-            )
-        ]
+        schema = conn.execute(
+            "SELECT type, sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL "
+            "ORDER BY type = 'table' DESC"
+        ).fetchall()
         conn.execute("DROP TABLE topics")
-        for sql in schema:
-            conn.execute(sql)
+        for kind, sql in schema:
+            if kind != "trigger":
+                conn.execute(sql)
         conn.executemany(
             f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
             map(operator.itemgetter(*COLUMNS), (store.rows[key] for key in sorted(store.rows))),
         )
+        for kind, sql in schema:  # triggers last: the full-text index is rebuilt once, below
+            if kind == "trigger":
+                conn.execute(sql)
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'topics_fts'").fetchone():
+            conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -1,0 +1,189 @@
+"""Datasette, in process, on a populated log: descriptions, canned queries, the dashboard's charts,
+search, read-only SQL, and access control off loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from benchmarks.logs import generate_log
+
+from service import explore
+from service.app import iso_now
+from service.checkpoints import Signer, make_checkpoint
+from service.writer import connect
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("explore") / "audit.db"
+    generate_log(db, 600, seed=3)
+    conn = connect(db)
+    make_checkpoint(
+        conn, Signer.load_or_create(db.with_name("key.pem"))[0], db.with_name("cp.jsonl"), iso_now(0)
+    )
+    conn.close()
+    return db
+
+
+def get(ds: Any, path: str, **kwargs: Any) -> Any:
+    async def run() -> Any:
+        return await ds.client.get(path, **kwargs)
+
+    return asyncio.run(run())
+
+
+def metadata() -> dict[str, Any]:
+    return explore.load_metadata()
+
+
+def sample_params(db: Path) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    topic, group = conn.execute(
+        "SELECT topic_id, group_id FROM topics WHERE created_at IS NOT NULL LIMIT 1"
+    ).fetchone()
+    conn.close()
+    return {"topic_id": topic, "group_id": group, "from": "2000-01-01", "to": "2100-01-01", "id": "1"}
+
+
+def test_every_table_and_column_is_described(populated: Path) -> None:
+    tables = metadata()["databases"]["audit"]["tables"]
+    conn = sqlite3.connect(populated)
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for name in names:
+        if re.search(r"_fts_(data|idx|docsize|config|content)$", name):
+            continue  # FTS5's own shadow tables
+        assert tables.get(name, {}).get("description"), f"table {name} has no description"
+        if name.endswith("_fts"):
+            continue
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({name})")]
+        described = tables[name].get("columns", {})
+        assert set(columns) == set(described), f"{name}: undescribed {set(columns) - set(described)}"
+    conn.close()
+
+
+@pytest.mark.parametrize("query", list(metadata()["databases"]["audit"]["queries"]))
+def test_every_canned_query_runs_and_answers(populated: Path, query: str) -> None:
+    ds = explore.make_datasette(populated)
+    sql = metadata()["databases"]["audit"]["queries"][query]["sql"]
+    params = {k: v for k, v in sample_params(populated).items() if f":{k}" in sql}
+    response = get(ds, f"/audit/{query}.json", params={**params, "_shape": "array"})
+    assert response.status_code == 200, response.text
+    assert response.json(), f"{query} returned no rows on a populated log"
+
+
+def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """What datasette-dashboards runs: ``[[ … ]]`` blocks kept when their parameters are set."""
+
+    def block(match: re.Match[str]) -> str:
+        names = re.findall(r":(\w+)", match.group(1))
+        return match.group(1) if all(filters.get(n) for n in names) else ""
+
+    final = re.sub(r"\[\[(.*?)\]\]", block, sql, flags=re.DOTALL)
+    return final, {k: v for k, v in filters.items() if f":{k}" in final}
+
+
+CHARTS = metadata()["plugins"]["datasette-dashboards"]["callbacks"]["charts"]
+
+
+@pytest.mark.parametrize("chart", list(CHARTS))
+@pytest.mark.parametrize("filters", [{}, {"date_start": "2000-01-01", "date_end": "2100-01-01"}])
+def test_every_chart_query_answers(populated: Path, chart: str, filters: dict[str, str]) -> None:
+    ds = explore.make_datasette(populated)
+    sql, params = chart_sql(CHARTS[chart]["query"], filters)
+    response = get(ds, "/audit.json", params={"sql": sql, **params, "_shape": "array"})
+    assert response.status_code == 200, response.text
+    assert response.json(), f"chart {chart} is empty"
+
+
+def test_the_dashboard_page(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    asyncio.run(ds.invoke_startup())
+    response = get(ds, "/-/dashboards/callbacks")
+    assert response.status_code == 200
+    assert "Callbacks per hour by outcome" in response.text
+
+
+def test_search_bodies_and_topic_names(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    bodies = get(ds, "/audit/audit_log.json", params={"_search": "Community", "_shape": "array"})
+    assert bodies.status_code == 200 and bodies.json()
+    names = get(ds, "/audit/topics.json", params={"_search": "topic", "_shape": "array"})
+    assert names.status_code == 200 and names.json()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM audit_log",
+        "UPDATE audit_log SET outcome = 'accepted'",
+        "DROP TABLE topics",
+        "INSERT INTO heartbeat VALUES (1, 'x')",
+        "PRAGMA writable_schema = 1",
+        "ATTACH DATABASE '/tmp/x.db' AS x",
+    ],
+)
+def test_write_sql_is_refused(populated: Path, sql: str) -> None:
+    before = sqlite3.connect(populated).execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    response = get(explore.make_datasette(populated), "/audit.json", params={"sql": sql})
+    assert response.status_code in (400, 403)
+    assert sqlite3.connect(populated).execute("SELECT count(*) FROM audit_log").fetchone()[0] == before
+
+
+def test_anonymous_users_are_refused_off_loopback(populated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(explore.AccessError):
+        explore.make_datasette(populated, host="0.0.0.0", environ={})
+    monkeypatch.setenv(explore.API_TOKEN_ENV, "grafana-link-token")
+    ds = explore.make_datasette(populated, host="0.0.0.0")
+    assert get(ds, "/audit/audit_log.json").status_code == 403
+    assert get(ds, "/audit/audit_log.json", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert (
+        get(ds, "/audit/audit_log.json", headers={"Authorization": "Bearer grafana-link-token"}).status_code
+        == 200
+    )
+    assert (
+        "grafana-link-token"
+        not in get(ds, "/-/metadata.json", headers={"Authorization": "Bearer grafana-link-token"}).text
+    )
+
+
+def test_password_login_off_loopback(populated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasette_auth_passwords.utils import hash_password
+
+    monkeypatch.setenv(explore.PASSWORD_HASH_ENV, hash_password("correct horse", iterations=1000))
+    ds = explore.make_datasette(populated, host="10.1.2.3")
+
+    async def login(password: str) -> int:
+        page = await ds.client.get("/-/login")
+        token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        response = await ds.client.post(
+            "/-/login",
+            data={"username": "auditor", "password": password, "csrftoken": token},
+            cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]},
+        )
+        if "ds_actor" not in response.cookies:
+            return 403
+        table = await ds.client.get(
+            "/audit/audit_log.json", cookies={"ds_actor": response.cookies["ds_actor"]}
+        )
+        return int(table.status_code)
+
+    assert get(ds, "/audit").status_code == 403
+    assert asyncio.run(login("wrong")) == 403
+    assert asyncio.run(login("correct horse")) == 200
+
+
+def test_robots_are_blocked(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    asyncio.run(ds.invoke_startup())
+    robots = get(ds, "/robots.txt")
+    assert robots.status_code == 200 and "Disallow: /" in robots.text
+
+
+def test_the_metadata_file_is_valid_yaml() -> None:
+    assert yaml.safe_load((explore.DASHBOARD / "metadata.yml").read_text())["title"] == "topic-audit"
