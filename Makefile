@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_SDKAPPID ?= 1400000000
 DEMO_TOKEN ?= demo-token-not-for-production
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench bench-queries clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The benchmark suite (not part of `make test`; takes a while): prints the tables quoted in the README.
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.bench
+
+# Datasette query times on a generated 1,000,000-entry log.
+bench-queries: $(STAMP)
+	test -f data/bench-1m.db || $(BIN)/python -m tests.benchmarks.logs data/bench-1m.db 1000000 30
+	$(BIN)/python -m tests.benchmarks.bench_queries data/bench-1m.db
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests

@@ -78,14 +78,20 @@ def _bodies(rng: random.Random, n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000) -> float:
-    """Append ``rows`` realistic entries to the log at ``path``; returns the seconds it took."""
+def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000, span_days: float = 0) -> float:
+    """Append ``rows`` realistic entries to the log at ``path``; returns the seconds it took.
+
+    With ``span_days``, the entries' ``received_at`` are spread evenly over that many days up to now (as a
+    long-running service's would be); otherwise they carry the time they were generated.
+    """
     migrate(path)
     settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=path)
     rng = random.Random(seed)
     conn = writer.connect(path)
     conn.execute("PRAGMA synchronous=OFF")  # generation only: durability is not what is measured here
     started = time.perf_counter()
+    first = time.time() - span_days * 86400
+    step = span_days * 86400 / max(rows, 1)
     try:
         done = 0
         while done < rows:
@@ -96,7 +102,9 @@ def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000) -> flo
                 now = time.time()
                 decision = checks.decide(request, settings, now)
                 answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
-                items.append((build_row(request, decision, now, 0.0005, answer), decision.event))
+                received = first + (done + len(items)) * step if span_days else now
+                elapsed = rng.lognormvariate(-7.6, 0.6)  # ~0.5 ms typical, a long tail
+                items.append((build_row(request, decision, received, elapsed, answer), decision.event))
             writer.append_batch(conn, items)
             done += size
     finally:
@@ -109,7 +117,8 @@ if __name__ == "__main__":
 
     target = Path(sys.argv[1])
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
-    seconds = generate_log(target, count)
+    days = float(sys.argv[3]) if len(sys.argv) > 3 else 30
+    seconds = generate_log(target, count, span_days=days)
     conn = sqlite3.connect(target)
     print(
         f"{count} rows in {seconds:.1f} s; {conn.execute('select count(*) from topics').fetchone()[0]} topics"

@@ -1,0 +1,318 @@
+"""The benchmark suite (`make bench`): measures in one run and prints a Markdown table.
+
+1. HTTP: `topic-audit serve` against a bare Litestar+msgspec endpoint (tests/benchmarks/bare.py), same
+   uvicorn settings, same load generator (wrk, every request a unique signed delivery), at 1, 32 and 128
+   connections, alternating the two ROUNDS times to cancel drift. The headline is audited/bare.
+2. The writer alone: rows/s at group sizes 1, 8 and 64 (synchronous=FULL, a fresh file).
+3. Database bytes per audited callback (the documented after-create sample).
+4. Resident memory of `serve` before and after DELIVERIES deliveries.
+5. `verify` and `rebuild-projection` on a log of LOG_ROWS entries (BENCH_LOG reuses an existing file).
+
+Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
+BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from service import samples, writer
+from service.migrations import migrate
+
+HERE = Path(__file__).resolve().parent
+APP_ID, TOKEN = "1400000000", "bench-token"
+ENV = os.environ
+
+
+def setting(name: str, default: str) -> str:
+    return ENV.get(f"BENCH_{name}", default)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_up(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Process:
+    def __init__(self, args: list[str], env: dict[str, str], url: str) -> None:
+        self.process = subprocess.Popen(
+            args, env={**ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.url = url
+        wait_up(url)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def serve(db: Path) -> Process:
+    port = free_port()
+    env = {
+        "TOPIC_AUDIT_DB": str(db),
+        "TOPIC_AUDIT_SDKAPPID": APP_ID,
+        "TOPIC_AUDIT_TOKEN": TOKEN,
+        "TOPIC_AUDIT_PORT": str(port),
+        "TOPIC_AUDIT_LOG_LEVEL": "warning",
+    }
+    return Process([sys.executable, "-m", "service.cli", "serve"], env, f"http://127.0.0.1:{port}/healthz")
+
+
+def bare() -> Process:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tests.benchmarks.bare:create_app",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--no-server-header",
+    ]
+    return Process(args, {}, f"http://127.0.0.1:{port}/healthz")
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+    query = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", TOKEN)
+    result = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(HERE / "deliveries.lua"),
+            url.replace("/healthz", "/callback"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**ENV, "QUERY": query},
+        timeout=seconds + 60,
+    )
+    out = result.stdout
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"wrk failed: {result.stdout} {result.stderr}")
+
+    def latency(p: str) -> float:
+        match = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {
+        "rps": rps,
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "errors": int(non_2xx.group(1)) if non_2xx else 0,
+        "requests": requests,
+    }
+
+
+def http_benchmark(folder: Path) -> tuple[list[str], Path]:
+    seconds = int(setting("SECONDS", "10"))
+    rounds = int(setting("ROUNDS", "2"))
+    db = folder / "http.db"
+    audited, baseline = serve(db), bare()
+    lines = [
+        "| connections | bare req/s | audited req/s | ratio | bare p50 / p99 ms | audited p50 / p99 ms | audited non-2xx |",
+        "|---:|---:|---:|---:|---|---|---:|",
+    ]
+    answered = 0
+    try:
+        for connections in [int(c) for c in setting("CONNECTIONS", "1,32,128").split(",")]:
+            runs: dict[str, list[dict[str, float]]] = {"bare": [], "audited": []}
+            for _ in range(rounds):  # alternate to cancel drift
+                runs["bare"].append(wrk(baseline.url, connections, seconds))
+                runs["audited"].append(wrk(audited.url, connections, seconds))
+            b = {k: sum(r[k] for r in runs["bare"]) / rounds for k in ("rps", "p50", "p99")}
+            a = {k: sum(r[k] for r in runs["audited"]) / rounds for k in ("rps", "p50", "p99")}
+            errors = sum(int(r["errors"]) for r in runs["audited"])
+            answered += sum(int(r["requests"]) - int(r["errors"]) for r in runs["audited"])
+            lines.append(
+                f"| {connections} | {b['rps']:.0f} | {a['rps']:.0f} | {a['rps'] / b['rps']:.2f} | "
+                f"{b['p50']:.2f} / {b['p99']:.2f} | {a['p50']:.2f} / {a['p99']:.2f} | {errors} |"
+            )
+    finally:
+        audited.stop()
+        baseline.stop()
+    rows = sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    lines.append(
+        f"\nEvery answered request committed: {rows} rows for {answered} answered 2xx "
+        f"({'OK' if rows >= answered else 'MISSING ROWS'})."
+    )
+    return lines, db
+
+
+def writer_benchmark(folder: Path) -> list[str]:
+    import random
+
+    from service import checks, models
+    from service.app import build_row
+    from service.settings import Settings
+    from tests.benchmarks.logs import _bodies, _request
+
+    count = int(setting("WRITER_ROWS", "20000"))
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
+    lines = ["| rows per transaction | rows/s (synchronous=FULL) |", "|---:|---:|"]
+    for size in (1, 8, 64):
+        db = folder / f"writer-{size}.db"
+        migrate(db)
+        items = []
+        for body, query in _bodies(random.Random(size), count):
+            request = _request(body, query)
+            decision = checks.decide(request, settings, time.time())
+            answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+            items.append((build_row(request, decision, time.time(), 0.0005, answer), decision.event))
+        conn = writer.connect(db)
+        started = time.perf_counter()
+        for i in range(0, count, size):
+            writer.append_batch(conn, items[i : i + size])
+        elapsed = time.perf_counter() - started
+        conn.close()
+        lines.append(f"| {size} | {count / elapsed:.0f} |")
+    return lines
+
+
+def bytes_per_callback(db: Path) -> list[str]:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    rows = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    body = conn.execute("SELECT avg(request_body_bytes) FROM audit_log").fetchone()[0]
+    conn.close()
+    size = db.stat().st_size
+    return [
+        f"Database bytes per audited callback: {size / rows:.0f} (file {size} bytes, {rows} rows; "
+        f"request bodies average {body:.0f} bytes; log + projection + indexes + full-text index)"
+    ]
+
+
+def memory_benchmark(folder: Path) -> list[str]:
+    deliveries = int(setting("DELIVERIES", "1000000"))
+    process = serve(folder / "memory.db")
+    try:
+        from service import load
+
+        warm = load.run_blocking(
+            url=process.url.replace("/healthz", "/callback"),
+            sdk_app_id=APP_ID,
+            token=TOKEN,
+            rate=0,
+            duration=2,
+            concurrency=32,
+            mix={"good": 9, "duplicate": 1, "bad": 0},
+        )
+        before = process.rss_kib()
+        seconds = max(int(deliveries / 1500), 1)
+        sent = 0
+        started = time.monotonic()
+        while sent < deliveries:
+            query = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", TOKEN)
+            result = subprocess.run(
+                [
+                    "wrk",
+                    "-t1",
+                    "-c32",
+                    f"-d{min(60, seconds)}s",
+                    "-s",
+                    str(HERE / "deliveries.lua"),
+                    process.url.replace("/healthz", "/callback"),
+                ],
+                capture_output=True,
+                text=True,
+                env={**ENV, "QUERY": query},
+                timeout=600,
+            )
+            sent += int(re.search(r"(\d+) requests in", result.stdout).group(1))  # type: ignore[union-attr]
+        after = process.rss_kib()
+        took = time.monotonic() - started
+    finally:
+        process.stop()
+    growth = (after - before) / before * 100
+    return [
+        f"Resident memory of serve: {before / 1024:.1f} MiB after {warm.sent} warm-up deliveries, "
+        f"{after / 1024:.1f} MiB after {sent} more ({growth:+.1f}%, {took:.0f} s)"
+    ]
+
+
+def log_benchmark(folder: Path) -> list[str]:
+    rows = int(setting("LOG_ROWS", "1000000"))
+    given = ENV.get("BENCH_LOG")
+    db = Path(given) if given else folder / "big.db"
+    if not given:
+        from tests.benchmarks.logs import generate_log
+
+        generate_log(db, rows, span_days=30)
+    count = sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    lines = ["| command | seconds | rows/s |", "|---|---:|---:|"]
+    for command in (["verify", "--json"], ["rebuild-projection"]):
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", *command, "--db", str(db)],
+            check=True,
+            capture_output=True,
+            timeout=3600,
+        )
+        elapsed = time.perf_counter() - started
+        lines.append(f"| {command[0]} | {elapsed:.1f} | {count / elapsed:.0f} |")
+    return [f"On a log of {count} entries:", *lines]
+
+
+def main() -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sections: list[tuple[str, list[str]]] = []
+        http, db = http_benchmark(folder)
+        sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
+        sections.append(("Database size", bytes_per_callback(db)))
+        sections.append(("The writer alone", writer_benchmark(folder)))
+        sections.append(("Memory", memory_benchmark(folder)))
+        sections.append(("verify and rebuild-projection", log_benchmark(folder)))
+    for title, lines in sections:
+        print(f"\n### {title}\n")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Time every canned query, every dashboard chart query and the main table pages through Datasette on a
+large log (in process, the same settings as `topic-audit explore`, including its 1 s SQL time limit).
+
+Usage: python -m tests.benchmarks.bench_queries DB   (make one with: python -m tests.benchmarks.logs DB 1000000 30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service import explore
+
+
+def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:
+    def block(match: re.Match[str]) -> str:
+        names = re.findall(r":(\w+)", match.group(1))
+        return match.group(1) if all(filters.get(n) for n in names) else ""
+
+    final = re.sub(r"\[\[(.*?)\]\]", block, sql, flags=re.DOTALL)
+    return final, {k: v for k, v in filters.items() if f":{k}" in final}
+
+
+def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
+    conn = sqlite3.connect(db)
+    topic, group = conn.execute(
+        "SELECT topic_id, group_id FROM topics WHERE created_at IS NOT NULL ORDER BY rowid DESC LIMIT 1"
+    ).fetchone()
+    last = conn.execute("SELECT max(received_at) FROM audit_log").fetchone()[0][:10]
+    conn.close()
+    week = {"from": _days_before(last, 7), "to": "9999"}
+    params = {"topic_id": topic, "group_id": group, "id": "123456", **week}
+    metadata = explore.load_metadata()
+    out: list[tuple[str, str, dict[str, str]]] = []
+    for name, query in metadata["databases"]["audit"]["queries"].items():
+        out.append(
+            (
+                f"query {name}",
+                f"/audit/{name}.json",
+                {k: v for k, v in params.items() if f":{k}" in query["sql"]},
+            )
+        )
+    charts = metadata["plugins"]["datasette-dashboards"]["callbacks"]["charts"]
+    for label, filters in (
+        ("all time", {}),
+        ("last 7 days", {"date_start": _days_before(last, 7), "date_end": last}),
+    ):
+        for name, chart in charts.items():
+            sql, p = chart_sql(chart["query"], filters)
+            out.append((f"chart {name} ({label})", "/audit.json", {"sql": sql, **p}))
+    out += [
+        ("page audit_log (facets)", "/audit/audit_log.json", {"_size": "50"}),
+        ("page topics", "/audit/topics.json", {"_size": "50"}),
+        ("search bodies", "/audit/audit_log.json", {"_search": "renamed", "_size": "50"}),
+        ("search topic names", "/audit/topics.json", {"_search": "topic", "_size": "50"}),
+        ("rejected, by facet", "/audit/audit_log.json", {"outcome": "rejected", "_size": "50"}),
+    ]
+    return out
+
+
+def _days_before(day: str, days: int) -> str:
+    from datetime import date, timedelta
+
+    return (date.fromisoformat(day) - timedelta(days=days)).isoformat()
+
+
+async def measure(ds: Any, path: str, params: dict[str, str], runs: int = 3) -> tuple[float, int, str]:
+    times, status, note = [], 0, ""
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = await ds.client.get(path, params={**params, "_shape": "objects"})
+        times.append(time.perf_counter() - started)
+        status = response.status_code
+        if status != 200:
+            note = response.json().get("error", "")[:60]
+    return statistics.median(times), status, note
+
+
+async def main(db: Path) -> None:
+    ds = explore.make_datasette(db)
+    await ds.invoke_startup()
+    rows = sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    print(f"{rows} log entries in {db}; median of 3 runs, through Datasette (1 s SQL time limit)\n")
+    print(f"| {'what':<52} | ms | status |")
+    print(f"|{'-' * 54}|---:|---|")
+    slow = 0
+    for label, path, params in cases(db):
+        seconds, status, note = await measure(ds, path, params)
+        slow += seconds >= 0.1
+        print(f"| {label:<52} | {seconds * 1000:.0f} | {status} {note} |")
+    print(f"\n{slow} of {len(cases(db))} at or over 100 ms")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1])))
