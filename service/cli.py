@@ -434,7 +434,11 @@ def explore(host: str, port: int, db: Path) -> None:
 
 
 @main.command("hash-password", context_settings=CONTEXT)
-@click.password_option(help="The auditor's password (prompted for, never echoed).")
+@click.password_option(
+    envvar="TOPIC_AUDIT_AUDITOR_PASSWORD",
+    show_envvar=True,
+    help="The auditor's password (prompted for, never echoed).",
+)
 def hash_password(password: str) -> None:
     """Print the hash to put in TOPIC_AUDIT_AUDITOR_PASSWORD_HASH (Datasette login for user `auditor`)."""
     from datasette_auth_passwords.utils import hash_password as _hash
