@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
 
 from service import explore
@@ -75,17 +76,6 @@ def test_every_canned_query_runs_and_answers(populated: Path, query: str) -> Non
     response = get(ds, f"/audit/{query}.json", params={**params, "_shape": "array"})
     assert response.status_code == 200, response.text
     assert response.json(), f"{query} returned no rows on a populated log"
-
-
-def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """What datasette-dashboards runs: ``[[ … ]]`` blocks kept when their parameters are set."""
-
-    def block(match: re.Match[str]) -> str:
-        names = re.findall(r":(\w+)", match.group(1))
-        return match.group(1) if all(filters.get(n) for n in names) else ""
-
-    final = re.sub(r"\[\[(.*?)\]\]", block, sql, flags=re.DOTALL)
-    return final, {k: v for k, v in filters.items() if f":{k}" in final}
 
 
 CHARTS = metadata()["plugins"]["datasette-dashboards"]["callbacks"]["charts"]

@@ -19,6 +19,8 @@ from service import explore
 
 
 def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """What datasette-dashboards runs: ``[[ … ]]`` blocks kept when their parameters are set."""
+
     def block(match: re.Match[str]) -> str:
         names = re.findall(r":(\w+)", match.group(1))
         return match.group(1) if all(filters.get(n) for n in names) else ""
