@@ -1,12 +1,10 @@
-"""Settings, read once from the environment by :func:`Settings.from_env`.
-
-Nothing else in the package reads ``os.environ``: the CLI builds a :class:`Settings` and passes it down.
+"""Settings, built once by the CLI from its options (each with its ``TOPIC_AUDIT_*`` environment variable)
+and passed down explicitly. Only secrets are read from the environment directly, never from options:
+``TOPIC_AUDIT_TOKEN`` (by the CLI) and the Datasette credentials (by ``service.explore``).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -80,22 +78,6 @@ class Settings:
         )
         return f"Settings({shown})"
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from ``TOPIC_AUDIT_*`` variables; keyword overrides win (CLI options)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            name = PREFIX + f.name.upper().replace("SDK_APP_ID", "SDKAPPID")
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _coerce(name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.validate()
-        return settings
-
     def validate(self) -> None:
         if not self.callback_path.startswith("/"):
             raise SettingsError(f"{PREFIX}CALLBACK_PATH must start with '/', got {self.callback_path!r}")
@@ -107,21 +89,3 @@ class Settings:
             raise SettingsError(f"{PREFIX}CHECKPOINT_SECONDS must be 0 (off) or positive")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
-
-
-def _coerce(name: str, annotation: object, raw: str) -> object:
-    kind = str(annotation)
-    if kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if kind == "bool":
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SettingsError(f"{name} must be true or false, got {raw!r}")
-    if kind.startswith("Path"):
-        return Path(raw)
-    return raw
