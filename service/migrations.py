@@ -43,7 +43,7 @@ def m001_audit_log(db: Database) -> None:
             outcome TEXT NOT NULL CHECK (outcome IN ({outcomes})),
             reason TEXT,
             detail TEXT,
-            topic_id TEXT,
+            topic_id TEXT REFERENCES topics(topic_id),
             group_id TEXT,
             duplicate_of INTEGER REFERENCES audit_log(id),
             elapsed_ms REAL,

@@ -177,3 +177,21 @@ def test_robots_are_blocked(populated: Path) -> None:
 
 def test_the_metadata_file_is_valid_yaml() -> None:
     assert yaml.safe_load((explore.DASHBOARD / "metadata.yml").read_text())["title"] == "topic-audit"
+
+
+def test_log_entries_link_to_their_topic(populated: Path) -> None:
+    from datasette.utils import tilde_encode
+
+    ds = explore.make_datasette(populated)
+    conn = sqlite3.connect(populated)
+    entry, topic = conn.execute(
+        "SELECT created_entry_id, topic_id FROM topics WHERE created_entry_id IS NOT NULL LIMIT 1"
+    ).fetchone()
+    conn.close()
+    topic_url = f"/audit/topics/{tilde_encode(topic)}"
+    listing = get(ds, f"/audit/audit_log?id={entry}")
+    assert f'href="{topic_url}"' in listing.text  # the entry's topic_id links to the topic (labelled by name)
+    page = get(ds, f"/audit/audit_log/{entry}")
+    assert f'href="/audit/topics?created_entry_id={entry}"' in page.text  # the entry links to what it changed
+    topic_page = get(ds, topic_url)
+    assert topic_page.status_code == 200 and f'href="/audit/audit_log/{entry}"' in topic_page.text
