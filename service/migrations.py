@@ -170,6 +170,48 @@ def m005_search(db: Database) -> None:
     db["audit_log"].create_index(["received_at", "elapsed_ms"])  # type: ignore[union-attr]
 
 
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 100, 500, 2000)
+
+
+@migrations()
+def m006_rollups(db: Database) -> None:
+    """Hourly counts kept by a trigger, so that charts over months of callbacks read a few rows.
+
+    Derived data like the full-text indexes: audit_log's rows are never touched.
+    """
+    db.execute(
+        "CREATE TABLE callbacks_hourly (hour TEXT NOT NULL, callback_command TEXT NOT NULL, outcome TEXT NOT NULL, "
+        "reason TEXT NOT NULL, callbacks INTEGER NOT NULL, PRIMARY KEY (hour, callback_command, outcome, reason))"
+    )
+    db.execute(
+        "CREATE TABLE latency_hourly (hour TEXT NOT NULL, le_ms REAL NOT NULL, callbacks INTEGER NOT NULL, "
+        "PRIMARY KEY (hour, le_ms))"
+    )
+    bucket = "CASE " + " ".join(f"WHEN {{e}} <= {b} THEN {b}" for b in LATENCY_BUCKETS_MS) + " ELSE 1e9 END"
+    hour = "substr({r}, 1, 13) || ':00:00Z'"
+    db.execute(
+        "CREATE TRIGGER audit_log_rollups AFTER INSERT ON audit_log BEGIN "
+        "INSERT INTO callbacks_hourly VALUES ("
+        f"{hour.format(r='new.received_at')}, coalesce(new.callback_command, ''), new.outcome, "
+        "coalesce(new.reason, 'none'), 1) ON CONFLICT DO UPDATE SET callbacks = callbacks + 1; "
+        f"INSERT INTO latency_hourly VALUES ({hour.format(r='new.received_at')}, "
+        f"{bucket.format(e='new.elapsed_ms')}, 1) ON CONFLICT DO UPDATE SET callbacks = callbacks + 1; END"
+    )
+    db.execute(
+        f"INSERT INTO callbacks_hourly SELECT {hour.format(r='received_at')}, coalesce(callback_command, ''), "
+        "outcome, coalesce(reason, 'none'), count(*) FROM audit_log GROUP BY 1, 2, 3, 4"
+    )
+    db.execute(
+        f"INSERT INTO latency_hourly SELECT {hour.format(r='received_at')}, {bucket.format(e='elapsed_ms')}, "
+        "count(*) FROM audit_log GROUP BY 1, 2"
+    )
+    db["topics"].create_index(["created_at", "group_id"])  # type: ignore[union-attr]
+    db["topics"].create_index(["updated_at"])  # type: ignore[union-attr]
+    # Multi-topic destroys (topic_id NULL) are found by command without a scan.
+    db.execute("DROP INDEX idx_audit_log_callback_command")
+    db["audit_log"].create_index(["callback_command", "topic_id"])  # type: ignore[union-attr]
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

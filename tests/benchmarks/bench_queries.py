@@ -59,8 +59,22 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
     out += [
         ("page audit_log (facets)", "/audit/audit_log.json", {"_size": "50"}),
         ("page topics", "/audit/topics.json", {"_size": "50"}),
-        ("search bodies", "/audit/audit_log.json", {"_search": "renamed", "_size": "50"}),
-        ("search topic names", "/audit/topics.json", {"_search": "topic", "_size": "50"}),
+        (
+            "search bodies, a rare word (one topic id)",
+            "/audit/audit_log.json",
+            {"_search": f'"{topic}"', "_size": "50"},
+        ),
+        (
+            "search bodies, a word in 30% of them",
+            "/audit/audit_log.json",
+            {"_search": "renamed", "_size": "50"},
+        ),
+        ("search topic names, a rare word", "/audit/topics.json", {"_search": "renamed", "_size": "50"}),
+        (
+            "search topic names, a word in all of them",
+            "/audit/topics.json",
+            {"_search": "topic", "_size": "50"},
+        ),
         ("rejected, by facet", "/audit/audit_log.json", {"outcome": "rejected", "_size": "50"}),
     ]
     return out
