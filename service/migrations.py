@@ -212,6 +212,12 @@ def m006_rollups(db: Database) -> None:
     db["audit_log"].create_index(["callback_command", "topic_id"])  # type: ignore[union-attr]
 
 
+@migrations()
+def m007_search_behind_the_writer(db: Database) -> None:
+    # The writer indexes request bodies in batches (service.search), off the commit path.
+    db.execute("DROP TRIGGER audit_log_fts_insert")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from service import chain, models, projection
+from service import chain, models, projection, search
 
 log = logging.getLogger(__name__)
+
+SEARCH_INDEX_SECONDS = 1.0
+"""How often the writer brings the full-text index up to date (see :mod:`service.search`)."""
 
 BUSY_TIMEOUT_SECONDS = 1.0
 """How long a commit waits for another process's lock: well inside Tencent's 2 s timeout."""
@@ -85,6 +88,7 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._failed_rows = 0
+        self._indexed_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -121,7 +125,13 @@ class AuditWriter:
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            item = get()
+            try:
+                item = get(timeout=SEARCH_INDEX_SECONDS)
+            except queue.Empty:  # idle: a good moment to catch up on the search index
+                self._index_search()
+                continue
+            if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
+                self._index_search()
             batch: list[_Pending] = []
             while True:
                 if item is _STOP:
@@ -140,6 +150,14 @@ class AuditWriter:
                 except queue.Empty:
                     break
             self._commit_group(batch)
+
+    def _index_search(self) -> None:
+        self._indexed_at = time.monotonic()
+        assert self._conn is not None
+        try:
+            search.index_new_entries(self._conn)
+        except sqlite3.Error as exc:  # derived data: retried on the next round
+            log.debug("search indexing deferred: %s", exc)
 
     def _run_job(self, item: object) -> None:
         job: Callable[[sqlite3.Connection | None], Any]

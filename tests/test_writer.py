@@ -234,3 +234,32 @@ def test_body_bytes_are_kept_exactly(fresh_db: Path, body: bytes) -> None:
         conn.close()
     assert chain.body_bytes(stored) == body
     check_chain(fresh_db)
+
+
+def test_the_search_index_follows_the_log(fresh_db: Path) -> None:
+    """Request bodies become searchable within about a second, without a trigger on the commit path."""
+    import time
+
+    writer = AuditWriter(fresh_db)
+    writer.start()
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(writer.append(make_row(n, request_body=f'{{"word": "needle{n}"}}')) for n in range(50))
+        )
+
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            conn = sqlite3.connect(fresh_db)
+            found = conn.execute(
+                "SELECT rowid FROM audit_log_fts WHERE audit_log_fts MATCH 'needle42'"
+            ).fetchall()
+            conn.close()
+            if found:
+                break
+            time.sleep(0.1)
+    finally:
+        writer.stop()
+    assert found == [(43,)]

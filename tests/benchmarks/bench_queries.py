@@ -69,7 +69,11 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
             "/audit/audit_log.json",
             {"_search": "renamed", "_size": "50"},
         ),
-        ("search topic names, a word in half of them", "/audit/topics.json", {"_search": "renamed", "_size": "50"}),
+        (
+            "search topic names, a word in half of them",
+            "/audit/topics.json",
+            {"_search": "renamed", "_size": "50"},
+        ),
         (
             "search topic names, a word in all of them",
             "/audit/topics.json",

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from service import checks, models, samples, writer
+from service import checks, models, samples, search, writer
 from service.app import build_row
 from service.migrations import migrate
 from service.settings import Settings
@@ -107,6 +107,7 @@ def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000, span_d
                 items.append((build_row(request, decision, received, elapsed, answer), decision.event))
             writer.append_batch(conn, items)
             done += size
+        search.index_everything(conn)
     finally:
         conn.close()
     return time.perf_counter() - started
