@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 
-BATCH = 5000
+BATCH = 1000
 """Most entries indexed in one transaction, so that a backlog never holds the write lock for long."""
 
 
