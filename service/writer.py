@@ -163,10 +163,14 @@ class AuditWriter:
         job: Callable[[sqlite3.Connection | None], Any]
         future: Future[Any]
         job, future = item  # type: ignore[misc]
+        if not future.set_running_or_notify_cancel():  # the caller gave up waiting (e.g. /readyz timed out)
+            return
         try:
-            future.set_result(job(self._conn))
+            result = job(self._conn)
         except BaseException as exc:  # the job's caller sees it
             future.set_exception(exc)
+        else:
+            future.set_result(result)
 
     def probe(self) -> Future[None]:
         """A real durable write (the heartbeat row, committed): readiness, and the end of a fault episode."""

@@ -263,3 +263,19 @@ def test_the_search_index_follows_the_log(fresh_db: Path) -> None:
     finally:
         writer.stop()
     assert found == [(43,)]
+
+
+def test_a_job_whose_caller_gave_up_does_not_kill_the_writer(fresh_db: Path) -> None:
+    """/readyz waits 2 s for its probe; if it gives up, the writer must carry on (it once died here)."""
+    writer = AuditWriter(fresh_db)
+    writer.start()
+    try:
+        release = _hold(writer)
+        abandoned = writer.run(lambda conn: 1 / 0)
+        assert abandoned.cancel()  # the caller stops waiting while the writer is busy
+        release.set()
+        committed = asyncio.run(asyncio.wait_for(writer.append(make_row(1)), timeout=5))
+        assert committed.id == 1
+        assert writer.run(lambda conn: "alive").result(timeout=5) == "alive"
+    finally:
+        writer.stop()
