@@ -126,7 +126,12 @@ class Server:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # never leave a process behind, even when the test failed
+                self.process.wait(timeout=10)
+                raise
 
 
 @pytest.fixture
