@@ -153,6 +153,8 @@ class AuditWriter:
 
     def _index_search(self) -> None:
         self._indexed_at = time.monotonic()
+        if self._failed_rows:  # during a fault episode the index waits: no extra busy-timeout stalls
+            return
         assert self._conn is not None
         try:
             search.index_new_entries(self._conn)
