@@ -498,9 +498,8 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
     Exits 1 when anything is found, naming the first bad entry of each kind.
     """
     from service.checkpoints import load_public_key
-    from service.settings import Settings as _Settings
 
-    file = _Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
+    file = Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
     pinned = None
     if public_key:
         text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
