@@ -161,35 +161,15 @@ def _destroy(event: models.AfterTopicDestroyed, entry_id: int, at: str, lookup: 
 _values = operator.itemgetter(*COLUMNS)
 
 
-class SqlStore:
-    """The projection as a table on a connection the caller holds in a transaction."""
-
-    def __init__(self, conn: sqlite3.Connection, table: str = "topics") -> None:
-        self.conn = conn
-        self._select = (
-            f"SELECT t.*, a.request_body_sha256 FROM {table} t "
-            "LEFT JOIN audit_log a ON a.id = t.updated_entry_id WHERE t.topic_id = ?"
-        )
-        # A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so
-        # the full-text index of topics stays in step.
-        self._upsert = (
-            f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-            f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"
-        )
-
-    def lookup(self, topic_id: str) -> tuple[Topic | None, str | None]:
-        found = self.conn.execute(self._select, (topic_id,)).fetchone()
-        if found is None:
-            return None, None
-        return dict(zip(COLUMNS, found[: len(COLUMNS)], strict=True)), found[len(COLUMNS)]
-
-    def write(self, effect: Effect) -> None:
-        for _, after in effect.changes:
-            self.conn.execute(self._upsert, _values(after))
+def topic_ids(event: models.TopicEvent) -> list[str]:
+    """The topics ``event`` may change (what :func:`project` will look up)."""
+    if isinstance(event, models.AfterTopicDestroyed):
+        return list(event.TopicIdList)
+    return [event.TopicId] if event.TopicId is not None else []
 
 
 class MemoryStore:
-    """The projection held in memory while the log is replayed (see :func:`rebuild`)."""
+    """The projection held in memory: the whole of it while the log is replayed (see :func:`rebuild`)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, Topic] = {}
@@ -203,6 +183,57 @@ class MemoryStore:
             self.rows[after["topic_id"]] = after
             if after["updated_entry_id"] == entry_id:
                 self.last_sha[after["topic_id"]] = body_sha256
+
+
+class SqlStore(MemoryStore):
+    """The projection as a table, for one transaction that the caller holds on ``conn``.
+
+    The topics a group of events touches are read in one query (:meth:`prefetch`), changed in memory,
+    and written back once each (:meth:`flush`): a topic created and renamed in the same group costs one
+    upsert, and the group makes a handful of calls into SQLite rather than several per row.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, table: str = "topics") -> None:
+        super().__init__()
+        self.conn = conn
+        self._changed: dict[str, Topic] = {}
+        self._select = (
+            f"SELECT t.*, a.request_body_sha256 FROM {table} t "
+            "LEFT JOIN audit_log a ON a.id = t.updated_entry_id WHERE t.topic_id IN "
+        )
+        # A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so
+        # the full-text index of topics stays in step.
+        self._upsert = (
+            f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+            f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"
+        )
+
+    def prefetch(self, ids: list[str]) -> None:
+        """Read the stored rows of ``ids`` (those not read yet) in as few queries as possible."""
+        wanted = [i for i in dict.fromkeys(ids) if i not in self.last_sha]
+        width = len(COLUMNS)
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            for found in self.conn.execute(self._select + f"({', '.join('?' * len(chunk))})", chunk):
+                self.rows[found[0]] = dict(zip(COLUMNS, found[:width], strict=True))
+                self.last_sha[found[0]] = found[width]
+            for topic_id in chunk:
+                self.last_sha.setdefault(topic_id, None)  # read, and not in the table
+
+    def lookup(self, topic_id: str) -> tuple[Topic | None, str | None]:
+        if topic_id not in self.last_sha:
+            self.prefetch([topic_id])
+        return super().lookup(topic_id)
+
+    def write(self, effect: Effect, body_sha256: str, entry_id: int) -> None:
+        super().write(effect, body_sha256, entry_id)
+        for _, after in effect.changes:
+            self._changed[after["topic_id"]] = after
+
+    def flush(self) -> None:
+        """Write every changed topic (its final state) to the table."""
+        self.conn.executemany(self._upsert, map(_values, self._changed.values()))
+        self._changed.clear()
 
 
 @dataclass(slots=True)

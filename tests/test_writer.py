@@ -6,13 +6,15 @@ import asyncio
 import hashlib
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service import chain, verify
-from service.migrations import migrate
+from service import writer as writer_module
+from service.migrations import LATENCY_BUCKETS_MS, migrate
 from service.writer import AppendError, AuditWriter
 
 
@@ -279,3 +281,87 @@ def test_a_job_whose_caller_gave_up_does_not_kill_the_writer(fresh_db: Path) -> 
         assert writer.run(lambda conn: "alive").result(timeout=5) == "alive"
     finally:
         writer.stop()
+
+
+def _logged_history(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:
+    """A realistic mix (creates, changes, destroys, redeliveries, rejections) over three hours."""
+    import random
+
+    from benchmarks.logs import APP_ID, TOKEN, _bodies, _request
+
+    from service import checks, models
+    from service.app import build_row
+    from service.settings import Settings
+
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
+    rng = random.Random(seed)
+    items = []
+    for n, (body, query) in enumerate(_bodies(rng, count)):
+        request = _request(body, query)
+        decision = checks.decide(request, settings, time.time())
+        answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+        elapsed = rng.choice([0.0001, 0.0004, 0.003, 0.04, 3.0])  # every latency bucket, and past the last
+        received = 1_764_000_000 + n * 3 * 3600 / count
+        items.append((build_row(request, decision, received, elapsed, answer), decision.event))
+    return items
+
+
+def _append_in_groups(path: Path, items: list[tuple[dict[str, Any], Any]], size: int) -> None:
+    migrate(path)
+    conn = writer_module.connect(path)
+    try:
+        for start in range(0, len(items), size):
+            writer_module.append_batch(
+                conn, [(dict(row), event) for row, event in items[start : start + size]]
+            )
+    finally:
+        conn.close()
+
+
+def _table(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_group_projects_exactly_like_one_row_at_a_time(tmp_path: Path) -> None:
+    """Topics read once per group and written once each give the same log and projection."""
+    items = _logged_history(600, seed=5)
+    for size in (1, 7, 600):
+        _append_in_groups(tmp_path / f"{size}.db", items, size)
+    log, topics = "SELECT * FROM audit_log ORDER BY id", "SELECT * FROM topics ORDER BY topic_id"
+    one_by_one = _table(tmp_path / "1.db", log), _table(tmp_path / "1.db", topics)
+    outcomes = {row[17] for row in one_by_one[0]}
+    assert {"accepted", "duplicate", "rejected", "ignored"} <= outcomes  # the mix exercises every rule
+    for size in (7, 600):
+        assert (_table(tmp_path / f"{size}.db", log), _table(tmp_path / f"{size}.db", topics)) == one_by_one
+        conn = sqlite3.connect(tmp_path / f"{size}.db")
+        try:
+            findings = [
+                f for f in verify.verify_all(conn, tmp_path / "none.jsonl")[0] if f.kind != "checkpoint_file"
+            ]
+        finally:
+            conn.close()
+        assert findings == []
+
+
+def test_the_hourly_rollups_equal_a_count_over_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    _append_in_groups(path, _logged_history(500, seed=9), size=13)
+    buckets = " ".join(f"WHEN elapsed_ms <= {b} THEN {b}" for b in LATENCY_BUCKETS_MS)
+    hour = "substr(received_at, 1, 13) || ':00:00Z'"
+    counted = _table(
+        path,
+        f"SELECT {hour}, coalesce(callback_command, ''), outcome, coalesce(reason, 'none'), count(*) "
+        "FROM audit_log GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+    )
+    assert len({row[0] for row in counted}) == 3 and len(counted) > 10
+    assert _table(path, "SELECT * FROM callbacks_hourly ORDER BY 1, 2, 3, 4") == counted
+    latency = _table(
+        path,
+        f"SELECT {hour}, CASE {buckets} ELSE 1e9 END, count(*) FROM audit_log GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    assert len({row[1] for row in latency}) >= 5
+    assert _table(path, "SELECT * FROM latency_hourly ORDER BY 1, 2") == latency

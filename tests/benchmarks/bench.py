@@ -9,7 +9,8 @@
 5. `verify` and `rebuild-projection` on a log of LOG_ROWS entries (BENCH_LOG reuses an existing file).
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
-BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG.
+BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
+BENCH_ONLY (sections to run, "http,writer,memory,log").
 """
 
 from __future__ import annotations
@@ -303,12 +304,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        http, db = http_benchmark(folder)
-        sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
-        sections.append(("Database size", bytes_per_callback(db)))
-        sections.append(("The writer alone", writer_benchmark(folder)))
-        sections.append(("Memory", memory_benchmark(folder)))
-        sections.append(("verify and rebuild-projection", log_benchmark(folder)))
+        only = setting("ONLY", "http,writer,memory,log").split(",")
+        if "http" in only:
+            http, db = http_benchmark(folder)
+            sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
+            sections.append(("Database size", bytes_per_callback(db)))
+        if "writer" in only:
+            sections.append(("The writer alone", writer_benchmark(folder)))
+        if "memory" in only:
+            sections.append(("Memory", memory_benchmark(folder)))
+        if "log" in only:
+            sections.append(("verify and rebuild-projection", log_benchmark(folder)))
     for title, lines in sections:
         print(f"\n### {title}\n")
         print("\n".join(lines))
