@@ -5,11 +5,13 @@ Each finding names the first bad entry (or topic). Nothing here writes to the da
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
+import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,15 +35,16 @@ class Finding:
 Progress = Callable[[int], None]
 
 
-_SORTED = sorted(chain.HASHED)
-# SQLite builds the canonical JSON itself (keys in sorted order, compact): several times faster than
-# building it in Python. A row whose SQLite rendering does not hash to entry_hash is re-checked with
+# SQLite builds the canonical JSON itself (keys in sorted order, compact): faster than handing Python
+# every column. A row whose SQLite rendering does not hash to entry_hash is re-checked with
 # chain.entry_hash, the definition, before it is reported; a match cannot be forged (a SHA-256 preimage).
-_FAST = (
+_READ = (
     "SELECT id, json_object("
-    + ", ".join(f"'{c}', {c}" for c in _SORTED)
-    + "), request_body, request_body_sha256, prev_hash, entry_hash FROM audit_log ORDER BY id"
+    + ", ".join(f"'{c}', {c}" for c in sorted(chain.HASHED))
+    + "), request_body, request_body_sha256, prev_hash, entry_hash FROM audit_log "
+    "WHERE id > ? AND id <= ? ORDER BY id"
 )
+_ALL = (-(2**63), 2**63 - 1)
 
 
 def _exact_hash(conn: sqlite3.Connection, entry_id: int) -> str:
@@ -52,9 +55,14 @@ def _exact_hash(conn: sqlite3.Connection, entry_id: int) -> str:
 
 
 def verify_chain(
-    conn: sqlite3.Connection, progress: Progress | None = None
+    conn: sqlite3.Connection, progress: Progress | None = None, ids: tuple[int, int] = _ALL
 ) -> tuple[list[Finding], int, str]:
-    """Recompute the chain. Returns the findings (the first of each kind), the row count and the head hash."""
+    """Recompute the chain over the entries with ``ids[0] < id <= ids[1]`` (all by default).
+
+    Returns the findings (the first of each kind), the row count and the last entry's hash. A range
+    starts from the two entries before it, exactly as a pass over the whole log would reach it, so
+    ranges checked apart report what one pass would (see :func:`verify_all`).
+    """
     found: dict[str, Finding] = {}
 
     def note(check: str, entry_id: int | None, message: str) -> None:
@@ -63,7 +71,13 @@ def verify_chain(
     sha256, body_bytes = hashlib.sha256, chain.body_bytes
     expected_id, prev_hash, count = 1, chain.GENESIS, 0
     before_prev: str | None = None
-    cursor = conn.execute(_FAST)
+    before = conn.execute(
+        "SELECT id, entry_hash FROM audit_log WHERE id <= ? ORDER BY id DESC LIMIT 2", (ids[0],)
+    ).fetchall()
+    if before:
+        expected_id, prev_hash = before[0][0] + 1, before[0][1]
+        before_prev = before[1][1] if len(before) > 1 else chain.GENESIS
+    cursor = conn.execute(_READ, ids)
     while batch := cursor.fetchmany(10000):
         for entry_id, canonical, body, body_sha, row_prev, row_hash in batch:
             if entry_id != expected_id:
@@ -99,24 +113,27 @@ def verify_projection(conn: sqlite3.Connection) -> list[Finding]:
         Finding("replay", m.entry_id, f"recorded as accepted but replays as {m.replayed_outcome}")
         for m in mismatches[:1]
     ]
-    live = {
-        row[0]: dict(zip(projection.COLUMNS, row, strict=True))
-        for row in conn.execute(f"SELECT {', '.join(projection.COLUMNS)} FROM topics")
-    }
-    for topic_id in sorted(set(live) | set(store.rows)):
-        expected, actual = store.rows.get(topic_id), live.get(topic_id)
-        if expected == actual:
+    # One pass over the table in key order against the replay; the first difference in key order is
+    # reported (a topic missing from the table counts where its key sorts).
+    expected, values = store.rows, projection.row_values
+    for row in conn.execute(f"SELECT {', '.join(projection.COLUMNS)} FROM topics ORDER BY topic_id"):
+        replayed = expected.pop(row[0], None)
+        if replayed is not None and values(replayed) == row:
             continue
-        if actual is None:
-            message = "missing from topics"
-        elif expected is None:
-            message = "in topics but not in the log"
+        missing = min(expected, default=None)
+        if missing is not None and missing < row[0]:
+            break
+        if replayed is None:
+            entry, message = row[projection.COLUMNS.index("updated_entry_id")], "in topics but not in the log"
         else:
-            columns = [c for c in projection.COLUMNS if expected[c] != actual[c]]
-            message = f"differs from the log in {', '.join(columns)}"
-        entry = (expected or actual or {}).get("updated_entry_id")
-        findings.append(Finding("projection", entry, message, topic_id))
-        break
+            columns = [c for c, a, b in zip(projection.COLUMNS, values(replayed), row, strict=True) if a != b]
+            entry, message = replayed["updated_entry_id"], f"differs from the log in {', '.join(columns)}"
+        return [*findings, Finding("projection", entry, message, row[0])]
+    if expected:
+        missing = min(expected)
+        findings.append(
+            Finding("projection", expected[missing]["updated_entry_id"], "missing from topics", missing)
+        )
     return findings
 
 
@@ -189,6 +206,7 @@ def verify_checkpoints(
 
 
 PARALLEL_FROM = 50_000
+CHUNKS_PER_PROCESS = 8
 
 
 def verify_all(
@@ -199,33 +217,58 @@ def verify_all(
 ) -> tuple[list[Finding], int, str]:
     """Every check: (findings, entries, head hash).
 
-    The chain is recomputed in a second process, on its own read-only connection, while this one replays
-    the projection: the two halves of the work use both cores.
+    On a large log the chain is recomputed in ranges by a pool of processes (one per core but one, each
+    on its own read-only connection) while this process replays the projection, so every core is busy.
     """
     path = conn.execute("PRAGMA database_list").fetchone()[2]
-    size = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-    if size < PARALLEL_FROM:  # a second process costs more than it saves on a small log
-        findings, count, head = _chain_in_worker(path, show_progress)
-        findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
-        return findings + verify_projection(conn), count, head
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        chain_check = pool.submit(_chain_in_worker, path, show_progress)
-        projection_findings = verify_projection(conn)
-        findings, count, head = chain_check.result()
+    low, high = conn.execute(
+        "SELECT coalesce(min(id), 1) - 1, coalesce(max(id), 0) FROM audit_log"
+    ).fetchone()
+    with projection.paused_gc():
+        if high - low < PARALLEL_FROM:  # starting processes costs more than it saves on a small log
+            findings, count, head = _chain_range(path, (low, high), show_progress)
+            findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
+            return findings + verify_projection(conn), count, head
+        workers = max((os.cpu_count() or 2) - 1, 1)  # this process has the replay to do meanwhile
+        step = -(-(high - low) // (workers * CHUNKS_PER_PROCESS))
+        ranges = [(start, min(start + step, high)) for start in range(low, high, step)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = [pool.submit(_chain_range, path, ids) for ids in ranges]
+            projection_findings = verify_projection(conn)
+            with _progress(high - low, show_progress) as advance:
+                results = []
+                for part in parts:
+                    results.append(part.result())
+                    advance(results[-1][1])
+    found: dict[str, Finding] = {}
+    for part_findings, _, _ in results:  # the first finding of each kind, in log order
+        for finding in part_findings:
+            found.setdefault(finding.check, finding)
+    count = sum(r[1] for r in results)
+    head = next((r[2] for r in reversed(results) if r[1]), chain.GENESIS)
+    findings = sorted(found.values(), key=lambda f: f.entry_id or 0)
     findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
     return findings + projection_findings, count, head
 
 
-def _chain_in_worker(path: str, show_progress: bool) -> tuple[list[Finding], int, str]:
+@contextlib.contextmanager
+def _progress(total: int, show: bool) -> Iterator[Progress]:
+    if not show:
+        yield lambda _: None
+        return
+    import click
+
+    with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _chain_range(
+    path: str, ids: tuple[int, int], show_progress: bool = False
+) -> tuple[list[Finding], int, str]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        if not show_progress:
-            return verify_chain(conn)
-        import click
-
-        total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
-        with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
-            return verify_chain(conn, bar.update)
+        with projection.paused_gc(), _progress(ids[1] - ids[0], show_progress) as advance:
+            return verify_chain(conn, advance, ids)
     finally:
         conn.close()
 

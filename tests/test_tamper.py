@@ -210,8 +210,39 @@ def test_editing_the_projection(copy: Path) -> None:
     assert "name" in found.message
 
 
-def test_the_two_process_verify_finds_the_same(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tamper(copy, "UPDATE audit_log SET detail = 'edited' WHERE id = 30")
+@pytest.mark.parametrize("change", ["delete", "insert"])
+def test_removing_or_adding_a_projected_topic(copy: Path, change: str) -> None:
+    conn = sqlite3.connect(copy / "audit.db")
+    topic_id, entry = conn.execute(
+        "SELECT topic_id, updated_entry_id FROM topics ORDER BY topic_id LIMIT 1 OFFSET 3"
+    ).fetchone()
+    if change == "delete":
+        conn.execute("DELETE FROM topics WHERE topic_id = ?", (topic_id,))
+    else:
+        topic_id = topic_id[:-1]  # sorts just before an existing topic
+        conn.execute("INSERT INTO topics (topic_id, updated_entry_id) VALUES (?, ?)", (topic_id, entry))
+    conn.commit()
+    conn.close()
+    [found] = findings(copy)
+    assert (found.check, found.topic_id, found.entry_id) == ("projection", topic_id, entry)
+    assert found.message == ("missing from topics" if change == "delete" else "in topics but not in the log")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_log SET detail = 'edited' WHERE id = 30",
+        "DELETE FROM audit_log WHERE id = 29",  # the first entry of a range when checked in parallel
+        "DELETE FROM audit_log WHERE id = 28",  # the last entry of a range
+        "UPDATE audit_log SET id = 1000 + id WHERE id >= 33",
+        "UPDATE audit_log SET prev_hash = (SELECT entry_hash FROM audit_log WHERE id = 27) WHERE id = 29",
+    ],
+)
+def test_verifying_in_parallel_ranges_finds_the_same(
+    copy: Path, monkeypatch: pytest.MonkeyPatch, statement: str
+) -> None:
+    tamper(copy, statement)
     single = findings(copy)
-    monkeypatch.setattr(verify, "PARALLEL_FROM", 0)
-    assert findings(copy) == single and first(single) == ("hash", 30)
+    assert single
+    monkeypatch.setattr(verify, "PARALLEL_FROM", 0)  # ranges of 4 entries: (0, 4], (4, 8], …
+    assert findings(copy) == single
