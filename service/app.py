@@ -317,8 +317,6 @@ def _start_checkpoints(
 
 def _counts(conn: Any) -> tuple[int, int, int]:
     entries = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-    active, deleted = conn.execute(
-        "SELECT count(*) FILTER (WHERE deleted_entry_id IS NULL), count(*) FILTER (WHERE deleted_entry_id "
-        "IS NOT NULL) FROM topics"
-    ).fetchone()
+    found = dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
+    active, deleted = found["active"], found["deleted"]
     return int(entries), int(active), int(deleted)

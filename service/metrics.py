@@ -134,8 +134,6 @@ class Metrics:
     def batch_failed(self, count: int) -> None:
         self.append_errors.inc(count)
 
-    def topics_changed(self, before: str | None, after: str | None) -> None:
-        if before is not None:
-            self._topics[before].dec()
-        if after is not None:
-            self._topics[after].inc()
+    def topics_counted(self, active: int, deleted: int) -> None:
+        self._topics["active"].set(active)
+        self._topics["deleted"].set(deleted)

@@ -225,6 +225,20 @@ def m008_rollups_by_the_writer(db: Database) -> None:
     db.execute("DROP TRIGGER audit_log_rollups")
 
 
+@migrations()
+def m009_topic_counts(db: Database) -> None:
+    """Topics per state, kept by the writer with each group: every receiver process can report the
+    exact totals without counting the table (derived data, like the rollups)."""
+    db.execute(
+        "CREATE TABLE topic_counts (state TEXT PRIMARY KEY CHECK (state IN ('active', 'deleted')), "
+        "topics INTEGER NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO topic_counts SELECT 'active', count(*) FROM topics WHERE deleted_entry_id IS NULL "
+        "UNION ALL SELECT 'deleted', count(*) FROM topics WHERE deleted_entry_id IS NOT NULL"
+    )
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -352,6 +352,10 @@ def rebuild(conn: sqlite3.Connection) -> int:
                 )
             for sql in (sql for k, sql in schema if k == kind):
                 conn.execute(sql)
+        conn.executemany(
+            "UPDATE topic_counts SET topics = ? WHERE state = ?",
+            [(sum(state(row) == s for row in store.rows.values()), s) for s in ("active", "deleted")],
+        )
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'topics_fts'").fetchone():
             conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
         conn.execute("COMMIT")

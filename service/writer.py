@@ -54,7 +54,7 @@ class Observer(Protocol):
 
     def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None: ...
     def batch_failed(self, count: int) -> None: ...
-    def topics_changed(self, before: str | None, after: str | None) -> None: ...
+    def topics_counted(self, active: int, deleted: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -238,35 +238,34 @@ class AuditWriter:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
-        results, transitions = append_batch(conn, [(p.row, p.event) for p in batch])
+        results, counts = append_batch(conn, [(p.row, p.event) for p in batch])
         if self.observer is not None:
             try:
                 self.observer.batch_committed(
                     [p.row for p in batch], time.perf_counter() - started, results[-1].id
                 )
-                for before, after in transitions:
-                    self.observer.topics_changed(before, after)
+                if counts is not None:
+                    self.observer.topics_counted(*counts)
             except Exception:  # the rows are committed: a reporting bug must not turn them into 503s
                 log.exception("the writer's observer failed")
         return results
 
 
-Transition = tuple[str | None, str | None]
-
-
 def append_batch(
     conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]]
-) -> tuple[list[Committed], list[Transition]]:
+) -> tuple[list[Committed], tuple[int, int] | None]:
     """Append ``items`` (row, event to project) in one transaction on ``conn`` (autocommit mode).
 
     Fills in each row's ``id``, chain links and, for topic events, ``outcome`` and ``duplicate_of``.
-    Returns what was committed and the topic state transitions (before, after) it caused.
+    Returns what was committed and, when the group changed any topic's state, the topics now active
+    and deleted (``topic_counts``, kept in the same transaction).
 
     The group costs a fixed handful of statements whatever its size: the chain head, one read of the
     topics it touches, the log rows and the changed topics in one ``executemany`` each, the hourly
     rollups, and the COMMIT.
     """
-    transitions: list[Transition] = []
+    delta = {"active": 0, "deleted": 0}
+    counts = None
     results: list[Committed] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -282,7 +281,12 @@ def append_batch(
                 effect = projection.project(event, head_id, row["received_at"], sha, store.lookup)
                 row["outcome"], row["duplicate_of"] = effect.outcome, effect.duplicate_of
                 store.write(effect, sha, head_id)
-                transitions.extend((projection.state(b), projection.state(a)) for b, a in effect.changes)
+                for before, after in effect.changes:
+                    if (was := projection.state(before)) != (now := projection.state(after)):
+                        if was is not None:
+                            delta[was] -= 1
+                        if now is not None:
+                            delta[now] += 1
             row["id"], row["prev_hash"] = head_id, head_hash
             row["entry_hash"] = head_hash = chain.entry_hash(row)
             rows.append(row)
@@ -290,12 +294,19 @@ def append_batch(
         store.flush()
         conn.executemany(_INSERT, rows)
         rollups.add(conn, rows)
+        if delta["active"] or delta["deleted"]:
+            conn.executemany(
+                "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",
+                [(n, s) for s, n in delta.items()],
+            )
+            found = dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
+            counts = found["active"], found["deleted"]
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return results, transitions
+    return results, counts
 
 
 def _resolve(batch: list[_Pending], results: list[Committed]) -> None:

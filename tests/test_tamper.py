@@ -210,6 +210,12 @@ def test_editing_the_projection(copy: Path) -> None:
     assert "name" in found.message
 
 
+def test_editing_the_topic_counts(copy: Path) -> None:
+    tamper(copy, "UPDATE topic_counts SET topics = topics + 1 WHERE state = 'active'")
+    [found] = findings(copy)
+    assert found.check == "projection" and found.message.startswith("topic_counts is")
+
+
 @pytest.mark.parametrize("change", ["delete", "insert"])
 def test_removing_or_adding_a_projected_topic(copy: Path, change: str) -> None:
     conn = sqlite3.connect(copy / "audit.db")

@@ -62,7 +62,7 @@ class Recorder:
     def batch_failed(self, count: int) -> None:
         self.failed += count
 
-    def topics_changed(self, before: str | None, after: str | None) -> None:
+    def topics_counted(self, active: int, deleted: int) -> None:
         pass
 
 
