@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,13 +27,14 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import asgi
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service import chain, checks, models
 from service.checkpoints import Signer, make_checkpoint
 from service.metrics import Metrics
 from service.migrations import migrate
-from service.settings import Settings
+from service.settings import WORKER_SETTINGS, Settings
 from service.writer import AppendError, AuditWriter
 
 log = logging.getLogger("service")
@@ -233,9 +235,30 @@ async def readyz(state: State) -> Response[bytes]:
 
 @get("/metrics", sync_to_thread=False)
 def metrics_endpoint(state: State) -> Response[bytes]:
-    """Our metrics, then the process-wide registry (Litestar's HTTP metrics, process and GC metrics)."""
+    """Our metrics, then the process-wide registry (Litestar's HTTP metrics, process and GC metrics).
+
+    With several worker processes (``serve --workers``), every worker's values, merged from
+    ``PROMETHEUS_MULTIPROC_DIR`` (process and GC metrics are per process, so they are left out).
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
     body = generate_latest(state.metrics.registry) + generate_latest(REGISTRY)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def from_environment() -> Litestar:
+    """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
+    from ``TOPIC_AUDIT_TOKEN``."""
+    logging.basicConfig(
+        level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = Settings.from_workers_json(
+        os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
+    )
+    return create_app(settings)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
@@ -304,15 +327,28 @@ def _start_checkpoints(
     def job(conn: Any) -> None:
         make_checkpoint(conn, signer, file, iso_now(time.time()))
 
+    def tick_job(conn: Any) -> None:
+        # Several workers (serve --workers) each tick: one checkpoint per interval is enough.
+        last = conn.execute("SELECT created_at FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+        if last is None or _age_seconds(last[0]) >= settings.checkpoint_seconds / 2:
+            job(conn)
+
     async def tick() -> None:
         while True:
             await asyncio.sleep(settings.checkpoint_seconds)
             try:
-                await asyncio.wrap_future(writer.run(job))
+                await asyncio.wrap_future(writer.run(tick_job))
             except Exception:
                 log.exception("could not write a checkpoint; will retry")
 
     return asyncio.create_task(tick(), name="checkpoints"), job
+
+
+def _age_seconds(iso: str) -> float:
+    try:
+        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return math.inf
 
 
 def _counts(conn: Any) -> tuple[int, int, int]:

@@ -80,14 +80,23 @@ class Metrics:
             "Callback rows that could not be committed to the audit log (answered 503).",
             registry=r,
         )
-        self.log_entries = Gauge("topic_audit_log_entries", "Rows in audit_log.", registry=r)
+        # Gauges say how several worker processes combine (serve --workers): the values every writer
+        # reads from the database after its commit, so the most recent is the truth.
+        self.log_entries = Gauge(
+            "topic_audit_log_entries", "Rows in audit_log.", registry=r, multiprocess_mode="mostrecent"
+        )
         self.topics = Gauge(
-            "topic_audit_topics", "Topics in the projection, by state.", ["state"], registry=r
+            "topic_audit_topics",
+            "Topics in the projection, by state.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.last_accepted = Gauge(
             "topic_audit_last_accepted_timestamp_seconds",
             "Unix time of the last callback accepted into the projection.",
             registry=r,
+            multiprocess_mode="max",
         )
         self.batch_rows = Histogram(
             "topic_audit_audit_batch_rows",
@@ -96,7 +105,11 @@ class Metrics:
             registry=r,
         )
         build = Gauge(
-            "topic_audit_build_info", "Version of the running service; always 1.", ["version"], registry=r
+            "topic_audit_build_info",
+            "Version of the running service; always 1.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
         )
         build.labels(package_version()).set(1)
 

@@ -188,7 +188,8 @@ def topic_ids(event: models.TopicEvent) -> list[str]:
     """The topics ``event`` may change (what :func:`project` will look up)."""
     if isinstance(event, models.AfterTopicDestroyed):
         return list(event.TopicIdList)
-    return [event.TopicId] if event.TopicId is not None else []
+    topic_id = getattr(event, "TopicId", None)
+    return [topic_id] if topic_id is not None else []
 
 
 class MemoryStore:
@@ -352,11 +353,15 @@ def rebuild(conn: sqlite3.Connection) -> int:
                 )
             for sql in (sql for k, sql in schema if k == kind):
                 conn.execute(sql)
-        conn.executemany(
-            "UPDATE topic_counts SET topics = ? WHERE state = ?",
-            [(sum(state(row) == s for row in store.rows.values()), s) for s in ("active", "deleted")],
-        )
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'topics_fts'").fetchone():
+        derived = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'topic%'")
+        }
+        if "topic_counts" in derived:
+            conn.executemany(
+                "UPDATE topic_counts SET topics = ? WHERE state = ?",
+                [(sum(state(row) == s for row in store.rows.values()), s) for s in ("active", "deleted")],
+            )
+        if "topics_fts" in derived:
             conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
         conn.execute("COMMIT")
     except BaseException:

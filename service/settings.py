@@ -5,10 +5,13 @@ and passed down explicitly. Only secrets are read from the environment directly,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 PREFIX = "TOPIC_AUDIT_"
+WORKER_SETTINGS = "TOPIC_AUDIT_WORKER_SETTINGS"
+"""Where ``serve`` leaves the settings for worker processes (``--workers``, ``--server granian``)."""
 
 
 class SettingsError(ValueError):
@@ -77,6 +80,26 @@ class Settings:
             for f in fields(self)
         )
         return f"Settings({shown})"
+
+    def for_workers(self) -> str:
+        """These settings, but the token, as JSON for worker processes (see :meth:`from_workers_json`)."""
+        return json.dumps(
+            {
+                f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+                for f in fields(self)
+                if f.name != "token"
+            }
+        )
+
+    @classmethod
+    def from_workers_json(cls, text: str, token: str | None) -> Settings:
+        """What :meth:`for_workers` wrote, with the token (which travels only in ``TOPIC_AUDIT_TOKEN``)."""
+        given = json.loads(text)
+        paths = {
+            name: Path(given[name]) if given[name] is not None else None
+            for name in ("db", "checkpoint_file", "signing_key")
+        }
+        return replace(cls(**{**given, **paths}), token=token)
 
     def validate(self) -> None:
         if not self.callback_path.startswith("/"):

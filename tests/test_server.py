@@ -8,10 +8,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import APP_ID, TOKEN, Server, rows, topics
+from prometheus_client.parser import text_string_to_metric_families
 
 from service import samples
 
@@ -242,3 +245,52 @@ def test_two_serve_processes_on_one_file_keep_one_chain(db_path: Path, tmp_path:
     assert [r["id"] for r in rows(db_path)] == list(range(1, 201))
     assert len(topics(db_path)) == 200
     assert run_cli("verify", "--db", str(db_path)).returncode == 0
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.mark.parametrize(("workers", "server"), [("2", "uvicorn"), ("1", "granian"), ("2", "granian")])
+def test_serving_from_worker_processes(db_path: Path, tmp_path: Path, workers: str, server: str) -> None:
+    """Every worker appends to one chain, and /metrics (from any worker) counts what all of them did."""
+    env = {
+        "TOPIC_AUDIT_WORKERS": workers,
+        "TOPIC_AUDIT_SERVER": server,
+        "TOPIC_AUDIT_CHECKPOINT_SECONDS": "1",
+    }
+    running = Server(db_path, tmp_path / "server.log", env=env).start()
+    try:
+
+        async def deliver() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=32)) as client:
+
+                async def one(n: int) -> httpx.Response:
+                    body = samples.sample("after-create", TopicId=f"worker-{n % 100}")  # 20 redeliveries
+                    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+                    return await client.post(f"{running.url}/callback?{query}", json=body)
+
+                return await asyncio.gather(*(one(n) for n in range(120)))
+
+        responses = asyncio.run(deliver())
+        time.sleep(1.5)  # a checkpoint from some worker
+        scraped = [httpx.get(f"{running.url}/metrics").text for _ in range(4)]
+    finally:
+        running.stop()
+    assert [r.status_code for r in responses] == [200] * 120
+    assert [r["id"] for r in rows(db_path)] == list(range(1, 121))
+    assert len(topics(db_path)) == 100
+    for text in scraped:
+        assert _metric(text, "topic_audit_callbacks_total", outcome="accepted") == 100
+        assert _metric(text, "topic_audit_callbacks_total", outcome="duplicate") == 20
+        assert _metric(text, "topic_audit_topics", state="active") == 100
+        assert _metric(text, "topic_audit_log_entries") == 120
+    result = run_cli("verify", "--db", str(db_path), "--json")
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["ok"]

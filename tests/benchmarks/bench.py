@@ -10,7 +10,7 @@
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
 BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
-BENCH_ONLY (sections to run, "http,writer,memory,log").
+BENCH_ONLY (sections to run, "http,servers,writer,memory,log").
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ class Process:
         self.process.wait(timeout=30)
 
 
-def serve(db: Path) -> Process:
+def serve(db: Path, **extra: str) -> Process:
     port = free_port()
     env = {
+        **extra,
         "TOPIC_AUDIT_DB": str(db),
         "TOPIC_AUDIT_SDKAPPID": APP_ID,
         "TOPIC_AUDIT_TOKEN": TOKEN,
@@ -182,6 +183,28 @@ def http_benchmark(folder: Path) -> tuple[list[str], Path]:
         f"({'OK' if rows >= answered else 'MISSING ROWS'})."
     )
     return lines, db
+
+
+def servers_benchmark(folder: Path) -> list[str]:
+    """`serve --server/--workers` at 1 and 32 connections (the choice the README's sizing advice rests on)."""
+    seconds = int(setting("SECONDS", "10"))
+    lines = [
+        "| server | workers | req/s at 1 | p50 ms at 1 | req/s at 32 | p50 / p99 ms at 32 |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for server, workers in (("uvicorn", "1"), ("granian", "1"), ("uvicorn", "2"), ("granian", "2")):
+        process = serve(
+            folder / f"{server}-{workers}.db", TOPIC_AUDIT_SERVER=server, TOPIC_AUDIT_WORKERS=workers
+        )
+        try:
+            one, many = wrk(process.url, 1, seconds), wrk(process.url, 32, seconds)
+        finally:
+            process.stop()
+        lines.append(
+            f"| {server} | {workers} | {one['rps']:.0f} | {one['p50']:.2f} | {many['rps']:.0f} | "
+            f"{many['p50']:.2f} / {many['p99']:.2f} |"
+        )
+    return lines
 
 
 def writer_benchmark(folder: Path) -> list[str]:
@@ -304,11 +327,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        only = setting("ONLY", "http,writer,memory,log").split(",")
+        only = setting("ONLY", "http,servers,writer,memory,log").split(",")
         if "http" in only:
             http, db = http_benchmark(folder)
             sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
             sections.append(("Database size", bytes_per_callback(db)))
+        if "servers" in only:
+            sections.append(("Servers and workers (audited)", servers_benchmark(folder)))
         if "writer" in only:
             sections.append(("The writer alone", writer_benchmark(folder)))
         if "memory" in only:
