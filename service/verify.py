@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sqlite3
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ class Finding:
 
 
 Progress = Callable[[int], None]
+ChainResult = tuple[list["Finding"], int, str]
 
 
 # SQLite builds the canonical JSON itself (keys in sorted order, compact): faster than handing Python
@@ -229,7 +231,8 @@ def verify_all(
     """Every check: (findings, entries, head hash).
 
     On a large log the chain is recomputed in ranges by a pool of processes (one per core but one, each
-    on its own read-only connection) while this process replays the projection, so every core is busy.
+    on its own read-only connection) while this process replays the projection; then this process takes
+    the ranges no worker has started, so every core is busy until the end.
     """
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     low, high = conn.execute(
@@ -241,22 +244,29 @@ def verify_all(
             findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
             return findings + verify_projection(conn), count, head
         workers = max((os.cpu_count() or 2) - 1, 1)  # this process has the replay to do meanwhile
-        step = -(-(high - low) // (workers * CHUNKS_PER_PROCESS))
+        step = -(-(high - low) // ((workers + 1) * CHUNKS_PER_PROCESS))
         ranges = [(start, min(start + step, high)) for start in range(low, high, step)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results: list[ChainResult | None] = [None] * len(ranges)
+        with (
+            _progress(high - low, show_progress) as advance,
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+        ):
             parts = [pool.submit(_chain_range, path, ids) for ids in ranges]
+            for part in parts:
+                part.add_done_callback(lambda future: future.cancelled() or advance(future.result()[1]))
             projection_findings = verify_projection(conn)
-            with _progress(high - low, show_progress) as advance:
-                results = []
-                for part in parts:
-                    results.append(part.result())
-                    advance(results[-1][1])
+            # Then this process takes the ranges no worker has started yet, from the end.
+            for index in reversed(range(len(parts))):
+                if parts[index].cancel():
+                    results[index] = stolen = _chain_range(path, ranges[index])
+                    advance(stolen[1])
+            done = [r if r is not None else part.result() for r, part in zip(results, parts, strict=True)]
     found: dict[str, Finding] = {}
-    for part_findings, _, _ in results:  # the first finding of each kind, in log order
+    for part_findings, _, _ in done:  # the first finding of each kind, in log order
         for finding in part_findings:
             found.setdefault(finding.check, finding)
-    count = sum(r[1] for r in results)
-    head = next((r[2] for r in reversed(results) if r[1]), chain.GENESIS)
+    count = sum(r[1] for r in done)
+    head = next((r[2] for r in reversed(done) if r[1]), chain.GENESIS)
     findings = sorted(found.values(), key=lambda f: f.entry_id or 0)
     findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
     return findings + projection_findings, count, head
@@ -269,8 +279,14 @@ def _progress(total: int, show: bool) -> Iterator[Progress]:
         return
     import click
 
+    lock = threading.Lock()  # advanced from this thread and from the pool's result thread
+
+    def advance(steps: int) -> None:
+        with lock:
+            bar.update(steps)
+
     with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
-        yield bar.update
+        yield advance
 
 
 def _chain_range(
