@@ -82,46 +82,54 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _last_digest(conn: sqlite3.Connection, file: Path) -> str:
-    lines = read_file(file)
-    if lines:
-        return str(lines[-1]["digest"])
-    row = conn.execute("SELECT digest FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
-    return str(row[0]) if row else chain.GENESIS
-
-
 def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, created_at: str) -> dict[str, Any]:
     """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        _drop_partial_line(file)
+        lines = _catch_up(conn, file)
         head = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
         size, head_hash = head if head is not None else (0, chain.GENESIS)
+        last = conn.execute("SELECT digest FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
         checkpoint: dict[str, Any] = {
             "log_size": size,
             "head_hash": head_hash,
             "created_at": created_at,
-            "prev_digest": _last_digest(conn, file),
+            "prev_digest": lines[-1]["digest"] if lines else (last[0] if last is not None else chain.GENESIS),
             "public_key": signer.public_key_hex,
         }
         signed = statement_bytes(checkpoint)
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
         checkpoint["signature"] = signer.key.sign(signed).hex()
         file.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_line(file)
         with file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(checkpoint, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        conn.execute(
-            f"INSERT INTO checkpoints ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
-            [checkpoint[k] for k in FIELDS],
-        )
+        _insert(conn, checkpoint)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return checkpoint
+
+
+def _insert(conn: sqlite3.Connection, checkpoint: dict[str, Any]) -> None:
+    conn.execute(
+        f"INSERT INTO checkpoints ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
+        [checkpoint[k] for k in FIELDS],
+    )
+
+
+def _catch_up(conn: sqlite3.Connection, file: Path) -> list[dict[str, Any]]:
+    """A crash between the file's fsync and the table's commit leaves the file one checkpoint ahead:
+    record that (signed) checkpoint in the table too, so that the next one chains to it in both."""
+    lines = read_file(file)
+    stored = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    if len(lines) == stored + 1 and signature_ok(lines[-1]):
+        _insert(conn, lines[-1])
+    return lines
 
 
 def _drop_partial_line(file: Path) -> None:

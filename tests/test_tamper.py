@@ -192,6 +192,34 @@ def test_removing_a_checkpoint_line(copy: Path) -> None:
     assert {"checkpoint_chain", "checkpoint_table"} <= {f.check for f in findings(copy)}
 
 
+def test_a_crash_between_the_checkpoint_file_and_the_table(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the file's fsync, before the table's commit: the next checkpoint catches the table up."""
+
+    class Killed(Exception):
+        pass
+
+    def killed(conn: sqlite3.Connection, checkpoint: dict[str, Any]) -> None:
+        raise Killed
+
+    signer, _ = Signer.load_or_create(copy / "key.pem")
+    conn = connect(copy / "audit.db")
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoints, "_insert", killed)
+            with pytest.raises(Killed):
+                make_checkpoint(conn, signer, copy / "cp.jsonl", "2026-11-25T00:00:05.000Z")
+        assert findings(copy) == []  # the table may lag the file by one
+        with (copy / "cp.jsonl").open("a") as f:
+            f.write('{"log_size": 60, "head')  # and a later crash cut a line short
+        make_checkpoint(conn, signer, copy / "cp.jsonl", "2026-11-25T00:00:06.000Z")
+    finally:
+        conn.close()
+    assert findings(copy) == []
+    assert len(checkpoints.read_file(copy / "cp.jsonl")) == 5
+
+
 def test_deleting_the_checkpoint_file(copy: Path) -> None:
     (copy / "cp.jsonl").unlink()
     assert "checkpoint_file" in {f.check for f in findings(copy)}
