@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -248,6 +249,12 @@ def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+GIL_SWITCH_SECONDS = 0.0005
+"""The writer thread takes the GIL back after every SQLite call; with Python's default 5 ms interval it
+waits up to that long each time the event loop is busy. Measured at 32 connections: p99 median 76 ms
+(67–103, three runs) → 51 ms (39–78, five runs), throughput unchanged (README, Performance)."""
+
+
 def from_environment() -> Litestar:
     """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
     from ``TOPIC_AUDIT_TOKEN``."""
@@ -267,6 +274,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         migrate(settings.db)
         writer = AuditWriter(settings.db, settings.max_batch, observer=metrics)
         writer.start()
