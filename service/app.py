@@ -252,7 +252,7 @@ def metrics_endpoint(state: State) -> Response[bytes]:
 GIL_SWITCH_SECONDS = 0.0005
 """The writer thread takes the GIL back after every SQLite call; with Python's default 5 ms interval it
 waits up to that long each time the event loop is busy. Measured at 32 connections: p99 median 76 ms
-(67–103, three runs) → 51 ms (39–78, five runs), throughput unchanged (README, Performance)."""
+(67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (README, Performance)."""
 
 
 def from_environment() -> Litestar:
