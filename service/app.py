@@ -31,7 +31,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service import chain, checks, models
+from service import chain, checks, models, projection
 from service.checkpoints import Signer, make_checkpoint
 from service.metrics import Metrics
 from service.migrations import migrate
@@ -361,6 +361,6 @@ def _age_seconds(iso: str) -> float:
 
 def _counts(conn: Any) -> tuple[int, int, int]:
     entries = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-    found = dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
+    found = projection.stored_counts(conn)
     active, deleted = found["active"], found["deleted"]
     return int(entries), int(active), int(deleted)

@@ -208,6 +208,13 @@ class MemoryStore:
             if after["updated_entry_id"] == entry_id:
                 self.last_sha[after["topic_id"]] = body_sha256
 
+    def counts(self) -> dict[str, int]:
+        """Topics per state, as ``topic_counts`` holds them."""
+        found = {"active": 0, "deleted": 0}
+        for row in self.rows.values():
+            found[state(row) or "active"] += 1
+        return found
+
 
 class SqlStore(MemoryStore):
     """The projection as a table, for one transaction that the caller holds on ``conn``.
@@ -327,6 +334,11 @@ def parse_event(command: str, body: str | bytes) -> models.TopicEvent:
 _DECODERS = {command: msgspec.json.Decoder(kind) for command, kind in models.PAYLOAD_TYPES.items()}
 
 
+def stored_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Topics per state as ``topic_counts`` holds them (kept by the writer and by :func:`rebuild`)."""
+    return dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
+
+
 def rebuild(conn: sqlite3.Connection) -> int:
     """Rebuild ``topics`` from the log in one transaction; readers see the old table until commit.
 
@@ -359,7 +371,7 @@ def rebuild(conn: sqlite3.Connection) -> int:
         if "topic_counts" in derived:
             conn.executemany(
                 "UPDATE topic_counts SET topics = ? WHERE state = ?",
-                [(sum(state(row) == s for row in store.rows.values()), s) for s in ("active", "deleted")],
+                [(n, s) for s, n in store.counts().items()],
             )
         if "topics_fts" in derived:
             conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")

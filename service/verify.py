@@ -115,16 +115,12 @@ def verify_projection(conn: sqlite3.Connection) -> list[Finding]:
         Finding("replay", m.entry_id, f"recorded as accepted but replays as {m.replayed_outcome}")
         for m in mismatches[:1]
     ]
-    replayed_counts = {"active": 0, "deleted": 0}
-    for row in store.rows.values():
-        replayed_counts[projection.state(row) or "active"] += 1
+    replayed_counts = store.counts()
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'topic_counts'").fetchone():
-        stored_counts = dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
-        if stored_counts != replayed_counts:
+        stored = projection.stored_counts(conn)
+        if stored != replayed_counts:
             findings.append(
-                Finding(
-                    "projection", None, f"topic_counts is {stored_counts}; the log gives {replayed_counts}"
-                )
+                Finding("projection", None, f"topic_counts is {stored}; the log gives {replayed_counts}")
             )
     # One pass over the table in key order against the replay; the first difference in key order is
     # reported (a topic missing from the table counts where its key sorts).

@@ -299,7 +299,7 @@ def append_batch(
                 "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",
                 [(n, s) for s, n in delta.items()],
             )
-            found = dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
+            found = projection.stored_counts(conn)
             counts = found["active"], found["deleted"]
         conn.execute("COMMIT")
     except BaseException:
