@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -50,7 +50,13 @@ COLUMNS: Final = (
 HASHED: Final = tuple(c for c in COLUMNS if c not in ("entry_hash", "request_body"))
 
 
-_encoder = msgspec.json.Encoder(order="sorted")
+SORTED: Final = tuple(sorted(HASHED))
+"""The hashed columns in the order the canonical form lists them."""
+
+# A struct encodes its fields in declaration order: declared in key order, it is the canonical object
+# without sorting keys per entry (half the cost of encoding a dict with ``order="sorted"``).
+_Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
+_encoder = msgspec.json.Encoder()
 
 
 def canonical(entry: Mapping[str, object]) -> bytes:
@@ -60,7 +66,12 @@ def canonical(entry: Mapping[str, object]) -> bytes:
     rounded to 3 decimals and kept below 1e9 (where Python and msgspec print floats alike).
     ``tests/test_chain.py`` checks the agreement.
     """
-    return _encoder.encode({name: entry[name] for name in HASHED})
+    return canonical_values([entry[name] for name in SORTED])
+
+
+def canonical_values(values: Sequence[object]) -> bytes:
+    """:func:`canonical` of an entry given as its values in :data:`SORTED` order (as a query returns them)."""
+    return _encoder.encode(_Canonical(*values))
 
 
 def canonical_json(entry: Mapping[str, object]) -> bytes:

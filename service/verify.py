@@ -37,23 +37,17 @@ Progress = Callable[[int], None]
 ChainResult = tuple[list["Finding"], int, str]
 
 
-# SQLite builds the canonical JSON itself (keys in sorted order, compact): faster than handing Python
-# every column. A row whose SQLite rendering does not hash to entry_hash is re-checked with
-# chain.entry_hash, the definition, before it is reported; a match cannot be forged (a SHA-256 preimage).
+# Every hashed column in canonical order, then the body's bytes (TEXT is stored as UTF-8: the CAST gives
+# exactly the bytes received) and the stored hash. Python encodes the canonical form with the same
+# encoder the writer used, so whatever a row holds (a BLOB or a float where none belongs), it is hashed
+# by the definition itself.
 _READ = (
-    "SELECT id, json_object("
-    + ", ".join(f"'{c}', {c}" for c in sorted(chain.HASHED))
-    + "), request_body, request_body_sha256, prev_hash, entry_hash FROM audit_log "
+    f"SELECT {', '.join(chain.SORTED)}, CAST(request_body AS BLOB), entry_hash FROM audit_log "
     "WHERE id > ? AND id <= ? ORDER BY id"
 )
+_ID, _PREV, _BODY_SHA = (chain.SORTED.index(c) for c in ("id", "prev_hash", "request_body_sha256"))
 _ALL = (-(2**63), 2**63 - 1)
-
-
-def _exact_hash(conn: sqlite3.Connection, entry_id: int) -> str:
-    values = conn.execute(
-        f"SELECT {', '.join(chain.COLUMNS)} FROM audit_log WHERE id = ?", (entry_id,)
-    ).fetchone()
-    return chain.entry_hash(dict(zip(chain.COLUMNS, values, strict=True)))
+PROGRESS_EVERY = 10_000
 
 
 def verify_chain(
@@ -70,7 +64,8 @@ def verify_chain(
     def note(check: str, entry_id: int | None, message: str) -> None:
         found.setdefault(check, Finding(check, entry_id, message))
 
-    sha256, body_bytes = hashlib.sha256, chain.body_bytes
+    sha256, canonical = hashlib.sha256, chain.canonical_values
+    width = len(chain.SORTED)
     expected_id, prev_hash, count = 1, chain.GENESIS, 0
     before_prev: str | None = None
     before = conn.execute(
@@ -79,32 +74,33 @@ def verify_chain(
     if before:
         expected_id, prev_hash = before[0][0] + 1, before[0][1]
         before_prev = before[1][1] if len(before) > 1 else chain.GENESIS
-    cursor = conn.execute(_READ, ids)
-    while batch := cursor.fetchmany(10000):
-        for entry_id, canonical, body, body_sha, row_prev, row_hash in batch:
-            if entry_id != expected_id:
+    # Row by row, not fetchmany: a batch of 10,000 wide rows costs more than the rows themselves.
+    for count, row in enumerate(conn.execute(_READ, ids), 1):
+        entry_id, row_prev, body, row_hash = row[_ID], row[_PREV], row[width], row[width + 1]
+        if entry_id != expected_id:
+            note(
+                "ids",
+                expected_id,
+                f"expected id {expected_id}, found {entry_id}: entries missing or inserted",
+            )
+        if sha256(body).hexdigest() != row[_BODY_SHA]:
+            note("body", entry_id, "request_body does not match request_body_sha256")
+        if row_prev != prev_hash:
+            if row_prev == before_prev:  # links past the previous entry: that one was inserted
                 note(
-                    "ids",
-                    expected_id,
-                    f"expected id {expected_id}, found {entry_id}: entries missing or inserted",
+                    "chain",
+                    entry_id - 1,
+                    f"entry {entry_id - 1} was inserted: entry {entry_id} links past it",
                 )
-            if sha256(body_bytes(body)).hexdigest() != body_sha:
-                note("body", entry_id, "request_body does not match request_body_sha256")
-            if row_prev != prev_hash:
-                if row_prev == before_prev:  # links past the previous entry: that one was inserted
-                    note(
-                        "chain",
-                        entry_id - 1,
-                        f"entry {entry_id - 1} was inserted: entry {entry_id} links past it",
-                    )
-                else:
-                    note("chain", entry_id, "prev_hash is not the previous entry's entry_hash")
-            if sha256(canonical.encode()).hexdigest() != row_hash and _exact_hash(conn, entry_id) != row_hash:
-                note("hash", entry_id, "entry_hash does not match the entry's canonical form")
-            before_prev, prev_hash, expected_id = prev_hash, row_hash, entry_id + 1
-        count += len(batch)
-        if progress is not None:
-            progress(len(batch))
+            else:
+                note("chain", entry_id, "prev_hash is not the previous entry's entry_hash")
+        if sha256(canonical(row[:width])).hexdigest() != row_hash:
+            note("hash", entry_id, "entry_hash does not match the entry's canonical form")
+        before_prev, prev_hash, expected_id = prev_hash, row_hash, entry_id + 1
+        if progress is not None and not count % PROGRESS_EVERY:
+            progress(PROGRESS_EVERY)
+    if progress is not None:
+        progress(count % PROGRESS_EVERY)
     return sorted(found.values(), key=lambda f: f.entry_id or 0), count, prev_hash
 
 

@@ -286,3 +286,10 @@ def test_verifying_in_parallel_ranges_finds_the_same(
     assert single
     monkeypatch.setattr(verify, "PARALLEL_FROM", 0)  # ranges of 4 entries: (0, 4], (4, 8], …
     assert findings(copy) == single
+
+
+@pytest.mark.parametrize("column", ["detail", "request_headers", "topic_id"])
+def test_a_value_stored_as_a_blob(copy: Path, column: str) -> None:
+    """Same bytes, another type: the canonical form of a BLOB differs (msgspec writes it as base64)."""
+    tamper(copy, f"UPDATE audit_log SET {column} = CAST(coalesce({column}, '') AS BLOB) WHERE id = 30")
+    assert first(findings(copy)) == ("hash", 30)
