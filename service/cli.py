@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from service import migrations, projection, samples
+from service import migrations, samples
 from service.settings import Settings, SettingsError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -550,18 +550,30 @@ def migrate(db: Path) -> None:
 def rebuild_projection(db: Path) -> None:
     """Rebuild the topics table from the audit log in one transaction.
 
-    Readers keep seeing the old table until the new one is committed; a running receiver waits only for
-    the final swap.
+    The log is replayed on every core first, outside any lock; then, in one short transaction, the
+    topics that differ from the replay are rewritten and the full-text index is rebuilt. Readers keep
+    seeing the old table until it commits; a running receiver waits only for that transaction.
     """
+    from service import rebuild
+
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
     try:
         started = time.perf_counter()
-        topics = projection.rebuild(conn)
+        with click.progressbar(length=1, label="replaying", file=sys.stderr) as bar:
+
+            def progress(reached: int, high: int) -> None:
+                bar.length = max(high, 1)
+                bar.update(reached - bar.pos)
+
+            rebuilt = rebuild.rebuild(conn, progress)
     finally:
         conn.close()
-    click.echo(f"rebuilt {topics} topics from {db} in {time.perf_counter() - started:.2f} s")
+    click.echo(
+        f"rebuilt {rebuilt.topics} topics from {db} in {time.perf_counter() - started:.2f} s: "
+        f"{rebuilt.written} differed from the log and were rewritten"
+    )
 
 
 @main.command(context_settings=CONTEXT)

@@ -2,8 +2,8 @@
 
 :func:`project` decides, from the state before the event, whether it is new (``accepted``) or a
 redelivery (``duplicate``, with the entry it repeats) and which rows it changes. The writer calls it
-inside the transaction that appends the log row; :func:`rebuild` replays the log through the same
-function, so the projection is always a rebuild of the log.
+inside the transaction that appends the log row; :func:`replay` runs the log through the same function
+(for ``verify`` and ``rebuild-projection``), so the projection is always a replay of the log.
 
 Redelivery rules (Tencent retries after-events on timeout, with the same body):
 - create: the topic was already created by an earlier entry;
@@ -20,7 +20,7 @@ import operator
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -183,6 +183,13 @@ def _destroy(event: models.AfterTopicDestroyed, entry_id: int, at: str, lookup: 
 row_values = operator.itemgetter(*COLUMNS)
 """A topic as a tuple in table order."""
 
+# A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so the
+# full-text index of topics stays in step.
+UPSERT: Final = (
+    f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"
+)
+
 
 def topic_ids(event: models.TopicEvent) -> list[str]:
     """The topics ``event`` may change (what :func:`project` will look up)."""
@@ -224,19 +231,13 @@ class SqlStore(MemoryStore):
     upsert, and the group makes a handful of calls into SQLite rather than several per row.
     """
 
-    def __init__(self, conn: sqlite3.Connection, table: str = "topics") -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         super().__init__()
         self.conn = conn
         self._changed: dict[str, Topic] = {}
         self._select = (
-            f"SELECT t.*, a.request_body_sha256 FROM {table} t "
+            "SELECT t.*, a.request_body_sha256 FROM topics t "
             "LEFT JOIN audit_log a ON a.id = t.updated_entry_id WHERE t.topic_id IN "
-        )
-        # A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so
-        # the full-text index of topics stays in step.
-        self._upsert = (
-            f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-            f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"
         )
 
     def prefetch(self, ids: list[str]) -> None:
@@ -263,8 +264,101 @@ class SqlStore(MemoryStore):
 
     def flush(self) -> None:
         """Write every changed topic (its final state) to the table."""
-        self.conn.executemany(self._upsert, map(row_values, self._changed.values()))
+        self.conn.executemany(UPSERT, map(row_values, self._changed.values()))
         self._changed.clear()
+
+
+PARTITION_SQL: Final = "coalesce(unicode(substr({}, -1)), 0) % ? = ?"
+"""SQL that is true for the topic ids of a :class:`Partition` (parameters: its count, its number)."""
+
+
+class Misrouted(Exception):
+    """An entry's recorded ``topic_id`` is not the topic its body names: partitions cannot be trusted."""
+
+
+class Share(Protocol):
+    """Which part of the log a replay takes: a filter on the log's columns, then on each event."""
+
+    @property
+    def where(self) -> str:
+        """An SQL condition on ``audit_log``, with :attr:`params`: rows it leaves out are not read."""
+        ...
+
+    @property
+    def params(self) -> tuple[object, ...]: ...
+
+    def share(
+        self, event: models.TopicEvent, recorded_topic: str | None, entry_id: int
+    ) -> models.TopicEvent | None:
+        """The part of ``event`` to replay, or None to skip it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Partition ``number`` of ``count``: the topics whose id ends in a character equal to ``number``
+    modulo ``count`` (as :data:`PARTITION_SQL`). Topics never interact, so replaying each partition apart
+    gives the same rows as one replay; only a destroy may name topics of several partitions, and each
+    partition replays the part naming its own."""
+
+    number: int
+    count: int
+
+    @property
+    def where(self) -> str:  # the receiver records the topic of every one-topic event: filter on it
+        return f"(topic_id IS NULL OR {PARTITION_SQL.format('topic_id')})"
+
+    @property
+    def params(self) -> tuple[object, ...]:
+        return (self.count, self.number)
+
+    def holds(self, topic_id: str) -> bool:
+        return (ord(topic_id[-1]) if topic_id else 0) % self.count == self.number
+
+    def share(
+        self, event: models.TopicEvent, recorded_topic: str | None, entry_id: int
+    ) -> models.TopicEvent | None:
+        ids = topic_ids(event)
+        if recorded_topic is not None and ids != [recorded_topic]:
+            raise Misrouted(f"entry {entry_id} records topic {recorded_topic!r} but its body names {ids}")
+        return only(event, [t for t in ids if self.holds(t)])
+
+
+def only(event: models.TopicEvent, ids: list[str]) -> models.TopicEvent | None:
+    """``event`` restricted to the topics ``ids`` (a subset of :func:`topic_ids`), None if empty."""
+    if not ids:
+        return None
+    if isinstance(event, models.AfterTopicDestroyed) and len(ids) < len(event.TopicIdList):
+        return msgspec.structs.replace(event, TopicIdList=ids)
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """A topic whose row in the table is not its replayed row."""
+
+    topic_id: str
+    replayed: Topic | None
+    """None: the table has a topic the log does not."""
+    stored: tuple[Any, ...] | None
+    """The row in the table (in :data:`COLUMNS` order), None when it is missing."""
+
+
+def differences(
+    conn: sqlite3.Connection, replayed: dict[str, Topic], part: Partition | None = None
+) -> list[Difference]:
+    """Every topic (of ``part``, or all) whose row in ``topics`` differs from ``replayed``, in key order."""
+    where, params = "", tuple[object, ...]()
+    if part is not None:
+        where, params = f" WHERE {PARTITION_SQL.format('topic_id')}", part.params
+    pending, values = dict(replayed), row_values
+    found = []
+    for row in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM topics{where}", params):
+        mine = pending.pop(row[0], None)
+        if mine is None or values(mine) != row:
+            found.append(Difference(row[0], mine, row))
+    found.extend(Difference(topic_id, row, None) for topic_id, row in pending.items())
+    return sorted(found, key=operator.attrgetter("topic_id"))
 
 
 @dataclass(slots=True)
@@ -276,14 +370,20 @@ class Mismatch:
 
 
 def replay(
-    conn: sqlite3.Connection, store: MemoryStore | None = None, after_id: int = 0
+    conn: sqlite3.Connection,
+    store: MemoryStore | None = None,
+    after_id: int = 0,
+    share: Share | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[MemoryStore, list[Mismatch], int]:
     """Replay the accepted entries after ``after_id``, in order, into ``store`` (a new one by default).
 
-    Returns the store, the entries whose replay was not ``accepted``, and the last id read.
+    With ``share`` only its part of the log is replayed (a :class:`Partition` of the topics, say).
+    ``progress`` is called with the id reached, every few thousand entries. Returns the store, the
+    entries whose replay (of their share) was not ``accepted``, and the last id replayed.
     """
     with paused_gc():
-        return _replay(conn, store if store is not None else MemoryStore(), after_id)
+        return _replay(conn, store if store is not None else MemoryStore(), after_id, share, progress)
 
 
 @contextlib.contextmanager
@@ -300,20 +400,33 @@ def paused_gc() -> Iterator[None]:
 
 
 def _replay(
-    conn: sqlite3.Connection, store: MemoryStore, after_id: int
+    conn: sqlite3.Connection,
+    store: MemoryStore,
+    after_id: int,
+    share: Share | None,
+    progress: Callable[[int], None] | None,
 ) -> tuple[MemoryStore, list[Mismatch], int]:
     mismatches: list[Mismatch] = []
     last_id = after_id
+    where, params = ("", (after_id,)) if share is None else (f" AND {share.where}", (after_id, *share.params))
     # NOT INDEXED: one pass in id order. The outcome index would need the accepted entries sorted by
     # id afterwards (seconds on a million entries before the first row).
     rows = conn.execute(
-        "SELECT id, received_at, callback_command, request_body, request_body_sha256 FROM audit_log "
-        "NOT INDEXED WHERE outcome = 'accepted' AND id > ? ORDER BY id",
-        (after_id,),
+        "SELECT id, received_at, callback_command, request_body, request_body_sha256, topic_id "
+        f"FROM audit_log NOT INDEXED WHERE outcome = 'accepted' AND id > ?{where} ORDER BY id",
+        params,
     )
-    for entry_id, at, command, body, sha in rows:
+    for count, (entry_id, at, command, body, sha, recorded_topic) in enumerate(rows, 1):
+        if progress is not None and not count % 5000:
+            progress(entry_id)
         try:
-            effect = project(parse_event(command, body), entry_id, at, sha, store.lookup)
+            event = parse_event(command, body)
+            if share is not None:
+                shared = share.share(event, recorded_topic, entry_id)
+                if shared is None:
+                    continue
+                event = shared
+            effect = project(event, entry_id, at, sha, store.lookup)
         except (KeyError, TypeError, ValueError, msgspec.MsgspecError) as exc:  # an altered log
             mismatches.append(Mismatch(entry_id, f"unreplayable ({type(exc).__name__}: {exc})"))
             continue
@@ -335,48 +448,5 @@ _DECODERS = {command: msgspec.json.Decoder(kind) for command, kind in models.PAY
 
 
 def stored_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Topics per state as ``topic_counts`` holds them (kept by the writer and by :func:`rebuild`)."""
+    """Topics per state as ``topic_counts`` holds them (kept by the writer and by ``rebuild-projection``)."""
     return dict(conn.execute("SELECT state, topics FROM topic_counts").fetchall())
-
-
-def rebuild(conn: sqlite3.Connection) -> int:
-    """Rebuild ``topics`` from the log in one transaction; readers see the old table until commit.
-
-    The bulk of the log is replayed before the write lock is taken, so the receiver waits only for the
-    entries that arrived meanwhile and for the table swap. The table is dropped and recreated from its
-    own stored definition (the schema stays the migrations'), then filled in key order: much faster
-    than deleting and re-inserting row by row. ``conn`` must be in autocommit mode.
-    """
-    store, _, last_id = replay(conn)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        replay(conn, store, last_id)
-        schema = conn.execute(
-            "SELECT type, sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL"
-        ).fetchall()
-        conn.execute("DROP TABLE topics")
-        # The table, its rows in key order, then its indexes (built by sorting, several times faster
-        # than maintained row by row), then its triggers (the full-text index is rebuilt once, below).
-        for kind in ("table", "rows", "index", "trigger"):
-            if kind == "rows":
-                conn.executemany(
-                    f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                    map(row_values, (store.rows[key] for key in sorted(store.rows))),
-                )
-            for sql in (sql for k, sql in schema if k == kind):
-                conn.execute(sql)
-        derived = {
-            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'topic%'")
-        }
-        if "topic_counts" in derived:
-            conn.executemany(
-                "UPDATE topic_counts SET topics = ? WHERE state = ?",
-                [(n, s) for s, n in store.counts().items()],
-            )
-        if "topics_fts" in derived:
-            conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return len(store.rows)

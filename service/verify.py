@@ -118,27 +118,20 @@ def verify_projection(conn: sqlite3.Connection) -> list[Finding]:
             findings.append(
                 Finding("projection", None, f"topic_counts is {stored}; the log gives {replayed_counts}")
             )
-    # One pass over the table in key order against the replay; the first difference in key order is
-    # reported (a topic missing from the table counts where its key sorts).
-    expected, values = store.rows, projection.row_values
-    for row in conn.execute(f"SELECT {', '.join(projection.COLUMNS)} FROM topics ORDER BY topic_id"):
-        replayed = expected.pop(row[0], None)
-        if replayed is not None and values(replayed) == row:
-            continue
-        missing = min(expected, default=None)
-        if missing is not None and missing < row[0]:
-            break
-        if replayed is None:
-            entry, message = row[projection.COLUMNS.index("updated_entry_id")], "in topics but not in the log"
+    for difference in projection.differences(conn, store.rows)[:1]:  # the first in key order
+        if difference.replayed is None:
+            assert difference.stored is not None
+            entry = difference.stored[projection.COLUMNS.index("updated_entry_id")]
+            message = "in topics but not in the log"
+        elif difference.stored is None:
+            entry, message = difference.replayed["updated_entry_id"], "missing from topics"
         else:
-            columns = [c for c, a, b in zip(projection.COLUMNS, values(replayed), row, strict=True) if a != b]
-            entry, message = replayed["updated_entry_id"], f"differs from the log in {', '.join(columns)}"
-        return [*findings, Finding("projection", entry, message, row[0])]
-    if expected:
-        missing = min(expected)
-        findings.append(
-            Finding("projection", expected[missing]["updated_entry_id"], "missing from topics", missing)
-        )
+            pairs = zip(
+                projection.COLUMNS, projection.row_values(difference.replayed), difference.stored, strict=True
+            )
+            entry = difference.replayed["updated_entry_id"]
+            message = f"differs from the log in {', '.join(c for c, a, b in pairs if a != b)}"
+        findings.append(Finding("projection", entry, message, difference.topic_id))
     return findings
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -67,6 +68,26 @@ def post(client: TestClient[Any]) -> Post:
         return client.post(f"/callback?{query}", content=content, **kwargs)
 
     return _post
+
+
+def random_history(post: Post, rng: random.Random, count: int) -> None:
+    """``count`` deliveries of every kind for 12 topics, redeliveries and multi-topic destroys included."""
+    ids = [f"{samples.DOC_TOPIC}-{i}" for i in range(12)]
+    for _ in range(count):
+        roll, topic = rng.random(), rng.choice(ids)
+        if roll < 0.35:
+            body = samples.sample("after-create", TopicId=topic, Name=f"n{rng.randrange(5)}")
+        elif roll < 0.7:
+            body = samples.sample("info-changed", TopicId=topic, Name=f"n{rng.randrange(3)}")
+            if rng.random() < 0.3:
+                body["UserDefinedDataList"] = [{"Key": "k", "Value": str(rng.randrange(3))}]
+        elif roll < 0.85:
+            body = samples.sample("destroyed", TopicIdList=rng.sample(ids, rng.randrange(1, 3)))
+        else:
+            body = samples.sample(
+                rng.choice(["before-create", "group-created", "info-changed-without-topic"])
+            )
+        post(body)
 
 
 def rows(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:

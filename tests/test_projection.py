@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Post, rows, topics
+from conftest import Post, random_history, rows, topics
 
-from service import models, projection, samples
+from service import models, projection, rebuild, samples
 from service.settings import Settings
 
 TOPIC = samples.DOC_TOPIC
@@ -151,40 +151,21 @@ def test_create_delivered_after_a_change_keeps_the_newer_values(post: Post, sett
     )
 
 
-def _random_history(post: Post, rng: random.Random, count: int) -> None:
-    ids = [f"{TOPIC}-{i}" for i in range(12)]
-    for _ in range(count):
-        roll, topic = rng.random(), rng.choice(ids)
-        if roll < 0.35:
-            body = samples.sample("after-create", TopicId=topic, Name=f"n{rng.randrange(5)}")
-        elif roll < 0.7:
-            body = samples.sample("info-changed", TopicId=topic, Name=f"n{rng.randrange(3)}")
-            if rng.random() < 0.3:
-                body["UserDefinedDataList"] = [{"Key": "k", "Value": str(rng.randrange(3))}]
-        elif roll < 0.85:
-            body = samples.sample("destroyed", TopicIdList=rng.sample(ids, rng.randrange(1, 3)))
-        else:
-            body = samples.sample(
-                rng.choice(["before-create", "group-created", "info-changed-without-topic"])
-            )
-        post(body)
-
-
 def test_rebuild_reproduces_the_live_projection(post: Post, settings: Settings) -> None:
-    _random_history(post, random.Random(7), 300)
+    random_history(post, random.Random(7), 300)
     live = topics(settings.db)
     outcomes = {r["outcome"] for r in rows(settings.db)}
     assert {"accepted", "duplicate", "ignored"} <= outcomes
     conn = sqlite3.connect(settings.db, isolation_level=None)
     try:
-        assert projection.rebuild(conn) == len(live)
+        assert rebuild.rebuild(conn).topics == len(live)
     finally:
         conn.close()
     assert topics(settings.db) == live
 
 
 def test_replay_matches_every_recorded_outcome(post: Post, settings: Settings) -> None:
-    _random_history(post, random.Random(11), 150)
+    random_history(post, random.Random(11), 150)
     conn = sqlite3.connect(settings.db)
     try:
         _, mismatches, _ = projection.replay(conn)

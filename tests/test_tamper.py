@@ -12,7 +12,7 @@ import pytest
 from benchmarks.logs import generate_log
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from service import chain, checkpoints, projection, verify
+from service import chain, checkpoints, rebuild, verify
 from service.checkpoints import Signer, make_checkpoint
 from service.writer import connect
 
@@ -244,7 +244,7 @@ def test_editing_the_topic_counts(copy: Path) -> None:
     assert found.check == "projection" and found.message.startswith("topic_counts is")
     conn = sqlite3.connect(copy / "audit.db", isolation_level=None)
     try:
-        projection.rebuild(conn)  # derived data: a rebuild sets it right
+        rebuild.rebuild(conn)  # derived data: a rebuild sets it right
     finally:
         conn.close()
     assert findings(copy) == []

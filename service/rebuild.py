@@ -1,0 +1,189 @@
+"""``rebuild-projection``: set ``topics`` to a replay of the log, holding the write lock only briefly.
+
+1. Each core replays a :class:`~service.projection.Partition` of the topics in a read snapshot of the
+   database and compares it with the table in the same snapshot; only the topics that differ come back.
+2. Under the write lock, the entries committed since the snapshots are replayed for those topics (the
+   receiver kept every other topic right: it applies the same :func:`~service.projection.project` to a
+   right row), the differences are written, the full-text index is rebuilt and ``topic_counts``
+   recounted, and all of it commits at once. Readers see the old table until then, never a half-built
+   one; the receiver waits for this step only, not for the replay.
+
+A log whose recorded topic ids disagree with its bodies (an altered log) cannot be partitioned by them,
+and is replayed in one piece instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from service import models, projection
+
+Progress = Callable[[int, int], None]
+"""Called with (id reached, last id) while the log is replayed."""
+
+PARALLEL_FROM = 50_000
+"""Entries below which one process replays everything (starting processes would cost more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    topics: int
+    """Topics in the table afterwards."""
+    written: int
+    """Rows inserted, updated or deleted: the topics that differed from the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What the replay of one partition found, as of the last entry in its read snapshot."""
+
+    high: int
+    differences: list[projection.Difference]
+    last_sha: dict[str, str | None]
+    """For each differing topic: the body hash of the entry that last updated it (for redeliveries)."""
+
+
+def rebuild(
+    conn: sqlite3.Connection, progress: Progress | None = None, processes: int | None = None
+) -> Rebuilt:
+    """Rebuild ``topics`` (``conn`` in autocommit mode, on a database file) from the log."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+    count = processes or os.cpu_count() or 1
+    snapshots: list[tuple[projection.Partition | None, _Snapshot]]
+    if count == 1 or high < PARALLEL_FROM:
+        snapshots = [(None, _snapshot(path, None, _advance(progress, high)))]
+    else:
+        parts = [projection.Partition(number, count) for number in range(count)]
+        try:
+            snapshots = list(zip(parts, _in_processes(path, parts, high, progress), strict=True))
+        except projection.Misrouted:
+            snapshots = [(None, _snapshot(path, None, _advance(progress, high)))]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = _catch_up(conn, snapshots)
+        written = _write(conn, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return Rebuilt(conn.execute("SELECT count(*) FROM topics").fetchone()[0], written)
+
+
+def _advance(progress: Progress | None, high: int) -> Callable[[int], None] | None:
+    return None if progress is None else lambda reached: progress(reached, high)
+
+
+def _snapshot(
+    path: str, part: projection.Partition | None, progress: Callable[[int], None] | None
+) -> _Snapshot:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("BEGIN")  # one snapshot for the replay and the comparison
+        high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+        store, _, _ = projection.replay(conn, share=part, progress=progress)
+        found = projection.differences(conn, store.rows, part)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return _Snapshot(high, found, {d.topic_id: store.last_sha.get(d.topic_id) for d in found})
+
+
+_reached: Any = None
+"""In a worker process: the shared array of ids reached, one per partition."""
+
+
+def _start_worker(reached: Any) -> None:
+    global _reached
+    _reached = reached
+
+
+def _replay_partition(path: str, part: projection.Partition) -> _Snapshot:
+    def advance(entry_id: int) -> None:
+        _reached[part.number] = entry_id
+
+    return _snapshot(path, part, advance)
+
+
+def _in_processes(
+    path: str, parts: list[projection.Partition], high: int, progress: Progress | None
+) -> list[_Snapshot]:
+    context = multiprocessing.get_context("spawn")
+    reached = context.Array("q", len(parts), lock=False)
+    with ProcessPoolExecutor(
+        len(parts), mp_context=context, initializer=_start_worker, initargs=(reached,)
+    ) as pool:
+        futures = [pool.submit(_replay_partition, path, part) for part in parts]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            if any(f.exception() for f in done):
+                break
+            if progress is not None:
+                progress(min(reached), high)
+        return [f.result() for f in futures]  # raises what a worker raised (Misrouted)
+
+
+class _Since:
+    """The entries after each partition's snapshot, for the topics that differed (a replay share)."""
+
+    where, params = "1", ()
+
+    def __init__(self, since: dict[str, int]) -> None:
+        self.since = since
+        """Topic -> the last entry its partition's snapshot held."""
+
+    def share(
+        self, event: models.TopicEvent, recorded_topic: str | None, entry_id: int
+    ) -> models.TopicEvent | None:
+        since = self.since
+        return projection.only(
+            event, [t for t in projection.topic_ids(event) if since.get(t, entry_id) < entry_id]
+        )
+
+
+def _catch_up(
+    conn: sqlite3.Connection, snapshots: list[tuple[projection.Partition | None, _Snapshot]]
+) -> dict[str, projection.Topic | None]:
+    """The replayed rows of the differing topics as of now (under the write lock): None to delete."""
+    store = projection.MemoryStore()
+    since: dict[str, int] = {}
+    for _, snapshot in snapshots:
+        for difference in snapshot.differences:
+            since[difference.topic_id] = snapshot.high
+            store.last_sha[difference.topic_id] = snapshot.last_sha[difference.topic_id]
+            if difference.replayed is not None:
+                store.rows[difference.topic_id] = difference.replayed
+    if since:
+        projection.replay(conn, store, min(since.values()), share=_Since(since))
+    return {topic_id: store.rows.get(topic_id) for topic_id in sorted(since)}
+
+
+def _write(conn: sqlite3.Connection, rows: dict[str, projection.Topic | None]) -> int:
+    """Write the rows that differ, rebuild the full-text index once, and recount ``topic_counts``."""
+    triggers = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'topics'"
+    ).fetchall()
+    for name, _ in triggers:  # the full-text index is rebuilt once below, not row by row
+        conn.execute(f'DROP TRIGGER "{name}"')
+    conn.executemany(
+        "DELETE FROM topics WHERE topic_id = ?", [(t,) for t, row in rows.items() if row is None]
+    )
+    conn.executemany(projection.UPSERT, [projection.row_values(row) for row in rows.values() if row])
+    for _, sql in triggers:
+        conn.execute(sql)
+    derived = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'topic%'")}
+    if "topics_fts" in derived:
+        conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
+    if "topic_counts" in derived:
+        conn.execute(
+            "UPDATE topic_counts SET topics = (SELECT count(*) FROM topics WHERE "
+            "(deleted_entry_id IS NOT NULL) = (topic_counts.state = 'deleted'))"
+        )
+    return len(rows)

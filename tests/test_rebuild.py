@@ -1,0 +1,167 @@
+"""``rebuild-projection``: partitions replayed apart give one replay's rows, and only differences are written."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import Post, random_history, topics
+
+from service import projection, rebuild, samples
+from service.cli import main
+from service.settings import Settings
+
+
+@pytest.fixture
+def history(post: Post, settings: Settings) -> dict[str, dict[str, Any]]:
+    """300 deliveries of every kind for 12 topics, and the projection the receiver kept meanwhile."""
+    random_history(post, random.Random(7), 300)
+    return topics(settings.db)
+
+
+def run(db: Path, processes: int) -> rebuild.Rebuilt:
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        return rebuild.rebuild(conn, processes=processes)
+    finally:
+        conn.close()
+
+
+def execute(db: Path, *statements: str) -> None:
+    conn = sqlite3.connect(db)
+    for trigger in ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"):
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def replay_differences(db: Path) -> list[projection.Difference]:
+    """What ``verify`` compares: the table against one replay of the whole log."""
+    conn = sqlite3.connect(db)
+    try:
+        return projection.differences(conn, projection.replay(conn)[0].rows)
+    finally:
+        conn.close()
+
+
+FIRST_THREE = "SELECT rowid FROM topics ORDER BY topic_id LIMIT 3"
+DAMAGE = {
+    "none": ([], 0),
+    "edited": ([f"UPDATE topics SET name = 'edited', custom_data = NULL WHERE rowid IN ({FIRST_THREE})"], 3),
+    "deleted": ([f"DELETE FROM topics WHERE rowid IN ({FIRST_THREE})"], 3),
+    "added": (["INSERT INTO topics (topic_id, group_id) VALUES ('not in the log', 'g')"], 1),
+    "emptied": (["DELETE FROM topics"], 12),
+}
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_rebuild_restores_exactly_what_the_log_gives(
+    history: dict[str, dict[str, Any]],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    processes: int,
+    damage: str,
+) -> None:
+    monkeypatch.setattr(rebuild, "PARALLEL_FROM", 0)  # partitions even for this small log
+    statements, written = DAMAGE[damage]
+    assert len(history) == 12
+    execute(settings.db, *statements)
+    assert run(settings.db, processes) == rebuild.Rebuilt(topics=12, written=written)
+    assert topics(settings.db) == history
+    assert replay_differences(settings.db) == []
+    conn = sqlite3.connect(settings.db)
+    try:
+        counts = dict(conn.execute("SELECT state, topics FROM topic_counts"))
+        deleted = sum(t["deleted_entry_id"] is not None for t in history.values())
+        assert counts == {"active": 12 - deleted, "deleted": deleted}
+        # The full-text index follows the table (rebuilt once, with its triggers put back).
+        assert conn.execute("SELECT count(*) FROM topics_fts WHERE topics_fts MATCH 'edited'").fetchone() == (
+            0,
+        )
+        name = next(iter(history.values()))["name"]
+        matched = {
+            r[0] for r in conn.execute("SELECT rowid FROM topics_fts WHERE topics_fts MATCH ?", (name,))
+        }
+        assert matched == {r[0] for r in conn.execute("SELECT rowid FROM topics WHERE name = ?", (name,))}
+        triggers = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'topics'"
+        )
+        assert triggers.fetchone() == (3,)
+    finally:
+        conn.close()
+
+
+def test_a_log_whose_recorded_topics_disagree_is_replayed_in_one_piece(
+    history: dict[str, dict[str, Any]], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partitions trust ``audit_log.topic_id``; an altered one must not change what the rebuild writes."""
+    monkeypatch.setattr(rebuild, "PARALLEL_FROM", 0)
+    execute(
+        settings.db,
+        "UPDATE audit_log SET topic_id = topic_id || '-moved' WHERE id = "
+        "(SELECT min(id) FROM audit_log WHERE outcome = 'accepted' AND topic_id IS NOT NULL)",
+        f"UPDATE topics SET name = 'edited' WHERE rowid IN ({FIRST_THREE})",
+    )
+    replayed: list[projection.Partition | None] = []
+    in_one_piece = rebuild._snapshot
+
+    def spy(path: str, part: projection.Partition | None, progress: Any) -> Any:
+        replayed.append(part)
+        return in_one_piece(path, part, progress)
+
+    monkeypatch.setattr(rebuild, "_snapshot", spy)
+    assert run(settings.db, 2) == rebuild.Rebuilt(topics=12, written=3)
+    assert replayed == [None]  # the partitions (in other processes) gave up; this process replayed it all
+    assert topics(settings.db) == history
+
+
+def test_deliveries_during_the_replay_are_caught_up_under_the_lock(
+    history: dict[str, dict[str, Any]], settings: Settings, post: Post, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver keeps writing while the log is replayed: its entries for a topic being repaired count."""
+    topic = min(history)
+    execute(settings.db, f"UPDATE topics SET name = 'edited' WHERE topic_id = '{topic}'")
+    replay_then_deliver = rebuild._snapshot
+
+    def snapshot(*args: Any) -> Any:
+        found = replay_then_deliver(*args)
+        response = post(samples.sample("info-changed", TopicId=topic, Introduction="during the replay"))
+        assert response.json()["ErrorCode"] == 0
+        return found
+
+    monkeypatch.setattr(rebuild, "_snapshot", snapshot)
+    assert run(settings.db, 1) == rebuild.Rebuilt(topics=12, written=1)
+    assert topics(settings.db)[topic]["introduction"] == "during the replay"
+    assert replay_differences(settings.db) == []
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_a_topic_is_in_the_same_partition_in_sql_and_in_python(count: int) -> None:
+    ids = ["", "a", "ab", "@TGS#_g1@TOPIC#_t9", "@TGS#_g1@TOPIC#_话题", "emoji 😀", "x" * 300]
+    conn = sqlite3.connect(":memory:")
+    partitions = [projection.Partition(number, count) for number in range(count)]
+    in_sql = [
+        {
+            t
+            for t in ids
+            if conn.execute(f"SELECT {projection.PARTITION_SQL.format('?')}", (t, *p.params)).fetchone()[0]
+        }
+        for p in partitions
+    ]
+    assert in_sql == [{t for t in ids if p.holds(t)} for p in partitions]
+    assert sorted(t for part in in_sql for t in part) == sorted(ids)  # each topic in exactly one
+
+
+def test_the_command_reports_what_it_rewrote(history: dict[str, dict[str, Any]], settings: Settings) -> None:
+    execute(settings.db, f"DELETE FROM topics WHERE rowid IN ({FIRST_THREE})")
+    result = CliRunner().invoke(main, ["rebuild-projection", "--db", str(settings.db)])
+    assert result.exit_code == 0, result.output
+    assert "rebuilt 12 topics" in result.output and "3 differed from the log" in result.output
+    assert topics(settings.db) == history
