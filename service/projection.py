@@ -319,8 +319,10 @@ class Partition:
         self, event: models.TopicEvent, recorded_topic: str | None, entry_id: int
     ) -> models.TopicEvent | None:
         ids = topic_ids(event)
-        if recorded_topic is not None and ids != [recorded_topic]:
-            raise Misrouted(f"entry {entry_id} records topic {recorded_topic!r} but its body names {ids}")
+        if recorded_topic is not None:  # one topic, and the query picked it by this recorded id
+            if ids != [recorded_topic]:
+                raise Misrouted(f"entry {entry_id} records topic {recorded_topic!r} but its body names {ids}")
+            return event if self.holds(recorded_topic) else None
         return only(event, [t for t in ids if self.holds(t)])
 
 

@@ -39,7 +39,7 @@ def test_bench_suite_smoke() -> None:
     for heading in ("audited vs bare", "Database size", "The writer alone", "Memory", "verify and rebuild"):
         assert heading in out, out
     assert "Every answered request committed" in out and "(OK)" in out, out
-    assert "| 64 |" in out and "| verify |" in out
+    assert "| 64 |" in out and "| `verify` (chain" in out and "projection emptied first, all cores |" in out
 
 
 def test_query_benchmark_smoke(tmp_path: Path) -> None:

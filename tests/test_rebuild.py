@@ -165,3 +165,23 @@ def test_the_command_reports_what_it_rewrote(history: dict[str, dict[str, Any]],
     assert result.exit_code == 0, result.output
     assert "rebuilt 12 topics" in result.output and "3 differed from the log" in result.output
     assert topics(settings.db) == history
+
+
+def test_many_differences_are_written_with_the_indexes_built_afterwards(
+    history: dict[str, dict[str, Any]], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rebuild, "BULK_FROM", 5)
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'topics' ORDER BY name"
+    conn = sqlite3.connect(settings.db)
+    before = conn.execute(schema).fetchall()
+    conn.close()
+    execute(settings.db, "DELETE FROM topics")
+    assert run(settings.db, 1) == rebuild.Rebuilt(topics=12, written=12)
+    assert topics(settings.db) == history
+    conn = sqlite3.connect(settings.db)
+    try:
+        assert conn.execute(schema).fetchall() == before  # indexes and triggers are back, as they were
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM topics WHERE group_id = 'g'").fetchall()
+        assert "idx_topics_group_id" in str(plan)
+    finally:
+        conn.close()
