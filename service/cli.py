@@ -551,8 +551,8 @@ def rebuild_projection(db: Path) -> None:
     """Rebuild the topics table from the audit log in one transaction.
 
     The log is replayed on every core first, outside any lock; then, in one short transaction, the
-    topics that differ from the replay are rewritten and the full-text index is rebuilt. Readers keep
-    seeing the old table until it commits; a running receiver waits only for that transaction.
+    topics that differ from the replay are rewritten. Readers keep seeing the old table until it
+    commits; a running receiver waits only for that transaction.
     """
     from service import rebuild
 
@@ -572,7 +572,8 @@ def rebuild_projection(db: Path) -> None:
         conn.close()
     click.echo(
         f"rebuilt {rebuilt.topics} topics from {db} in {time.perf_counter() - started:.2f} s: "
-        f"{rebuilt.written} differed from the log and were rewritten"
+        f"{rebuilt.written} differed from the log and were rewritten; "
+        f"the write lock was held {rebuilt.locked:.2f} s"
     )
 
 

@@ -4,7 +4,7 @@
    database and compares it with the table in the same snapshot; only the topics that differ come back.
 2. Under the write lock, the entries committed since the snapshots are replayed for those topics (the
    receiver kept every other topic right: it applies the same :func:`~service.projection.project` to a
-   right row), the differences are written, the full-text index is rebuilt and ``topic_counts``
+   right row), the differences are written (the full-text index follows) and ``topic_counts`` is
    recounted, and all of it commits at once. Readers see the old table until then, never a half-built
    one; the receiver waits for this step only, not for the replay.
 
@@ -17,9 +17,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service import models, projection
@@ -37,6 +38,8 @@ class Rebuilt:
     """Topics in the table afterwards."""
     written: int
     """Rows inserted, updated or deleted: the topics that differed from the log."""
+    locked: float = field(default=0.0, compare=False)
+    """Seconds the write lock was held (what a running receiver waited at most)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ def rebuild(
         except projection.Misrouted:
             snapshots = [(None, _snapshot(path, None, _advance(progress, high)))]
     conn.execute("BEGIN IMMEDIATE")
+    locked = time.perf_counter()
     try:
         rows = _catch_up(conn, snapshots)
         written = _write(conn, rows)
@@ -75,7 +79,8 @@ def rebuild(
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return Rebuilt(conn.execute("SELECT count(*) FROM topics").fetchone()[0], written)
+    locked = time.perf_counter() - locked
+    return Rebuilt(conn.execute("SELECT count(*) FROM topics").fetchone()[0], written, locked)
 
 
 def _advance(progress: Progress | None, high: int) -> Callable[[int], None] | None:
@@ -188,33 +193,37 @@ def _catch_up(
 
 
 BULK_FROM = 10_000
-"""Rows written above which the table's indexes are dropped first and built again afterwards (building
-an index by sorting is several times faster than keeping it up to date row by row)."""
+"""Rows written from which the table's indexes and triggers are dropped first and built again afterwards,
+the full-text index in one pass: building by sorting is several times faster than keeping them up to
+date row by row. Below it, the triggers keep the full-text index in step as usual."""
 
 
 def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) -> int:
-    """Write the rows that differ, rebuild the full-text index once, and recount ``topic_counts``."""
-    # The full-text index is rebuilt once below, not row by row.
-    kinds = ("trigger", "index") if len(rows) >= BULK_FROM else ("trigger",)
+    """Write the rows that differ and recount ``topic_counts``."""
+    bulk = len(rows) >= BULK_FROM
     derived = conn.execute(
-        f"SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL "
-        f"AND type IN ({', '.join('?' * len(kinds))})",
-        kinds,
+        "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'topics' AND sql IS NOT NULL "
+        "AND type IN ('trigger', 'index')"
     ).fetchall()
-    for kind, name, _ in derived:
+    for kind, name, _ in derived if bulk else ():
         conn.execute(f'DROP {kind} "{name}"')
     conn.executemany(
         "DELETE FROM topics WHERE topic_id = ?", [(t,) for t, row in rows.items() if row is None]
     )
     conn.executemany(projection.UPSERT, [row for row in rows.values() if row is not None])
-    for _, _, sql in derived:
-        conn.execute(sql)
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'topic%'")}
-    if "topics_fts" in tables:
-        conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
+    if bulk:
+        for _, _, sql in derived:
+            conn.execute(sql)
+        if "topics_fts" in tables:
+            conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
     if "topic_counts" in tables:
-        conn.execute(
-            "UPDATE topic_counts SET topics = (SELECT count(*) FROM topics WHERE "
-            "(deleted_entry_id IS NOT NULL) = (topic_counts.state = 'deleted'))"
+        counted = dict.fromkeys(("active", "deleted"), 0)
+        for deleted, topics in conn.execute(
+            "SELECT deleted_entry_id IS NOT NULL, count(*) FROM topics GROUP BY 1"
+        ):
+            counted["deleted" if deleted else "active"] = topics
+        conn.executemany(
+            "UPDATE topic_counts SET topics = ? WHERE state = ?", [(n, s) for s, n in counted.items()]
         )
     return len(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ def test_the_command_reports_what_it_rewrote(history: dict[str, dict[str, Any]],
     result = CliRunner().invoke(main, ["rebuild-projection", "--db", str(settings.db)])
     assert result.exit_code == 0, result.output
     assert "rebuilt 12 topics" in result.output and "3 differed from the log" in result.output
+    assert re.search(r"the write lock was held \d+\.\d\d s", result.output)
     assert topics(settings.db) == history
 
 

@@ -308,7 +308,7 @@ REBUILD = """
 import sqlite3, sys
 from service import rebuild
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-print(rebuild.rebuild(conn, processes=int(sys.argv[2]) or None))
+print(f"{rebuild.rebuild(conn, processes=int(sys.argv[2]) or None).locked:.2f}")
 """
 
 
@@ -325,10 +325,12 @@ def log_benchmark(folder: Path) -> list[str]:
     copy = folder / "rebuilt.db"
     shutil.copy(db, copy)  # rebuild-projection writes; the given log stays as it was
 
-    def timed(*argv: str) -> float:
+    def timed(*argv: str) -> tuple[float, str]:
         started = time.perf_counter()
-        subprocess.run([sys.executable, *argv], check=True, capture_output=True, timeout=3600)
-        return time.perf_counter() - started
+        done = subprocess.run(
+            [sys.executable, *argv], check=True, capture_output=True, text=True, timeout=3600
+        )
+        return time.perf_counter() - started, done.stdout.strip()
 
     def empty_topics() -> None:
         conn = sqlite3.connect(copy)
@@ -346,14 +348,20 @@ def log_benchmark(folder: Path) -> list[str]:
         ("`rebuild-projection`, projection intact, all cores", ("-c", REBUILD, str(copy), "0")),
         ("`rebuild-projection`, projection emptied first, all cores", ("-c", REBUILD, str(copy), "0")),
     ]
-    lines = ["| run | seconds | entries/s | ÷ read floor |", "|---|---:|---:|---:|"]
+    lines = [
+        "| run | seconds | entries/s | ÷ read floor | write lock held, s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     floor = 0.0
     for label, argv in runs:
         if "emptied" in label:
             empty_topics()
-        elapsed = timed(*argv)
+        elapsed, locked = timed(*argv)
         floor = floor or elapsed
-        lines.append(f"| {label} | {elapsed:.1f} | {count / elapsed:,.0f} | {elapsed / floor:.2f} |")
+        locked = locked if "rebuild" in label else ""
+        lines.append(
+            f"| {label} | {elapsed:.1f} | {count / elapsed:,.0f} | {elapsed / floor:.2f} | {locked} |"
+        )
     return [f"On a log of {count:,} entries ({os.cpu_count()} cores):", "", *lines]
 
 
