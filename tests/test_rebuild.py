@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import Post, random_history, topics
+from conftest import APP_ID, TOKEN, Post, Server, random_history, topics
 
 from service import projection, rebuild, samples
 from service.cli import main
@@ -187,3 +190,41 @@ def test_many_differences_are_written_with_the_indexes_built_afterwards(
         assert "idx_topics_group_id" in str(plan)
     finally:
         conn.close()
+
+
+def test_rebuilding_beside_a_running_receiver(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real ``serve`` process keeps answering while the projection is rebuilt by two processes, and
+    the topics it changes meanwhile end up as the log has them."""
+    names = [f"{samples.DOC_TOPIC}-live-{n}" for n in range(40)]
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+
+        def deliver(body: dict[str, Any]) -> int:
+            query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+            return client.post(f"/callback?{query}", json=body).status_code
+
+        assert {deliver(samples.sample("after-create", TopicId=t)) for t in names} == {200}
+        execute(server.db, "UPDATE topics SET name = 'edited'")  # every topic needs repair
+        answers: list[int] = []
+        stop = threading.Event()
+
+        def keep_delivering() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                topic = names[n % len(names)]
+                answers.append(deliver(samples.sample("info-changed", TopicId=topic, Introduction=f"v{n}")))
+
+        sender = threading.Thread(target=keep_delivering)
+        sender.start()
+        try:
+            monkeypatch.setattr(rebuild, "PARALLEL_FROM", 0)
+            time.sleep(0.2)
+            rebuilt = run(server.db, 2)
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            sender.join()
+    assert rebuilt.topics == 40 and rebuilt.written == 40
+    assert len(answers) > 10 and set(answers) == {200}
+    assert replay_differences(server.db) == []
+    assert "edited" not in {t["name"] for t in topics(server.db).values()}
