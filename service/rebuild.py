@@ -14,6 +14,7 @@ and is replayed in one piece instead.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sqlite3
@@ -61,15 +62,13 @@ def rebuild(
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
     count = processes or os.cpu_count() or 1
-    snapshots: list[tuple[projection.Partition | None, _Snapshot]]
-    if count == 1 or high < PARALLEL_FROM:
-        snapshots = [(None, _snapshot(path, None, _advance(progress, high)))]
-    else:
+    snapshots: list[_Snapshot] | None = None
+    if count > 1 and high >= PARALLEL_FROM:
         parts = [projection.Partition(number, count) for number in range(count)]
-        try:
-            snapshots = list(zip(parts, _in_processes(path, parts, high, progress), strict=True))
-        except projection.Misrouted:
-            snapshots = [(None, _snapshot(path, None, _advance(progress, high)))]
+        with contextlib.suppress(projection.Misrouted):  # then in one piece, below
+            snapshots = _in_processes(path, parts, high, progress)
+    if snapshots is None:
+        snapshots = [_snapshot(path, None, _advance(progress, high))]
     conn.execute("BEGIN IMMEDIATE")
     locked = time.perf_counter()
     try:
@@ -177,13 +176,11 @@ class _Seeded(projection.MemoryStore):
         return self.seed[topic_id]
 
 
-def _catch_up(
-    conn: sqlite3.Connection, snapshots: list[tuple[projection.Partition | None, _Snapshot]]
-) -> dict[str, tuple[Any, ...] | None]:
+def _catch_up(conn: sqlite3.Connection, snapshots: list[_Snapshot]) -> dict[str, tuple[Any, ...] | None]:
     """The replayed rows of the differing topics as of now (under the write lock): None to delete."""
     store = _Seeded({})
     since: dict[str, int] = {}
-    for _, snapshot in snapshots:
+    for snapshot in snapshots:
         store.seed.update(snapshot.rows)
         store.last_sha.update(snapshot.last_sha)
         since.update(dict.fromkeys(snapshot.rows, snapshot.high))
