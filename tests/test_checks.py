@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -44,60 +46,69 @@ def _query(**changes: str | None) -> str:
     return "&".join(f"{k}={v}" for k, v in params.items())
 
 
+def _an_hour_old() -> str:
+    then = str(int(time.time()) - 3600)
+    return _query(RequestTime=then, Sign=checks.sign(TOKEN, then))
+
+
 REJECTIONS = [
-    # (case id, query, body, status, reason)
-    ("app id missing", _query(SdkAppid=None), CREATE, 403, "app_id_missing"),
-    ("app id mismatch", _query(SdkAppid="1400000002"), CREATE, 403, "app_id_mismatch"),
-    ("sign missing", _query(Sign=None), CREATE, 401, "signature_missing"),
-    ("request time missing", _query(RequestTime=None), CREATE, 401, "signature_missing"),
-    ("request time not an integer", _query(RequestTime="12ab"), CREATE, 401, "request_time_skewed"),
+    # (case id, query (signed when the test runs: a signature is good for 60 s), body, status, reason)
+    ("app id missing", partial(_query, SdkAppid=None), CREATE, 403, "app_id_missing"),
+    ("app id mismatch", partial(_query, SdkAppid="1400000002"), CREATE, 403, "app_id_mismatch"),
+    ("sign missing", partial(_query, Sign=None), CREATE, 401, "signature_missing"),
+    ("request time missing", partial(_query, RequestTime=None), CREATE, 401, "signature_missing"),
+    ("request time not an integer", partial(_query, RequestTime="12ab"), CREATE, 401, "request_time_skewed"),
     (
         "request time too old",
-        _query(
-            RequestTime=str(int(time.time()) - 3600), Sign=checks.sign(TOKEN, str(int(time.time()) - 3600))
-        ),
+        _an_hour_old,
         CREATE,
         401,
         "request_time_skewed",
     ),
-    ("sign wrong", _query(Sign="0" * 64), CREATE, 401, "signature_invalid"),
-    ("sign of another token", _query(Sign=checks.sign("other", "1")), CREATE, 401, "signature_invalid"),
-    ("body not json", _query(), b"{not json", 400, "malformed_json"),
-    ("body is an array", _query(), b"[1, 2]", 400, "malformed_json"),
-    ("body not utf-8", _query(), b"\xff\xfe{}", 400, "malformed_json"),
-    ("empty body", _query(), b"", 400, "malformed_json"),
+    ("sign wrong", partial(_query, Sign="0" * 64), CREATE, 401, "signature_invalid"),
+    (
+        "sign of another token",
+        partial(_query, Sign=checks.sign("other", "1")),
+        CREATE,
+        401,
+        "signature_invalid",
+    ),
+    ("body not json", partial(_query), b"{not json", 400, "malformed_json"),
+    ("body is an array", partial(_query), b"[1, 2]", 400, "malformed_json"),
+    ("body not utf-8", partial(_query), b"\xff\xfe{}", 400, "malformed_json"),
+    ("empty body", partial(_query), b"", 400, "malformed_json"),
     (
         "command mismatch",
-        _query(),
+        partial(_query),
         samples.sample("after-create", CallbackCommand=models.AFTER_DESTROYED),
         400,
         "command_mismatch",
     ),
     (
         "command absent from body",
-        _query(),
+        partial(_query),
         {k: v for k, v in CREATE.items() if k != "CallbackCommand"},
         400,
         "command_mismatch",
     ),
     (
         "topic id missing",
-        _query(),
+        partial(_query),
         {k: v for k, v in CREATE.items() if k != "TopicId"},
         400,
         "invalid_payload",
     ),
-    ("name of wrong type", _query(), samples.sample("after-create", Name=42), 400, "invalid_payload"),
+    ("name of wrong type", partial(_query), samples.sample("after-create", Name=42), 400, "invalid_payload"),
     (
         "custom data of wrong shape",
-        _query(),
+        partial(_query),
         samples.sample("after-create", UserDefinedDataList=[{"Key": 1}]),
         400,
         "invalid_payload",
     ),
     (
         "topic id list not a list",
-        _query(CallbackCommand=models.AFTER_DESTROYED),
+        partial(_query, CallbackCommand=models.AFTER_DESTROYED),
         samples.sample("destroyed", TopicIdList="x"),
         400,
         "invalid_payload",
@@ -109,10 +120,15 @@ REJECTIONS = [
     ("query", "body", "status", "reason"), [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS]
 )
 def test_rejections_are_answered_and_recorded(
-    client: TestClient[Any], settings: Settings, query: str, body: Any, status: int, reason: str
+    client: TestClient[Any],
+    settings: Settings,
+    query: Callable[[], str],
+    body: Any,
+    status: int,
+    reason: str,
 ) -> None:
     content = json.dumps(body).encode() if isinstance(body, dict) else body
-    response = client.post(f"/callback?{query}", content=content)
+    response = client.post(f"/callback?{query()}", content=content)
     assert_answer(response, status, reason)
     [row] = rows(settings.db)
     assert (row["status_code"], row["outcome"], row["reason"]) == (status, "rejected", reason)
