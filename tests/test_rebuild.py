@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import APP_ID, TOKEN, Post, Server, random_history, topics
+from conftest import APP_ID, TOKEN, Post, Server, alter, random_history, topics
 
 from service import projection, rebuild, samples
 from service.cli import main
@@ -33,16 +33,6 @@ def run(db: Path, processes: int) -> rebuild.Rebuilt:
         return rebuild.rebuild(conn, processes=processes)
     finally:
         conn.close()
-
-
-def execute(db: Path, *statements: str) -> None:
-    conn = sqlite3.connect(db)
-    for trigger in ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"):
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    for statement in statements:
-        conn.execute(statement)
-    conn.commit()
-    conn.close()
 
 
 def replay_differences(db: Path) -> list[projection.Difference]:
@@ -76,7 +66,7 @@ def test_rebuild_restores_exactly_what_the_log_gives(
     monkeypatch.setattr(rebuild, "PARALLEL_FROM", 0)  # partitions even for this small log
     statements, written = DAMAGE[damage]
     assert len(history) == 12
-    execute(settings.db, *statements)
+    alter(settings.db, *statements)
     assert run(settings.db, processes) == rebuild.Rebuilt(topics=12, written=written)
     assert topics(settings.db) == history
     assert replay_differences(settings.db) == []
@@ -107,7 +97,7 @@ def test_a_log_whose_recorded_topics_disagree_is_replayed_in_one_piece(
 ) -> None:
     """Partitions trust ``audit_log.topic_id``; an altered one must not change what the rebuild writes."""
     monkeypatch.setattr(rebuild, "PARALLEL_FROM", 0)
-    execute(
+    alter(
         settings.db,
         "UPDATE audit_log SET topic_id = topic_id || '-moved' WHERE id = "
         "(SELECT min(id) FROM audit_log WHERE outcome = 'accepted' AND topic_id IS NOT NULL)",
@@ -131,7 +121,7 @@ def test_deliveries_during_the_replay_are_caught_up_under_the_lock(
 ) -> None:
     """A receiver keeps writing while the log is replayed: its entries for a topic being repaired count."""
     topic = min(history)
-    execute(settings.db, f"UPDATE topics SET name = 'edited' WHERE topic_id = '{topic}'")
+    alter(settings.db, f"UPDATE topics SET name = 'edited' WHERE topic_id = '{topic}'")
     replay_then_deliver = rebuild._snapshot
 
     def snapshot(*args: Any) -> Any:
@@ -164,7 +154,7 @@ def test_a_topic_is_in_the_same_partition_in_sql_and_in_python(count: int) -> No
 
 
 def test_the_command_reports_what_it_rewrote(history: dict[str, dict[str, Any]], settings: Settings) -> None:
-    execute(settings.db, f"DELETE FROM topics WHERE rowid IN ({FIRST_THREE})")
+    alter(settings.db, f"DELETE FROM topics WHERE rowid IN ({FIRST_THREE})")
     result = CliRunner().invoke(main, ["rebuild-projection", "--db", str(settings.db)])
     assert result.exit_code == 0, result.output
     assert "rebuilt 12 topics" in result.output and "3 differed from the log" in result.output
@@ -180,7 +170,7 @@ def test_many_differences_are_written_with_the_indexes_built_afterwards(
     conn = sqlite3.connect(settings.db)
     before = conn.execute(schema).fetchall()
     conn.close()
-    execute(settings.db, "DELETE FROM topics")
+    alter(settings.db, "DELETE FROM topics")
     assert run(settings.db, 1) == rebuild.Rebuilt(topics=12, written=12)
     assert topics(settings.db) == history
     conn = sqlite3.connect(settings.db)
@@ -203,7 +193,7 @@ def test_rebuilding_beside_a_running_receiver(server: Server, monkeypatch: pytes
             return client.post(f"/callback?{query}", json=body).status_code
 
         assert {deliver(samples.sample("after-create", TopicId=t)) for t in names} == {200}
-        execute(server.db, "UPDATE topics SET name = 'edited'")  # every topic needs repair
+        alter(server.db, "UPDATE topics SET name = 'edited'")  # every topic needs repair
         answers: list[int] = []
         stop = threading.Event()
 

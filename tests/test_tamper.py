@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from benchmarks.logs import generate_log
+from conftest import alter
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service import chain, checkpoints, rebuild, verify
@@ -50,13 +51,7 @@ def findings(folder: Path, pinned: str | None = None) -> list[verify.Finding]:
 
 
 def tamper(folder: Path, *statements: str, params: tuple[Any, ...] = ()) -> None:
-    conn = sqlite3.connect(folder / "audit.db")
-    for trigger in ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"):
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    for statement in statements:
-        conn.execute(statement, params if "?" in statement else ())
-    conn.commit()
-    conn.close()
+    alter(folder / "audit.db", *statements, params=params)
 
 
 def first(found: list[verify.Finding]) -> tuple[str, int | None]:
