@@ -200,7 +200,7 @@ def topic_ids(event: models.TopicEvent) -> list[str]:
 
 
 class MemoryStore:
-    """The projection held in memory: the whole of it while the log is replayed (see :func:`rebuild`)."""
+    """The projection held in memory: the whole of it, or a partition, while the log is replayed."""
 
     def __init__(self) -> None:
         self.rows: dict[str, Topic] = {}
