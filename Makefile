@@ -45,8 +45,8 @@ bench-queries: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench_queries data/bench-1m.db
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests dashboard grafana
+	$(BIN)/ruff format --check service tests dashboard grafana
 	$(BIN)/mypy
 
 clean:

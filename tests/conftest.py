@@ -17,11 +17,10 @@ from typing import Any
 import httpx
 import pytest
 from litestar.testing import TestClient
-
-from service import samples
-from service.app import create_app
-from service.metrics import Metrics
-from service.settings import Settings
+from topic_audit import samples
+from topic_audit.app import create_app
+from topic_audit.metrics import Metrics
+from topic_audit.settings import Settings
 
 APP_ID = "1400000001"
 TOKEN = "test-token-7f3a9c1e5b"
@@ -145,7 +144,7 @@ class Server:
     def start(self) -> Server:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve"], env=self.env, stdout=out, stderr=out
+                [sys.executable, "-m", "topic_audit.cli", "serve"], env=self.env, stdout=out, stderr=out
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -43,7 +43,7 @@ def datasette_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Url]:
     env = {**os.environ, "TOPIC_AUDIT_DB": str(db), "TOPIC_AUDIT_EXPLORE_PORT": str(port)}
     log = (folder / "explore.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "explore"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "topic_audit.cli", "explore"], env=env, stdout=log, stderr=log
     )
     url = Url(f"http://127.0.0.1:{port}")
     url.db = db

@@ -13,10 +13,9 @@ import click
 import pytest
 from click.testing import CliRunner
 from conftest import Post
-
-from service import cli
-from service.metrics import Metrics
-from service.settings import PREFIX, Settings
+from topic_audit import cli
+from topic_audit.metrics import Metrics
+from topic_audit.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -64,7 +63,7 @@ def test_every_metric_is_in_the_metrics_table() -> None:
 
 
 def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings, tmp_path: Path) -> None:
-    from service import samples
+    from topic_audit import samples
 
     for name in ("after-create", "info-changed", "destroyed", "group-created"):
         post(samples.sample(name))
@@ -82,10 +81,10 @@ def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings,
 
 
 def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path: Path) -> None:
-    from service import samples
-    from service.app import iso_now
-    from service.checkpoints import Signer, make_checkpoint
-    from service.writer import connect
+    from topic_audit import samples
+    from topic_audit.app import iso_now
+    from topic_audit.checkpoints import Signer, make_checkpoint
+    from topic_audit.writer import connect
 
     signer, _ = Signer.load_or_create(tmp_path / "key.pem")
     file = tmp_path / "audit.db.checkpoints.jsonl"

@@ -13,11 +13,10 @@ import pytest
 import yaml
 from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
-
-from service import explore
-from service.app import iso_now
-from service.checkpoints import Signer, make_checkpoint
-from service.writer import connect
+from topic_audit import explore
+from topic_audit.app import iso_now
+from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.writer import connect
 
 
 @pytest.fixture(scope="module")

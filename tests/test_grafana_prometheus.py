@@ -20,8 +20,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Server, free_port, require_tool
 from grafana_files import alert_rules, dashboard_queries, evaluate
-
-from service import load
+from topic_audit import load
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,9 @@ from conftest import APP_ID, TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
-
-from service import models, samples
-from service.app import create_app
-from service.settings import Settings
+from topic_audit import models, samples
+from topic_audit.app import create_app
+from topic_audit.settings import Settings
 
 ALLOWED = {200, 400, 401, 403, 405, 408, 413}
 

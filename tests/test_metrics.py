@@ -7,11 +7,10 @@ from typing import Any
 
 from conftest import APP_ID, Post, require_tool, rows
 from litestar.testing import TestClient
-
-from service import metrics as metrics_module
-from service import models, samples
-from service.metrics import Metrics
-from service.settings import Settings
+from topic_audit import metrics as metrics_module
+from topic_audit import models, samples
+from topic_audit.metrics import Metrics
+from topic_audit.settings import Settings
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:

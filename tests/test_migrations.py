@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 from sqlite_utils import Database
-
-from service import chain
-from service.migrations import migrate, migrations
+from topic_audit import chain
+from topic_audit.migrations import migrate, migrations
 
 
 def triggers(path: Path) -> set[str]:

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from conftest import Post, random_history, rows, topics
-
-from service import models, projection, rebuild, samples
-from service.settings import Settings
+from topic_audit import models, projection, rebuild, samples
+from topic_audit.settings import Settings
 
 TOPIC = samples.DOC_TOPIC
 

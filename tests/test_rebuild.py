@@ -14,10 +14,9 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import APP_ID, TOKEN, Post, Server, alter, random_history, topics
-
-from service import projection, rebuild, samples
-from service.cli import main
-from service.settings import Settings
+from topic_audit import projection, rebuild, samples
+from topic_audit.cli import main
+from topic_audit.settings import Settings
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Server, rows, topics
 from prometheus_client.parser import text_string_to_metric_families
-
-from service import samples
+from topic_audit import samples
 
 
 def deliver_concurrently(url: str, count: int, prefix: str) -> list[httpx.Response]:
@@ -36,7 +35,7 @@ def deliver_concurrently(url: str, count: int, prefix: str) -> list[httpx.Respon
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "topic_audit.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -127,7 +126,7 @@ def test_send_a_file_from_stdin(server: Server) -> None:
     env = {"TOPIC_AUDIT_SDKAPPID": APP_ID, "TOPIC_AUDIT_TOKEN": TOKEN}
     body = json.dumps(samples.sample("group-created"))
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "send", "--url", f"{server.url}/callback", "--file", "-"],
+        [sys.executable, "-m", "topic_audit.cli", "send", "--url", f"{server.url}/callback", "--file", "-"],
         input=body,
         capture_output=True,
         text=True,
@@ -148,7 +147,7 @@ def test_send_exits_non_zero_when_rejected(server: Server) -> None:
 def test_serve_requires_an_app_id(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPIC_AUDIT_")}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--db", str(tmp_path / "x.db")],
+        [sys.executable, "-m", "topic_audit.cli", "serve", "--db", str(tmp_path / "x.db")],
         capture_output=True,
         text=True,
         env=env,
@@ -162,7 +161,7 @@ def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_p
     import stat
     import time
 
-    from service import checkpoints
+    from topic_audit import checkpoints
 
     running = Server(db_path, tmp_path / "server.log", env={"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}).start()
     file = db_path.with_name("audit.db.checkpoints.jsonl")

@@ -12,10 +12,9 @@ import pytest
 from benchmarks.logs import generate_log
 from conftest import alter
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from service import chain, checkpoints, rebuild, verify
-from service.checkpoints import Signer, make_checkpoint
-from service.writer import connect
+from topic_audit import chain, checkpoints, rebuild, verify
+from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.writer import connect
 
 SIZE = 60  # checkpoints after entries 20, 40 and 60
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from service import chain, verify
-from service import writer as writer_module
-from service.migrations import LATENCY_BUCKETS_MS, migrate
-from service.writer import AppendError, AuditWriter
+from topic_audit import chain, verify
+from topic_audit import writer as writer_module
+from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate
+from topic_audit.writer import AppendError, AuditWriter
 
 
 def make_row(n: int, **changes: Any) -> dict[str, Any]:
@@ -288,10 +287,9 @@ def _logged_history(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:
     import random
 
     from benchmarks.logs import APP_ID, TOKEN, _bodies, _request
-
-    from service import checks, models
-    from service.app import build_row
-    from service.settings import Settings
+    from topic_audit import checks, models
+    from topic_audit.app import build_row
+    from topic_audit.settings import Settings
 
     settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
     rng = random.Random(seed)

@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
-
-from service import samples, writer
-from service.migrations import migrate
+from topic_audit import samples, writer
+from topic_audit.migrations import migrate
 
 HERE = Path(__file__).resolve().parent
 APP_ID, TOKEN = "1400000000", "bench-token"
@@ -88,7 +87,9 @@ def serve(db: Path, **extra: str) -> Process:
         "TOPIC_AUDIT_PORT": str(port),
         "TOPIC_AUDIT_LOG_LEVEL": "warning",
     }
-    return Process([sys.executable, "-m", "service.cli", "serve"], env, f"http://127.0.0.1:{port}/healthz")
+    return Process(
+        [sys.executable, "-m", "topic_audit.cli", "serve"], env, f"http://127.0.0.1:{port}/healthz"
+    )
 
 
 def bare() -> Process:
@@ -210,9 +211,10 @@ def servers_benchmark(folder: Path) -> list[str]:
 def writer_benchmark(folder: Path) -> list[str]:
     import random
 
-    from service import checks, models
-    from service.app import build_row
-    from service.settings import Settings
+    from topic_audit import checks, models
+    from topic_audit.app import build_row
+    from topic_audit.settings import Settings
+
     from tests.benchmarks.logs import _bodies, _request
 
     count = int(setting("WRITER_ROWS", "20000"))
@@ -254,7 +256,7 @@ def memory_benchmark(folder: Path) -> list[str]:
     deliveries = int(setting("DELIVERIES", "1000000"))
     process = serve(folder / "memory.db")
     try:
-        from service import load
+        from topic_audit import load
 
         warm = load.run_blocking(
             url=process.url.replace("/healthz", "/callback"),
@@ -306,7 +308,7 @@ for row in conn.execute("SELECT * FROM audit_log"):
 """
 REBUILD = """
 import sqlite3, sys
-from service import rebuild
+from topic_audit import rebuild
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 print(f"{rebuild.rebuild(conn, processes=int(sys.argv[2]) or None).locked:.2f}")
 """
@@ -343,7 +345,7 @@ def log_benchmark(folder: Path) -> list[str]:
         ("read floor: every column of every entry into Python, one process", ("-c", READ_FLOOR, str(db))),
         (
             "`verify` (chain, checkpoints, projection; all cores)",
-            ("-m", "service.cli", "verify", "--db", str(db)),
+            ("-m", "topic_audit.cli", "verify", "--db", str(db)),
         ),
         ("`rebuild-projection`, projection intact, one process", ("-c", REBUILD, str(copy), "1")),
         ("`rebuild-projection`, projection intact, all cores", ("-c", REBUILD, str(copy), "0")),

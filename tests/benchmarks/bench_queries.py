@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service import explore
+from topic_audit import explore
 
 
 def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -12,10 +12,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from service import checks, models, samples, search, writer
-from service.app import build_row
-from service.migrations import migrate
-from service.settings import Settings
+from topic_audit import checks, models, samples, search, writer
+from topic_audit.app import build_row
+from topic_audit.migrations import migrate
+from topic_audit.settings import Settings
 
 APP_ID = "1400000000"
 TOKEN = "bench-token"

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from service import chain, models, projection, rollups, search
+from topic_audit import chain, models, projection, rollups, search
 
 log = logging.getLogger(__name__)
 
 SEARCH_INDEX_SECONDS = 1.0
-"""How often the writer brings the full-text index up to date (see :mod:`service.search`)."""
+"""How often the writer brings the full-text index up to date (see :mod:`topic_audit.search`)."""
 
 BUSY_TIMEOUT_SECONDS = 1.0
 """How long a commit waits for another process's lock: well inside Tencent's 2 s timeout."""
@@ -50,7 +50,7 @@ class Committed:
 
 
 class Observer(Protocol):
-    """What the writer reports (implemented by :class:`service.metrics.Metrics`)."""
+    """What the writer reports (implemented by :class:`topic_audit.metrics.Metrics`)."""
 
     def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None: ...
     def batch_failed(self, count: int) -> None: ...

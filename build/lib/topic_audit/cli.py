@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from service import migrations, samples
-from service.settings import Settings, SettingsError
+from topic_audit import migrations, samples
+from topic_audit.settings import Settings, SettingsError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -203,7 +203,7 @@ def serve(
 
     if not sdkappid:
         raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
-    from service.explore import is_loopback
+    from topic_audit.explore import is_loopback
 
     if not os.environ.get("TOPIC_AUDIT_TOKEN") and not is_loopback(host) and not allow_unauthenticated:
         raise click.UsageError(
@@ -244,7 +244,7 @@ def serve(
     if workers == 1 and server_name == "uvicorn":
         import uvicorn
 
-        from service.app import create_app
+        from topic_audit.app import create_app
 
         uvicorn.run(
             create_app(settings),
@@ -259,7 +259,7 @@ def serve(
 
 
 def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_level: str) -> None:
-    """Serve from worker processes, which build the app from the environment (service.app.from_environment).
+    """Serve from worker processes, which build the app from the environment (topic_audit.app.from_environment).
 
     What must happen once happens here first: migrations and the signing key. Several workers share
     their metrics through a fresh PROMETHEUS_MULTIPROC_DIR, removed on exit.
@@ -268,9 +268,9 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
     import shutil
     import tempfile
 
-    from service.checkpoints import Signer
-    from service.migrations import migrate
-    from service.settings import WORKER_SETTINGS
+    from topic_audit.checkpoints import Signer
+    from topic_audit.migrations import migrate
+    from topic_audit.settings import WORKER_SETTINGS
 
     # Before anything imports prometheus_client: it picks its storage when first imported, and a
     # server that forks its workers hands them this process's modules.
@@ -289,7 +289,7 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
             from granian.server import Server
 
             Server(
-                "service.app:from_environment",
+                "topic_audit.app:from_environment",
                 address=settings.host,
                 port=settings.port,
                 interface=Interfaces.ASGI,
@@ -304,7 +304,7 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
             import uvicorn
 
             uvicorn.run(
-                "service.app:from_environment",
+                "topic_audit.app:from_environment",
                 factory=True,
                 workers=workers,
                 host=settings.host,
@@ -424,7 +424,7 @@ def send(
 
     token = os.environ.get("TOPIC_AUDIT_TOKEN") or None
     if rate is not None or duration is not None:
-        from service import load
+        from topic_audit import load
 
         try:
             weights = load.parse_mix(mix)
@@ -512,7 +512,7 @@ def explore(host: str, port: int, db: Path) -> None:
 
     import uvicorn
 
-    from service.explore import AccessError, make_datasette
+    from topic_audit.explore import AccessError, make_datasette
 
     migrations.migrate(db)
     try:
@@ -554,7 +554,7 @@ def rebuild_projection(db: Path) -> None:
     topics that differ from the replay are rewritten. Readers keep seeing the old table until it
     commits; a running receiver waits only for that transaction.
     """
-    from service import rebuild
+    from topic_audit import rebuild
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
@@ -601,7 +601,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
 
     Exits 1 when anything is found, naming the first bad entry of each kind.
     """
-    from service.checkpoints import load_public_key
+    from topic_audit.checkpoints import load_public_key
 
     file = Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
     pinned = None
@@ -611,7 +611,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
             pinned = load_public_key(text)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--public-key") from None
-    from service import verify as checks
+    from topic_audit import verify as checks
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
@@ -652,9 +652,9 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
 @_signing_key_option
 def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None) -> None:
     """Sign a checkpoint of the log now (the receiver also does so every --checkpoint-seconds)."""
-    from service.app import iso_now
-    from service.checkpoints import Signer, make_checkpoint
-    from service.writer import connect
+    from topic_audit.app import iso_now
+    from topic_audit.checkpoints import Signer, make_checkpoint
+    from topic_audit.writer import connect
 
     settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
     if not db.exists():
@@ -691,7 +691,7 @@ def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None)
 )
 def public_key(db: Path, signing_key: Path | None, as_hex: bool) -> None:
     """Print the checkpoint signer's public key, for auditors to pin with `verify --public-key`."""
-    from service.checkpoints import Signer
+    from topic_audit.checkpoints import Signer
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service import chain, checkpoints, projection
+from topic_audit import chain, checkpoints, projection
 
 
 @dataclass(frozen=True, slots=True)

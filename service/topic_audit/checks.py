@@ -17,8 +17,8 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from service import models
-from service.settings import Settings
+from topic_audit import models
+from topic_audit.settings import Settings
 
 _INTEGER = re.compile(r"[0-9]{1,12}")
 

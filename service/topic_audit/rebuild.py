@@ -1,9 +1,9 @@
 """``rebuild-projection``: set ``topics`` to a replay of the log, holding the write lock only briefly.
 
-1. Each core replays a :class:`~service.projection.Partition` of the topics in a read snapshot of the
+1. Each core replays a :class:`~topic_audit.projection.Partition` of the topics in a read snapshot of the
    database and compares it with the table in the same snapshot; only the topics that differ come back.
 2. Under the write lock, the entries committed since the snapshots are replayed for those topics (the
-   receiver kept every other topic right: it applies the same :func:`~service.projection.project` to a
+   receiver kept every other topic right: it applies the same :func:`~topic_audit.projection.project` to a
    right row), the differences are written (the full-text index follows) and ``topic_counts`` is
    recounted, and all of it commits at once. Readers see the old table until then, never a half-built
    one; the receiver waits for this step only, not for the replay.
@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import models, projection
+from topic_audit import models, projection
 
 Progress = Callable[[int, int], None]
 """Called with (id reached, last id) while the log is replayed."""

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from service import models
+from topic_audit import models
 
 REASONS: Final = (
     "method_not_allowed",
@@ -130,7 +130,7 @@ class Metrics:
         self._topics["active"].set(active)
         self._topics["deleted"].set(deleted)
 
-    # -- reported by the writer (service.writer.Observer) ----------------------------------------
+    # -- reported by the writer (topic_audit.writer.Observer) ----------------------------------------
     def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:
         self.append_seconds.observe(seconds)
         self.batch_rows.observe(len(rows))

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from service import models
+from topic_audit import models
 
 COLUMNS: Final = (
     "topic_id",

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from service.migrations import LATENCY_BUCKETS_MS
+from topic_audit.migrations import LATENCY_BUCKETS_MS
 
 OVERFLOW_MS = 1e9
 """The bucket of answers slower than the last bound (and of entries without ``elapsed_ms``)."""

@@ -11,8 +11,8 @@ import time
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from service import models
-from service.checks import sign
+from topic_audit import models
+from topic_audit.checks import sign
 
 DOC_GROUP: Final = "@TGS#2J4SZEAEL"
 DOC_TOPIC: Final = "@TGS#_@TGS#cQVLVHIM62CJ@TOPIC#_@TOPIC#cRTE3HIM62C5"

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from service import models, samples
+from topic_audit import models, samples
 
 KINDS = ("good", "duplicate", "bad")
 

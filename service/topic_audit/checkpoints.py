@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service import chain
+from topic_audit import chain
 
 STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest", "public_key")
 FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature")

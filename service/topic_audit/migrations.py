@@ -214,13 +214,13 @@ def m006_rollups(db: Database) -> None:
 
 @migrations()
 def m007_search_behind_the_writer(db: Database) -> None:
-    # The writer indexes request bodies in batches (service.search), off the commit path.
+    # The writer indexes request bodies in batches (topic_audit.search), off the commit path.
     db.execute("DROP TRIGGER audit_log_fts_insert")
 
 
 @migrations()
 def m008_rollups_by_the_writer(db: Database) -> None:
-    # The writer adds each group's counts in one statement per hour and outcome (service.rollups)
+    # The writer adds each group's counts in one statement per hour and outcome (topic_audit.rollups)
     # instead of two trigger statements per row.
     db.execute("DROP TRIGGER audit_log_rollups")
 

@@ -2,7 +2,7 @@
 
 The callback route is an ASGI handler so that it sees every request to its path, whatever the method,
 and reads the body itself with a hard limit on the bytes actually received. Its path is one way:
-raw request -> :func:`service.checks.decide` -> one durable append by the writer -> the answer.
+raw request -> :func:`topic_audit.checks.decide` -> one durable append by the writer -> the answer.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service import chain, checks, models, projection
-from service.checkpoints import Signer, make_checkpoint
-from service.metrics import Metrics
-from service.migrations import migrate
-from service.settings import WORKER_SETTINGS, Settings
-from service.writer import AppendError, AuditWriter
+from topic_audit import chain, checks, models, projection
+from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.metrics import Metrics
+from topic_audit.migrations import migrate
+from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.writer import AppendError, AuditWriter
 
-log = logging.getLogger("service")
+log = logging.getLogger("topic_audit")
 
 REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -1,0 +1,165 @@
+"""Signed checkpoints: Ed25519 statements of (log size, head hash, time, previous checkpoint's digest).
+
+Each checkpoint is appended (and fsynced) to a file outside the database, then stored in the
+``checkpoints`` table. The file is what an auditor trusts: a database rewritten or cut short no longer
+matches the heads it holds, and a forged line fails its signature or the chain of digests.
+
+A statement's canonical form is the JSON object of ``log_size``, ``head_hash``, ``created_at``,
+``prev_digest`` and ``public_key``, keys sorted, no whitespace; ``digest`` is its SHA-256 (hex) and
+``signature`` the Ed25519 signature of those bytes (hex). The first checkpoint's ``prev_digest`` is 64
+zeros. ``public_key`` is the raw 32-byte key in hex.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from topic_audit import chain
+
+STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest", "public_key")
+FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature")
+
+
+def statement_bytes(checkpoint: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: checkpoint[k] for k in STATEMENT_FIELDS}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Signer:
+    key: Ed25519PrivateKey
+    path: Path
+
+    @property
+    def public_key_hex(self) -> str:
+        return (
+            self.key.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
+
+    def public_key_pem(self) -> str:
+        return (
+            self.key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> tuple[Signer, bool]:
+        """The key at ``path``; created (permissions 0600) when absent. Returns (signer, created)."""
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} is not an Ed25519 private key")
+            return cls(key, path), False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return cls(key, path), True
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, created_at: str) -> dict[str, Any]:
+    """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _drop_partial_line(file)
+        lines = _catch_up(conn, file)
+        head = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+        size, head_hash = head if head is not None else (0, chain.GENESIS)
+        last = conn.execute("SELECT digest FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+        checkpoint: dict[str, Any] = {
+            "log_size": size,
+            "head_hash": head_hash,
+            "created_at": created_at,
+            "prev_digest": lines[-1]["digest"] if lines else (last[0] if last is not None else chain.GENESIS),
+            "public_key": signer.public_key_hex,
+        }
+        signed = statement_bytes(checkpoint)
+        checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
+        checkpoint["signature"] = signer.key.sign(signed).hex()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(checkpoint, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _insert(conn, checkpoint)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return checkpoint
+
+
+def _insert(conn: sqlite3.Connection, checkpoint: dict[str, Any]) -> None:
+    conn.execute(
+        f"INSERT INTO checkpoints ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
+        [checkpoint[k] for k in FIELDS],
+    )
+
+
+def _catch_up(conn: sqlite3.Connection, file: Path) -> list[dict[str, Any]]:
+    """A crash between the file's fsync and the table's commit leaves the file one checkpoint ahead:
+    record that (signed) checkpoint in the table too, so that the next one chains to it in both."""
+    lines = read_file(file)
+    stored = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    if len(lines) == stored + 1 and signature_ok(lines[-1]):
+        _insert(conn, lines[-1])
+    return lines
+
+
+def _drop_partial_line(file: Path) -> None:
+    """A crash while appending can leave half a line (never recorded in the table): cut it off."""
+    if not file.exists():
+        return
+    with file.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def signature_ok(checkpoint: dict[str, Any]) -> bool:
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(checkpoint["public_key"]))
+        key.verify(bytes.fromhex(checkpoint["signature"]), statement_bytes(checkpoint))
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        return False
+    return hashlib.sha256(statement_bytes(checkpoint)).hexdigest() == checkpoint.get("digest")
+
+
+def load_public_key(text: str) -> str:
+    """A pinned public key given as raw hex or as PEM text; returns raw hex."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_public_key(text.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("not an Ed25519 public key")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    bytes.fromhex(text)
+    return text.lower()

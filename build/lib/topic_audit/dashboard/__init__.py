@@ -1,0 +1,1 @@
+"""Datasette configuration of topic-audit explore (metadata, templates), shipped as package data."""

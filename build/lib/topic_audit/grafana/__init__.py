@@ -1,0 +1,1 @@
+"""Grafana provisioning, dashboard and alert rules of topic-audit, shipped as package data."""

@@ -1,0 +1,152 @@
+"""Every Prometheus metric of the service, declared here, with bounded label values created up front.
+
+A healthy service reports zeros rather than nothing, so that alert expressions see data from the start.
+Each app has its own registry (tests build many apps in one process).
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from topic_audit import models
+
+REASONS: Final = (
+    "method_not_allowed",
+    "request_timeout",
+    "body_too_large",
+    "app_id_missing",
+    "app_id_mismatch",
+    "signature_missing",
+    "request_time_skewed",
+    "signature_invalid",
+    "malformed_json",
+    "command_mismatch",
+    "invalid_payload",
+)
+# Every (outcome, reason) pair the receiver can record.
+OUTCOME_REASONS: Final = (
+    ("accepted", "none"),
+    ("duplicate", "none"),
+    ("ignored", "none"),
+    *(("rejected", reason) for reason in REASONS),
+    ("error", "internal_error"),
+)
+COMMAND_LABELS: Final = (*models.KNOWN_COMMANDS, "other")
+DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
+APPEND_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def command_label(command: str | None) -> str:
+    return command if command is not None and command in models.KNOWN_COMMANDS else "other"
+
+
+def package_version() -> str:
+    try:
+        return version("topic-audit")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series only double what dashboards read
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.callbacks = Counter(
+            "topic_audit_callbacks",
+            "Callback requests recorded in the audit log, by command, outcome and reason.",
+            ["command", "outcome", "reason"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "topic_audit_callback_duration_seconds",
+            "Time from receipt of a callback to its answer (Tencent's timeout is 2 s).",
+            ["command"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.append_seconds = Histogram(
+            "topic_audit_audit_append_seconds",
+            "Time to durably commit one write batch of the audit log.",
+            buckets=APPEND_BUCKETS,
+            registry=r,
+        )
+        self.append_errors = Counter(
+            "topic_audit_audit_append_errors",
+            "Callback rows that could not be committed to the audit log (answered 503).",
+            registry=r,
+        )
+        # Gauges say how several worker processes combine (serve --workers): the values every writer
+        # reads from the database after its commit, so the most recent is the truth.
+        self.log_entries = Gauge(
+            "topic_audit_log_entries", "Rows in audit_log.", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.topics = Gauge(
+            "topic_audit_topics",
+            "Topics in the projection, by state.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.last_accepted = Gauge(
+            "topic_audit_last_accepted_timestamp_seconds",
+            "Unix time of the last callback accepted into the projection.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.batch_rows = Histogram(
+            "topic_audit_audit_batch_rows",
+            "Rows committed per write batch (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        build = Gauge(
+            "topic_audit_build_info",
+            "Version of the running service; always 1.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        build.labels(package_version()).set(1)
+
+        self._callbacks = {
+            (command, outcome, reason): self.callbacks.labels(command, outcome, reason)
+            for command in COMMAND_LABELS
+            for outcome, reason in OUTCOME_REASONS
+        }
+        self._durations = {command: self.duration.labels(command) for command in COMMAND_LABELS}
+        self._topics = {state: self.topics.labels(state) for state in ("active", "deleted")}
+
+    # -- reported by the app ---------------------------------------------------------------------
+    def answered(self, command: str | None, seconds: float) -> None:
+        self._durations[command_label(command)].observe(seconds)
+
+    def set_initial(self, entries: int, active: int, deleted: int) -> None:
+        self.log_entries.set(entries)
+        self._topics["active"].set(active)
+        self._topics["deleted"].set(deleted)
+
+    # -- reported by the writer (topic_audit.writer.Observer) ----------------------------------------
+    def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:
+        self.append_seconds.observe(seconds)
+        self.batch_rows.observe(len(rows))
+        self.log_entries.set(head_id)
+        accepted = False
+        for row in rows:
+            outcome = row["outcome"]
+            key = (command_label(row["callback_command"]), outcome, row["reason"] or "none")
+            self._callbacks[key].inc()
+            accepted = accepted or outcome == "accepted"
+        if accepted:
+            self.last_accepted.set(time.time())
+
+    def batch_failed(self, count: int) -> None:
+        self.append_errors.inc(count)
+
+    def topics_counted(self, active: int, deleted: int) -> None:
+        self._topics["active"].set(active)
+        self._topics["deleted"].set(deleted)

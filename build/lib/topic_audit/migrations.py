@@ -1,0 +1,250 @@
+"""The schema, as named sqlite-utils migrations. The schema lives here and nowhere else.
+
+Rules for new migrations: never ``Table.transform()`` ``audit_log`` (it drops triggers and would rewrite
+the chained rows); add columns with ``ALTER TABLE … ADD COLUMN`` and list them in ``chain.COLUMNS``;
+``tests/test_migrations.py`` checks the append-only triggers still exist after every migration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("topic_audit")
+
+OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "error")
+
+
+@migrations()
+def m001_audit_log(db: Database) -> None:
+    outcomes = ", ".join(f"'{o}'" for o in OUTCOMES)
+    db.execute(
+        f"""
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            received_at TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            query_string TEXT NOT NULL,
+            sdk_app_id TEXT,
+            callback_command TEXT,
+            client_ip TEXT,
+            opt_platform TEXT,
+            request_time TEXT,
+            remote_addr TEXT,
+            request_headers TEXT NOT NULL,
+            request_body BLOB,
+            request_body_sha256 TEXT NOT NULL,
+            request_body_bytes INTEGER NOT NULL,
+            status_code INTEGER NOT NULL,
+            response_body TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ({outcomes})),
+            reason TEXT,
+            detail TEXT,
+            topic_id TEXT REFERENCES topics(topic_id),
+            group_id TEXT,
+            duplicate_of INTEGER REFERENCES audit_log(id),
+            elapsed_ms REAL,
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END"
+    )
+    # Rows are only ever appended at the end, with the next id: this refuses gaps, inserts in the
+    # middle, and INSERT OR REPLACE (which would delete the old row without firing the DELETE trigger).
+    db.execute(
+        "CREATE TRIGGER audit_log_append_only BEFORE INSERT ON audit_log "
+        "WHEN NEW.id IS NOT (SELECT coalesce(max(id), 0) FROM audit_log) + 1 "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: ids must continue the log'); END"
+    )
+    for columns in (["received_at"], ["topic_id"], ["group_id"], ["outcome", "reason"], ["callback_command"]):
+        db["audit_log"].create_index(columns)  # type: ignore[union-attr]
+
+
+@migrations()
+def m002_topics(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE topics (
+            topic_id TEXT PRIMARY KEY,
+            group_id TEXT,
+            name TEXT,
+            type TEXT,
+            owner_account TEXT,
+            operator_account TEXT,
+            custom_data TEXT,
+            introduction TEXT,
+            notification TEXT,
+            face_url TEXT,
+            created_at TEXT,
+            created_entry_id INTEGER REFERENCES audit_log(id),
+            updated_at TEXT,
+            updated_entry_id INTEGER REFERENCES audit_log(id),
+            deleted_at TEXT,
+            deleted_entry_id INTEGER REFERENCES audit_log(id)
+        )
+        """
+    )
+    db["topics"].create_index(["group_id"])  # type: ignore[union-attr]
+
+
+@migrations()
+def m003_checkpoints(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE checkpoints (
+            id INTEGER PRIMARY KEY,
+            log_size INTEGER NOT NULL,
+            head_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            prev_digest TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            signature TEXT NOT NULL
+        )
+        """
+    )
+    for action in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER checkpoints_no_{action.lower()} BEFORE {action} ON checkpoints "
+            f"BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: {action} refused'); END"
+        )
+
+
+@migrations()
+def m004_heartbeat(db: Database) -> None:
+    # One row the writer rewrites to prove the database takes durable writes (/readyz).
+    db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)")
+
+
+@migrations()
+def m005_search(db: Database) -> None:
+    """Full-text search over request bodies and topic texts, kept current by triggers.
+
+    The indexes are derived tables: writing them never touches audit_log's rows, so the append-only
+    guarantees and the hash chain are unaffected (and verify does not read them).
+    """
+    db.execute(
+        "CREATE VIRTUAL TABLE audit_log_fts USING fts5("
+        "request_body, detail, content='audit_log', content_rowid='id')"
+    )
+    db.execute(
+        "CREATE TRIGGER audit_log_fts_insert AFTER INSERT ON audit_log BEGIN "
+        "INSERT INTO audit_log_fts (rowid, request_body, detail) VALUES (new.id, new.request_body, new.detail); END"
+    )
+    db.execute("INSERT INTO audit_log_fts (audit_log_fts) VALUES ('rebuild')")
+    db.execute(
+        "CREATE VIRTUAL TABLE topics_fts USING fts5("
+        "name, introduction, notification, content='topics', content_rowid='rowid')"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_insert AFTER INSERT ON topics BEGIN "
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "VALUES (new.rowid, new.name, new.introduction, new.notification); END"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_update AFTER UPDATE ON topics BEGIN "
+        "INSERT INTO topics_fts (topics_fts, rowid, name, introduction, notification) "
+        "VALUES ('delete', old.rowid, old.name, old.introduction, old.notification); "
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "VALUES (new.rowid, new.name, new.introduction, new.notification); END"
+    )
+    db.execute(
+        "CREATE TRIGGER topics_fts_delete AFTER DELETE ON topics BEGIN "
+        "INSERT INTO topics_fts (topics_fts, rowid, name, introduction, notification) "
+        "VALUES ('delete', old.rowid, old.name, old.introduction, old.notification); END"
+    )
+    db.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
+    # The latency chart reads received_at and elapsed_ms from one covering index.
+    db.execute("DROP INDEX idx_audit_log_received_at")
+    db["audit_log"].create_index(["received_at", "elapsed_ms"])  # type: ignore[union-attr]
+
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 100, 500, 2000)
+
+
+@migrations()
+def m006_rollups(db: Database) -> None:
+    """Hourly counts kept by a trigger, so that charts over months of callbacks read a few rows.
+
+    Derived data like the full-text indexes: audit_log's rows are never touched.
+    """
+    db.execute(
+        "CREATE TABLE callbacks_hourly (hour TEXT NOT NULL, callback_command TEXT NOT NULL, outcome TEXT NOT NULL, "
+        "reason TEXT NOT NULL, callbacks INTEGER NOT NULL, PRIMARY KEY (hour, callback_command, outcome, reason))"
+    )
+    db.execute(
+        "CREATE TABLE latency_hourly (hour TEXT NOT NULL, le_ms REAL NOT NULL, callbacks INTEGER NOT NULL, "
+        "PRIMARY KEY (hour, le_ms))"
+    )
+    bucket = "CASE " + " ".join(f"WHEN {{e}} <= {b} THEN {b}" for b in LATENCY_BUCKETS_MS) + " ELSE 1e9 END"
+    hour = "substr({r}, 1, 13) || ':00:00Z'"
+    db.execute(
+        "CREATE TRIGGER audit_log_rollups AFTER INSERT ON audit_log BEGIN "
+        "INSERT INTO callbacks_hourly VALUES ("
+        f"{hour.format(r='new.received_at')}, coalesce(new.callback_command, ''), new.outcome, "
+        "coalesce(new.reason, 'none'), 1) ON CONFLICT DO UPDATE SET callbacks = callbacks + 1; "
+        f"INSERT INTO latency_hourly VALUES ({hour.format(r='new.received_at')}, "
+        f"{bucket.format(e='new.elapsed_ms')}, 1) ON CONFLICT DO UPDATE SET callbacks = callbacks + 1; END"
+    )
+    db.execute(
+        f"INSERT INTO callbacks_hourly SELECT {hour.format(r='received_at')}, coalesce(callback_command, ''), "
+        "outcome, coalesce(reason, 'none'), count(*) FROM audit_log GROUP BY 1, 2, 3, 4"
+    )
+    db.execute(
+        f"INSERT INTO latency_hourly SELECT {hour.format(r='received_at')}, {bucket.format(e='elapsed_ms')}, "
+        "count(*) FROM audit_log GROUP BY 1, 2"
+    )
+    db["topics"].create_index(["created_at", "group_id"])  # type: ignore[union-attr]
+    db["topics"].create_index(["updated_at"])  # type: ignore[union-attr]
+    # Multi-topic destroys (topic_id NULL) are found by command without a scan.
+    db.execute("DROP INDEX idx_audit_log_callback_command")
+    db["audit_log"].create_index(["callback_command", "topic_id"])  # type: ignore[union-attr]
+
+
+@migrations()
+def m007_search_behind_the_writer(db: Database) -> None:
+    # The writer indexes request bodies in batches (topic_audit.search), off the commit path.
+    db.execute("DROP TRIGGER audit_log_fts_insert")
+
+
+@migrations()
+def m008_rollups_by_the_writer(db: Database) -> None:
+    # The writer adds each group's counts in one statement per hour and outcome (topic_audit.rollups)
+    # instead of two trigger statements per row.
+    db.execute("DROP TRIGGER audit_log_rollups")
+
+
+@migrations()
+def m009_topic_counts(db: Database) -> None:
+    """Topics per state, kept by the writer with each group: every receiver process can report the
+    exact totals without counting the table (derived data, like the rollups)."""
+    db.execute(
+        "CREATE TABLE topic_counts (state TEXT PRIMARY KEY CHECK (state IN ('active', 'deleted')), "
+        "topics INTEGER NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO topic_counts SELECT 'active', count(*) FROM topics WHERE deleted_entry_id IS NULL "
+        "UNION ALL SELECT 'deleted', count(*) FROM topics WHERE deleted_entry_id IS NOT NULL"
+    )
+
+
+def migrate(path: Path) -> None:
+    """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(path)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        migrations.apply(db)
+    finally:
+        db.close()

@@ -1,0 +1,114 @@
+"""Settings, built once by the CLI from its options (each with its ``TOPIC_AUDIT_*`` environment variable)
+and passed down explicitly. Only secrets are read from the environment directly, never from options:
+``TOPIC_AUDIT_TOKEN`` (by the CLI) and the Datasette credentials (by ``topic_audit.explore``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+PREFIX = "TOPIC_AUDIT_"
+WORKER_SETTINGS = "TOPIC_AUDIT_WORKER_SETTINGS"
+"""Where ``serve`` leaves the settings for worker processes (``--workers``, ``--server granian``)."""
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    sdk_app_id: str = ""
+    """The app's SDKAppID (``TOPIC_AUDIT_SDKAPPID``); callbacks for any other app are rejected."""
+
+    token: str | None = None
+    """Callback-auth token (``TOPIC_AUDIT_TOKEN``); when set, ``Sign``/``RequestTime`` are required."""
+
+    sign_tolerance_seconds: int = 60
+    """Allowed distance between ``RequestTime`` and now (``TOPIC_AUDIT_SIGN_TOLERANCE_SECONDS``)."""
+
+    db: Path = Path("data/audit.db")
+    """The SQLite file (``TOPIC_AUDIT_DB``)."""
+
+    host: str = "127.0.0.1"
+    """Receiver bind address (``TOPIC_AUDIT_HOST``)."""
+
+    port: int = 8000
+    """Receiver port (``TOPIC_AUDIT_PORT``)."""
+
+    callback_path: str = "/callback"
+    """The webhook route (``TOPIC_AUDIT_CALLBACK_PATH``)."""
+
+    max_body_bytes: int = 65536
+    """Larger request bodies are rejected, and still audited (``TOPIC_AUDIT_MAX_BODY_BYTES``)."""
+
+    body_timeout_seconds: int = 5
+    """A request body must arrive within this many seconds, or the request is answered 408 and recorded
+    (``TOPIC_AUDIT_BODY_TIMEOUT_SECONDS``). Tencent itself gives up after 2 s."""
+
+    allow_unauthenticated: bool = False
+    """Let ``serve`` bind a non-loopback address without a token (``TOPIC_AUDIT_ALLOW_UNAUTHENTICATED``)."""
+
+    max_batch: int = 256
+    """Most rows the writer commits in one transaction (``TOPIC_AUDIT_MAX_BATCH``)."""
+
+    checkpoint_seconds: int = 60
+    """Sign a checkpoint this often while serving, even when idle; 0 turns it off
+    (``TOPIC_AUDIT_CHECKPOINT_SECONDS``)."""
+
+    checkpoint_file: Path | None = None
+    """Append-only file of signed checkpoints, outside the database (``TOPIC_AUDIT_CHECKPOINT_FILE``;
+    default: beside the database, ``<db>.checkpoints.jsonl``)."""
+
+    signing_key: Path | None = None
+    """Ed25519 private key (PEM) that signs checkpoints; created 0600 on first use
+    (``TOPIC_AUDIT_SIGNING_KEY``; default: ``checkpoint-signing.key`` beside the database)."""
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint_file or self.db.with_name(self.db.name + ".checkpoints.jsonl")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key or self.db.with_name("checkpoint-signing.key")
+
+    def __repr__(self) -> str:  # the token never appears in logs or tracebacks
+        shown = ", ".join(
+            f"{f.name}={'<set>' if f.name == 'token' and self.token else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({shown})"
+
+    def for_workers(self) -> str:
+        """These settings, but the token, as JSON for worker processes (see :meth:`from_workers_json`)."""
+        return json.dumps(
+            {
+                f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+                for f in fields(self)
+                if f.name != "token"
+            }
+        )
+
+    @classmethod
+    def from_workers_json(cls, text: str, token: str | None) -> Settings:
+        """What :meth:`for_workers` wrote, with the token (which travels only in ``TOPIC_AUDIT_TOKEN``)."""
+        given = json.loads(text)
+        paths = {
+            name: Path(given[name]) if given[name] is not None else None
+            for name in ("db", "checkpoint_file", "signing_key")
+        }
+        return replace(cls(**{**given, **paths}), token=token)
+
+    def validate(self) -> None:
+        if not self.callback_path.startswith("/"):
+            raise SettingsError(f"{PREFIX}CALLBACK_PATH must start with '/', got {self.callback_path!r}")
+        if self.max_body_bytes < 1024:
+            raise SettingsError(f"{PREFIX}MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
+        if self.sign_tolerance_seconds < 1:
+            raise SettingsError(f"{PREFIX}SIGN_TOLERANCE_SECONDS must be positive")
+        if self.checkpoint_seconds < 0:
+            raise SettingsError(f"{PREFIX}CHECKPOINT_SECONDS must be 0 (off) or positive")
+        if not 1 <= self.max_batch <= 10000:
+            raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")

@@ -1,0 +1,329 @@
+"""The single writer: one thread owns the SQLite write connection and commits queued rows in groups.
+
+Requests put their row on a queue and await a future. The writer thread takes whatever is queued (up to
+``max_batch`` rows), and appends it in one transaction: for each row, in order, the projection change
+and the chain link; then the rows, the changed topics and the hourly rollups in a few statements, and
+one COMMIT (one fsync with ``synchronous=FULL``). Only then are the
+futures resolved, so no answer is sent before its row is durable. A lone request commits at once; under
+load the queue fills while a commit is in flight and the next transaction takes all of it (group commit).
+
+Each transaction re-reads the chain head under ``BEGIN IMMEDIATE``, so writers in other processes on the
+same file serialize on SQLite's lock and the chain stays contiguous. If a group fails, its rows are
+retried one by one, so that a row that cannot be stored fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from topic_audit import chain, models, projection, rollups, search
+
+log = logging.getLogger(__name__)
+
+SEARCH_INDEX_SECONDS = 1.0
+"""How often the writer brings the full-text index up to date (see :mod:`topic_audit.search`)."""
+
+BUSY_TIMEOUT_SECONDS = 1.0
+"""How long a commit waits for another process's lock: well inside Tencent's 2 s timeout."""
+
+
+class AppendError(Exception):
+    """The row could not be committed; the request must be answered 503."""
+
+
+@dataclass(slots=True)
+class Committed:
+    id: int
+    outcome: str
+    duplicate_of: int | None
+    entry_hash: str
+
+
+class Observer(Protocol):
+    """What the writer reports (implemented by :class:`topic_audit.metrics.Metrics`)."""
+
+    def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None: ...
+    def batch_failed(self, count: int) -> None: ...
+    def topics_counted(self, active: int, deleted: int) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: dict[str, Any]
+    event: models.TopicEvent | None
+    future: asyncio.Future[Committed]
+    loop: asyncio.AbstractEventLoop
+
+
+_INSERT = (
+    f"INSERT INTO audit_log ({', '.join(chain.COLUMNS)}) VALUES ({', '.join(':' + c for c in chain.COLUMNS)})"
+)
+_HEAD = "SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1"
+_STOP = object()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A write connection: autocommit mode (explicit transactions), WAL, ``synchronous=FULL``."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class AuditWriter:
+    def __init__(self, path: Path, max_batch: int = 256, observer: Observer | None = None) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self.observer = observer
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._failed_rows = 0
+        self._indexed_at = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._conn = connect(self.path)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Commit what is queued, then close the connection."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- producers -------------------------------------------------------------------------------
+    async def append(self, row: dict[str, Any], event: models.TopicEvent | None = None) -> Committed:
+        """Queue ``row`` (every column but id and the chain) and wait until it is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Committed] = loop.create_future()
+        self._queue.put(_Pending(row, event, future, loop))
+        return await future
+
+    def run(self, job: Callable[[sqlite3.Connection], Any]) -> Future[Any]:
+        """Run ``job(connection)`` on the writer thread, between groups (checkpoints, probes)."""
+        future: Future[Any] = Future()
+        self._queue.put((job, future))
+        return future
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            try:
+                item = get(timeout=SEARCH_INDEX_SECONDS)
+            except queue.Empty:  # idle: a good moment to catch up on the search index
+                self._index_search()
+                continue
+            if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
+                self._index_search()
+            batch: list[_Pending] = []
+            while True:
+                if item is _STOP:
+                    self._commit_group(batch)
+                    return
+                if isinstance(item, _Pending):
+                    batch.append(item)
+                else:
+                    self._commit_group(batch)
+                    batch = []
+                    self._run_job(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            self._commit_group(batch)
+
+    def _index_search(self) -> None:
+        self._indexed_at = time.monotonic()
+        if self._failed_rows:  # during a fault episode the index waits: no extra busy-timeout stalls
+            return
+        assert self._conn is not None
+        try:
+            search.index_new_entries(self._conn)
+        except sqlite3.Error as exc:  # derived data: retried on the next round
+            log.debug("search indexing deferred: %s", exc)
+
+    def _run_job(self, item: object) -> None:
+        job: Callable[[sqlite3.Connection | None], Any]
+        future: Future[Any]
+        job, future = item  # type: ignore[misc]
+        if not future.set_running_or_notify_cancel():  # the caller gave up waiting (e.g. /readyz timed out)
+            return
+        try:
+            result = job(self._conn)
+        except BaseException as exc:  # the job's caller sees it
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def probe(self) -> Future[None]:
+        """A real durable write (the heartbeat row, committed): readiness, and the end of a fault episode."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ'))"
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._recovered()
+
+        return self.run(job)
+
+    def _commit_group(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._commit(batch)
+        except Exception as exc:
+            # Lock, disk and permission faults fail every row alike: fail the group at once. Anything
+            # else may be one bad row: retry the rows one by one so that it fails alone.
+            if len(batch) == 1 or isinstance(exc, sqlite3.OperationalError):
+                self._fail(batch, exc)
+                return
+            log.warning("a group of %d rows failed (%s); retrying them one by one", len(batch), exc)
+            for pending in batch:
+                self._commit_group([pending])
+            return
+        self._recovered()
+        _resolve(batch, results)
+
+    # -- fault episodes: logged once when they begin and once when they end, not per request --------
+    @property
+    def failing(self) -> bool:
+        """The last write failed and none has succeeded since."""
+        return self._failed_rows > 0
+
+    def _recovered(self) -> None:
+        if self._failed_rows:
+            log.warning("audit log writes recovered; %d rows were refused (answered 503)", self._failed_rows)
+            self._failed_rows = 0
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        if self.observer is not None:
+            self.observer.batch_failed(len(batch))
+        if not self._failed_rows:
+            log.error(
+                "audit log writes failing (%s: %s); answering 503 until they succeed", type(exc).__name__, exc
+            )
+        self._failed_rows += len(batch)
+        error = AppendError(f"{type(exc).__name__}: {exc}")
+        for pending in batch:
+            pending.loop.call_soon_threadsafe(_set_exception, pending.future, error)
+
+    def _commit(self, batch: list[_Pending]) -> list[Committed]:
+        conn = self._conn
+        assert conn is not None
+        started = time.perf_counter()
+        results, counts = append_batch(conn, [(p.row, p.event) for p in batch])
+        if self.observer is not None:
+            try:
+                self.observer.batch_committed(
+                    [p.row for p in batch], time.perf_counter() - started, results[-1].id
+                )
+                if counts is not None:
+                    self.observer.topics_counted(*counts)
+            except Exception:  # the rows are committed: a reporting bug must not turn them into 503s
+                log.exception("the writer's observer failed")
+        return results
+
+
+def append_batch(
+    conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]]
+) -> tuple[list[Committed], tuple[int, int] | None]:
+    """Append ``items`` (row, event to project) in one transaction on ``conn`` (autocommit mode).
+
+    Fills in each row's ``id``, chain links and, for topic events, ``outcome`` and ``duplicate_of``.
+    Returns what was committed and, when the group changed any topic's state, the topics now active
+    and deleted (``topic_counts``, kept in the same transaction).
+
+    The group costs a fixed handful of statements whatever its size: the chain head, one read of the
+    topics it touches, the log rows and the changed topics in one ``executemany`` each, the hourly
+    rollups, and the COMMIT.
+    """
+    delta = {"active": 0, "deleted": 0}
+    counts = None
+    results: list[Committed] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        head = conn.execute(_HEAD).fetchone()
+        head_id, head_hash = head if head is not None else (0, chain.GENESIS)
+        store = projection.SqlStore(conn)
+        store.prefetch([t for _, event in items if event is not None for t in projection.topic_ids(event)])
+        rows = []
+        for row, event in items:
+            head_id += 1
+            if event is not None:
+                sha = row["request_body_sha256"]
+                effect = projection.project(event, head_id, row["received_at"], sha, store.lookup)
+                row["outcome"], row["duplicate_of"] = effect.outcome, effect.duplicate_of
+                store.write(effect, sha, head_id)
+                for before, after in effect.changes:
+                    if (was := projection.state(before)) != (now := projection.state(after)):
+                        if was is not None:
+                            delta[was] -= 1
+                        if now is not None:
+                            delta[now] += 1
+            row["id"], row["prev_hash"] = head_id, head_hash
+            row["entry_hash"] = head_hash = chain.entry_hash(row)
+            rows.append(row)
+            results.append(Committed(head_id, row["outcome"], row["duplicate_of"], head_hash))
+        store.flush()
+        conn.executemany(_INSERT, rows)
+        rollups.add(conn, rows)
+        if delta["active"] or delta["deleted"]:
+            conn.executemany(
+                "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",
+                [(n, s) for s, n in delta.items()],
+            )
+            found = projection.stored_counts(conn)
+            counts = found["active"], found["deleted"]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results, counts
+
+
+def _resolve(batch: list[_Pending], results: list[Committed]) -> None:
+    # One wake-up per event loop for the whole group, not one per request.
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Committed], Committed]]] = {}
+    for pending, result in zip(batch, results, strict=True):
+        by_loop.setdefault(pending.loop, []).append((pending.future, result))
+    for loop, pairs in by_loop.items():
+        loop.call_soon_threadsafe(_set_results, pairs)
+
+
+def _set_results(pairs: list[tuple[asyncio.Future[Committed], Committed]]) -> None:
+    for future, result in pairs:
+        if not future.done():
+            future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Committed], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,1 @@
+"""topic-audit: the audited webhook target for Tencent Cloud Chat topic callbacks."""

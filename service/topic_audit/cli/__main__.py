@@ -1,0 +1,3 @@
+from topic_audit.cli import main
+
+main()

@@ -1,0 +1,229 @@
+"""The auditors' and operators' commands on the database: explore, verify, checkpoints, keys, migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from topic_audit import migrations
+from topic_audit.cli.options import CONTEXT, checkpoint_file_option, db_option, signing_key_option
+from topic_audit.settings import Settings
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--host",
+    envvar="TOPIC_AUDIT_EXPLORE_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    show_envvar=True,
+    help="Address to bind Datasette to. Any address but loopback requires TOPIC_AUDIT_AUDITOR_PASSWORD_HASH "
+    "and/or TOPIC_AUDIT_API_TOKEN: anonymous users are then refused.",
+)
+@click.option(
+    "--port",
+    envvar="TOPIC_AUDIT_EXPLORE_PORT",
+    default=8001,
+    type=int,
+    show_default=True,
+    show_envvar=True,
+    help="Port to bind Datasette to.",
+)
+@db_option
+def explore(host: str, port: int, db: Path) -> None:
+    """Serve the audit database read-only in Datasette, as `audit`, for auditors."""
+    import asyncio
+
+    import uvicorn
+
+    from topic_audit.explore import AccessError, make_datasette
+
+    migrations.migrate(db)
+    try:
+        ds = make_datasette(db, host)
+    except AccessError as exc:
+        raise click.UsageError(str(exc)) from None
+    asyncio.run(ds.invoke_startup())
+    click.echo(f"Datasette on http://{host}:{port}/audit (read-only view of {db})", err=True)
+    uvicorn.run(ds.app(), host=host, port=port, log_level="warning")
+
+
+@click.command("hash-password", context_settings=CONTEXT)
+@click.password_option(
+    envvar="TOPIC_AUDIT_AUDITOR_PASSWORD",
+    show_envvar=True,
+    help="The auditor's password (prompted for, never echoed).",
+)
+def hash_password(password: str) -> None:
+    """Print the hash to put in TOPIC_AUDIT_AUDITOR_PASSWORD_HASH (Datasette login for user `auditor`)."""
+    from datasette_auth_passwords.utils import hash_password as _hash
+
+    click.echo(_hash(password))
+
+
+@click.command(context_settings=CONTEXT)
+@db_option
+def migrate(db: Path) -> None:
+    """Create the database or bring its schema up to date."""
+    migrations.migrate(db)
+    click.echo(f"{db}: schema up to date")
+
+
+@click.command("rebuild-projection", context_settings=CONTEXT)
+@db_option
+def rebuild_projection(db: Path) -> None:
+    """Rebuild the topics table from the audit log in one transaction.
+
+    The log is replayed on every core first, outside any lock; then, in one short transaction, the
+    topics that differ from the replay are rewritten. Readers keep seeing the old table until it
+    commits; a running receiver waits only for that transaction.
+    """
+    from topic_audit import rebuild
+
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        started = time.perf_counter()
+        with click.progressbar(length=1, label="replaying", file=sys.stderr) as bar:
+
+            def progress(reached: int, high: int) -> None:
+                bar.length = max(high, 1)
+                bar.update(reached - bar.pos)
+
+            rebuilt = rebuild.rebuild(conn, progress)
+    finally:
+        conn.close()
+    click.echo(
+        f"rebuilt {rebuilt.topics} topics from {db} in {time.perf_counter() - started:.2f} s: "
+        f"{rebuilt.written} differed from the log and were rewritten; "
+        f"the write lock was held {rebuilt.locked:.2f} s"
+    )
+
+
+@click.command(context_settings=CONTEXT)
+@db_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_VERIFY_JSON",
+    show_envvar=True,
+    help="Print the result as one JSON object (for automation).",
+)
+@checkpoint_file_option
+@click.option(
+    "--public-key",
+    envvar="TOPIC_AUDIT_PUBLIC_KEY",
+    show_envvar=True,
+    help="Pin the checkpoint signer: raw hex or a PEM file (from `topic-audit public-key`). Without it "
+    "the key of the first checkpoint is trusted.",
+)
+def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: str | None) -> None:
+    """Check the audit log: contiguous ids, body hashes, the hash chain, every signed checkpoint, and
+    the projection.
+
+    Exits 1 when anything is found, naming the first bad entry of each kind.
+    """
+    from topic_audit.checkpoints import load_public_key
+
+    file = Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
+    pinned = None
+    if public_key:
+        text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
+        try:
+            pinned = load_public_key(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    from topic_audit import verify as checks
+
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    started = time.perf_counter()
+    try:
+        total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        findings, count, head = checks.verify_all(conn, file, pinned, not as_json and total >= 100000)
+    finally:
+        conn.close()
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": not findings,
+                    "entries": count,
+                    "head": head,
+                    "first_bad_id": checks.first_bad_id(findings),
+                    "seconds": round(seconds, 3),
+                    "findings": [f.as_dict() for f in findings],
+                }
+            )
+        )
+    else:
+        for f in findings:
+            where = f"entry {f.entry_id}" if f.entry_id is not None else "log"
+            topic = f" topic {f.topic_id}" if f.topic_id else ""
+            click.echo(f"FAIL {f.check}: {where}{topic}: {f.message}")
+        click.echo(f"{'OK' if not findings else 'FAILED'}: {count} entries, head {head}, {seconds:.2f} s")
+    if findings:
+        sys.exit(1)
+
+
+@click.command(context_settings=CONTEXT)
+@db_option
+@checkpoint_file_option
+@signing_key_option
+def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None) -> None:
+    """Sign a checkpoint of the log now (the receiver also does so every --checkpoint-seconds)."""
+    from topic_audit.app import iso_now
+    from topic_audit.checkpoints import Signer, make_checkpoint
+    from topic_audit.writer import connect
+
+    settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    signer, created = Signer.load_or_create(settings.signing_key_path)
+    if created:
+        click.echo(
+            f"created signing key {settings.signing_key_path} (0600); export its public key with "
+            "`topic-audit public-key`",
+            err=True,
+        )
+    migrations.migrate(db)
+    conn = connect(db)
+    try:
+        cp = make_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()))
+    finally:
+        conn.close()
+    click.echo(
+        f"checkpoint: {cp['log_size']} entries, head {cp['head_hash']}, digest {cp['digest']} "
+        f"-> {settings.checkpoint_path}"
+    )
+
+
+@click.command("public-key", context_settings=CONTEXT)
+@db_option
+@signing_key_option
+@click.option(
+    "--hex",
+    "as_hex",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_PUBLIC_KEY_HEX",
+    show_envvar=True,
+    help="Print the raw key in hex instead of PEM.",
+)
+def public_key(db: Path, signing_key: Path | None, as_hex: bool) -> None:
+    """Print the checkpoint signer's public key, for auditors to pin with `verify --public-key`."""
+    from topic_audit.checkpoints import Signer
+
+    path = Settings(db=db, signing_key=signing_key).signing_key_path
+    if not path.exists():
+        raise click.ClickException(f"no signing key at {path}; `topic-audit checkpoint` creates one")
+    signer, _ = Signer.load_or_create(path)
+    click.echo(signer.public_key_hex if as_hex else signer.public_key_pem().rstrip())
