@@ -75,8 +75,10 @@ def browser() -> Iterator[object]:
         launched.close()
 
 
-def open_page(browser: object, url: str) -> tuple[object, list[str]]:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
+def open_page(
+    browser: object, url: str, viewport: tuple[int, int] = (1400, 1000)
+) -> tuple[object, list[str]]:
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})  # type: ignore[attr-defined]
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
     page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
@@ -112,4 +114,24 @@ def test_the_audit_log_table_page(browser: object, datasette_url: str) -> None:
         assert facet in facets, facets
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "audit-log.png"), full_page=True)  # type: ignore[attr-defined]
+    assert errors == []
+
+
+@pytest.mark.parametrize("table", ["audit_log", "topics"])
+def test_table_pages_show_rows_in_the_first_screen(browser: object, datasette_url: str, table: str) -> None:
+    """On a laptop screen (1280x800) the first rows are visible without scrolling; the column
+    descriptions are folded away but one click (or a hover on a header) shows them."""
+    page, errors = open_page(browser, f"{datasette_url}/audit/{table}", viewport=(1280, 800))
+    first = page.locator("table.rows-and-columns tbody tr").first  # type: ignore[attr-defined]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{table}-first-screen.png"))  # type: ignore[attr-defined]
+    box = first.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 800, f"first row at {box}"
+    assert not page.locator("dl.column-descriptions").is_visible()  # type: ignore[attr-defined]
+    help_list = page.locator("details.column-help dl")  # type: ignore[attr-defined]
+    assert not help_list.is_visible()
+    header = page.locator("th[data-column='group_id']")  # type: ignore[attr-defined]
+    assert header.get_attribute("title"), "the column header has no description tooltip"
+    page.locator("details.column-help summary").click()  # type: ignore[attr-defined]
+    assert help_list.is_visible() and "entry_hash" in help_list.inner_text() or table != "audit_log"
     assert errors == []

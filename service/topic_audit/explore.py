@@ -88,6 +88,7 @@ def make_datasette(
     metadata.update(access)
     ds = Datasette(
         metadata=metadata,
+        template_dir=str(directory / "templates"),
         settings={
             "default_page_size": 50,
             "sql_time_limit_ms": 1000,
