@@ -9,9 +9,9 @@ needs nothing from the source tree.
 from __future__ import annotations
 
 import ipaddress
-from importlib import resources
 import os
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
