@@ -128,9 +128,14 @@ def free_port() -> int:
 class Server:
     """``topic-audit serve`` as a real process on loopback."""
 
-    def __init__(self, db: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, db: Path, log: Path, env: dict[str, str] | None = None, client: dict[str, Any] | None = None
+    ) -> None:
         self.db, self.log, self.port = db, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = client or {}
+        """httpx arguments to reach it (``verify`` and ``cert`` when it speaks HTTPS)."""
+        scheme = "https" if env and env.get("TOPIC_AUDIT_TLS_CERT") else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
             "TOPIC_AUDIT_SDKAPPID": APP_ID,
@@ -149,7 +154,7 @@ class Server:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5, **self.client).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from topic_audit import chain
@@ -65,3 +68,21 @@ def test_fast_query_parsing_matches_the_standard_library(query: str) -> None:
     for name, value in parse_qsl(query, keep_blank_values=True):
         expected.setdefault(name, value)
     assert parse_query(query) == expected
+
+
+def test_a_later_column_left_null_keeps_the_hash_of_entries_written_before_it() -> None:
+    """Entries written before ``client_cert_subject`` existed hash as they did then."""
+    row: dict[str, object] = dict.fromkeys(chain.COLUMNS, "x")
+    row["client_cert_subject"] = None
+    before_the_column = {k: v for k, v in row.items() if k not in chain.LATER}
+    expected = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in before_the_column.items() if k not in ("entry_hash", "request_body")},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+    ).hexdigest()
+    assert chain.entry_hash(row) == expected
+    row["client_cert_subject"] = "CN=tencent"
+    assert chain.entry_hash(row) != expected
+    assert chain.canonical(row) == chain.canonical_json(row)

@@ -43,6 +43,7 @@ def make_row(n: int, **changes: Any) -> dict[str, Any]:
         "group_id": None,
         "duplicate_of": None,
         "elapsed_ms": 0.1,
+        "client_cert_subject": None,
     }
     row.update(changes)
     return row

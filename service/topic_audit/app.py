@@ -105,6 +105,14 @@ def _declared_length(headers: tuple[tuple[str, str], ...]) -> int | None:
     return None
 
 
+def _client_cert(scope: Scope) -> str | None:
+    """``client_cert_name`` of the ASGI TLS extension (see :mod:`topic_audit.tls`), bounded."""
+    extensions = scope.get("extensions")
+    tls = extensions.get("tls") if extensions else None
+    name = tls.get("client_cert_name") if tls else None
+    return name[:1024] if isinstance(name, str) else None
+
+
 def _bounded(value: str | None) -> str | None:
     return value[:_FIELD_LIMIT] if value is not None else None
 
@@ -138,6 +146,7 @@ def build_row(
         "group_id": decision.group_id,
         "duplicate_of": None,
         "elapsed_ms": round(min(max(elapsed * 1000, 0.0), MAX_ELAPSED_MS), 3),
+        "client_cert_subject": request.client_cert,
     }
 
 
@@ -167,6 +176,7 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
             declared_length=declared,
             body_truncated=truncated,
             timed_out=timed_out,
+            client_cert=_client_cert(scope),
         )
         try:
             decision = checks.decide(request, settings, received)

@@ -2,7 +2,9 @@
 
 An entry's canonical form is the JSON object of every stored column except ``entry_hash`` and
 ``request_body`` (which ``request_body_sha256`` stands for), with keys sorted, no whitespace, non-ASCII
-characters kept as UTF-8, and SQL NULL as ``null``. ``entry_hash`` is the lowercase hex SHA-256 of those
+characters kept as UTF-8, and SQL NULL as ``null`` -- except the columns added after the first release
+(:data:`LATER`), which appear only when not NULL, so that every entry written before them keeps its
+hash. ``entry_hash`` is the lowercase hex SHA-256 of those
 bytes; ``prev_hash`` is the previous entry's ``entry_hash`` (64 zeros for the first entry), so every entry
 commits to the whole log before it. The README shows a short script that re-verifies a log this way.
 """
@@ -46,7 +48,10 @@ COLUMNS: Final = (
     "elapsed_ms",
     "prev_hash",
     "entry_hash",
+    "client_cert_subject",
 )
+LATER: Final = ("client_cert_subject",)
+"""Columns added after the first release: in the canonical form only when not NULL."""
 HASHED: Final = tuple(c for c in COLUMNS if c not in ("entry_hash", "request_body"))
 
 
@@ -56,6 +61,8 @@ SORTED: Final = tuple(sorted(HASHED))
 # A struct encodes its fields in declaration order: declared in key order, it is the canonical object
 # without sorting keys per entry (half the cost of encoding a dict with ``order="sorted"``).
 _Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
+_CERT = SORTED.index("client_cert_subject")
+_WithoutCert = msgspec.defstruct("_WithoutCert", [(name, object) for name in SORTED if name not in LATER])
 _encoder = msgspec.json.Encoder()
 
 
@@ -71,13 +78,15 @@ def canonical(entry: Mapping[str, object]) -> bytes:
 
 def canonical_values(values: Sequence[object]) -> bytes:
     """:func:`canonical` of an entry given as its values in :data:`SORTED` order (as a query returns them)."""
+    if values[_CERT] is None:
+        return _encoder.encode(_WithoutCert(*values[:_CERT], *values[_CERT + 1 :]))
     return _encoder.encode(_Canonical(*values))
 
 
 def canonical_json(entry: Mapping[str, object]) -> bytes:
     """The reference definition, with the standard library, as the README's script computes it."""
     return json.dumps(
-        {name: entry[name] for name in HASHED},
+        {name: entry[name] for name in HASHED if name not in LATER or entry[name] is not None},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

@@ -38,6 +38,8 @@ class RawRequest:
     """Reading stopped at the body limit: ``body`` holds only the first bytes."""
     timed_out: bool = False
     """The client did not send the whole body in time: ``body`` holds what arrived."""
+    client_cert: str | None = None
+    """Subject of the TLS client certificate the server verified, when it exposes it."""
 
 
 @dataclass(slots=True)

@@ -239,6 +239,13 @@ def m009_topic_counts(db: Database) -> None:
     )
 
 
+@migrations()
+def m010_client_cert_subject(db: Database) -> None:
+    """The subject of the verified TLS client certificate (Tencent's, with mutual authentication).
+    In the canonical form only when not NULL (``chain.LATER``): older entries keep their hashes."""
+    db.execute("ALTER TABLE audit_log ADD COLUMN client_cert_subject TEXT")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

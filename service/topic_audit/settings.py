@@ -66,6 +66,20 @@ class Settings:
     """Ed25519 private key (PEM) that signs checkpoints; created 0600 on first use
     (``TOPIC_AUDIT_SIGNING_KEY``; default: ``checkpoint-signing.key`` beside the database)."""
 
+    tls_cert: Path | None = None
+    """Serve HTTPS with this certificate chain (PEM; ``TOPIC_AUDIT_TLS_CERT``), with ``tls_key``."""
+
+    tls_key: Path | None = None
+    """The private key of ``tls_cert`` (PEM; ``TOPIC_AUDIT_TLS_KEY``)."""
+
+    tls_client_ca: Path | None = None
+    """With TLS, refuse any client without a certificate issued by this CA (PEM; Tencent's
+    ``TencentQQAuthCA.crt``; ``TOPIC_AUDIT_TLS_CLIENT_CA``)."""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
+
     @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint_file or self.db.with_name(self.db.name + ".checkpoints.jsonl")
@@ -97,7 +111,7 @@ class Settings:
         given = json.loads(text)
         paths = {
             name: Path(given[name]) if given[name] is not None else None
-            for name in ("db", "checkpoint_file", "signing_key")
+            for name in ("db", "checkpoint_file", "signing_key", "tls_cert", "tls_key", "tls_client_ca")
         }
         return replace(cls(**{**given, **paths}), token=token)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -121,6 +122,28 @@ from topic_audit.settings import Settings, SettingsError
     "(README, Performance).",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_TLS_CERT",
+    show_envvar=True,
+    help="Serve HTTPS with this certificate chain (PEM); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_TLS_KEY",
+    show_envvar=True,
+    help="The private key (PEM) of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_TLS_CLIENT_CA",
+    show_envvar=True,
+    help="With HTTPS: refuse every client without a certificate issued by this CA (PEM; Tencent's "
+    "TencentQQAuthCA.crt for mutual authentication).",
+)
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -129,24 +152,7 @@ from topic_audit.settings import Settings, SettingsError
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="Log level of the service.",
 )
-def serve(
-    host: str,
-    port: int,
-    db: Path,
-    sdkappid: str | None,
-    callback_path: str,
-    max_body_bytes: int,
-    sign_tolerance_seconds: int,
-    max_batch: int,
-    body_timeout_seconds: int,
-    allow_unauthenticated: bool,
-    checkpoint_seconds: int,
-    checkpoint_file: Path | None,
-    signing_key: Path | None,
-    workers: int,
-    server_name: str,
-    log_level: str,
-) -> None:
+def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, **options: Any) -> None:
     """Run the receiver.
 
     The token is read only from the environment (TOPIC_AUDIT_TOKEN), never from the command line, so that
@@ -155,33 +161,25 @@ def serve(
     """
     import os
 
-    if not sdkappid:
-        raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
+    from topic_audit import tls
     from topic_audit.explore import is_loopback
 
-    if not os.environ.get("TOPIC_AUDIT_TOKEN") and not is_loopback(host) and not allow_unauthenticated:
+    if not sdkappid:
+        raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
+    host = options["host"]
+    if (
+        not os.environ.get("TOPIC_AUDIT_TOKEN")
+        and not is_loopback(host)
+        and not options["allow_unauthenticated"]
+    ):
         raise click.UsageError(
             f"refusing to listen on {host} without callback authentication: set TOPIC_AUDIT_TOKEN (the token "
             "from the IM console), or pass --allow-unauthenticated if another layer authenticates Tencent"
         )
     try:
-        settings = Settings(
-            sdk_app_id=sdkappid,
-            token=os.environ.get("TOPIC_AUDIT_TOKEN") or None,
-            sign_tolerance_seconds=sign_tolerance_seconds,
-            db=db,
-            host=host,
-            port=port,
-            callback_path=callback_path,
-            max_body_bytes=max_body_bytes,
-            max_batch=max_batch,
-            body_timeout_seconds=body_timeout_seconds,
-            allow_unauthenticated=allow_unauthenticated,
-            checkpoint_seconds=checkpoint_seconds,
-            checkpoint_file=checkpoint_file,
-            signing_key=signing_key,
-        )
+        settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
         settings.validate()
+        tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -190,9 +188,11 @@ def serve(
         if settings.token
         else "NO callback authentication (TOPIC_AUDIT_TOKEN unset)"
     )
+    if settings.tls_client_ca is not None:
+        auth += f"; TLS client certificates from {settings.tls_client_ca} required"
     click.echo(
-        f"topic-audit receiver on http://{host}:{port}{callback_path} for SdkAppid {sdkappid}; {auth}; "
-        f"audit log {db}",
+        f"topic-audit receiver on {settings.scheme}://{host}:{settings.port}{settings.callback_path} "
+        f"for SdkAppid {sdkappid}; {auth}; audit log {settings.db}",
         err=True,
     )
     if workers == 1 and server_name == "uvicorn":
@@ -203,13 +203,39 @@ def serve(
         uvicorn.run(
             create_app(settings),
             host=host,
-            port=port,
+            port=settings.port,
             access_log=False,
             log_level=log_level,
             server_header=False,
+            **_uvicorn_tls(settings),
         )
         return
     _serve_in_workers(settings, workers, server_name, log_level)
+
+
+def _uvicorn_tls(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS arguments; with a client CA, the protocol that exposes the client's certificate."""
+    if settings.tls_cert is None:
+        return {}
+    import ssl
+
+    arguments: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    if settings.tls_client_ca is not None:
+        arguments |= {
+            "ssl_ca_certs": str(settings.tls_client_ca),
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "http": "topic_audit.tls:ClientCertHttpTools",
+        }
+    return arguments
+
+
+def _granian_tls(settings: Settings) -> dict[str, Any]:
+    if settings.tls_cert is None:
+        return {}
+    arguments: dict[str, Any] = {"ssl_cert": settings.tls_cert, "ssl_key": settings.tls_key}
+    if settings.tls_client_ca is not None:
+        arguments |= {"ssl_ca": settings.tls_client_ca, "ssl_client_verify": True}
+    return arguments
 
 
 def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_level: str) -> None:
@@ -253,6 +279,7 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
                 log_access=False,
                 log_level=LogLevels(log_level),
                 respawn_failed_workers=True,
+                **_granian_tls(settings),
             ).serve()
         else:
             import uvicorn
@@ -266,6 +293,7 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
                 access_log=False,
                 log_level=log_level,
                 server_header=False,
+                **_uvicorn_tls(settings),
             )
     finally:
         if metrics_dir is not None:
