@@ -33,7 +33,7 @@ def substitute(expr: str) -> str:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, expression) for every target of every panel."""
-    return [(p["title"], substitute(t["expr"])) for p in dashboard()["panels"] for t in p["targets"]]
+    return [(p["title"], substitute(t["expr"])) for p in dashboard()["panels"] for t in p.get("targets", [])]
 
 
 def alert_queries() -> list[tuple[str, str]]:

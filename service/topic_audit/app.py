@@ -31,12 +31,13 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from topic_audit import chain, checks, models, projection
+from topic_audit import chain, checks, models, outbox, projection
 from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.forward import Forwarder
 from topic_audit.metrics import Metrics
 from topic_audit.migrations import migrate
 from topic_audit.settings import WORKER_SETTINGS, Settings
-from topic_audit.writer import AppendError, AuditWriter
+from topic_audit.writer import AppendError, AuditWriter, Forward
 
 log = logging.getLogger("topic_audit")
 
@@ -185,12 +186,21 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
             decision = checks.Decision(
                 500, "error", "internal_error", "unexpected failure; see the service log"
             )
-        answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+        forwarder: Forwarder | None = scope["app"].state.forwarder
+        forward = None
+        if forwarder is not None and decision.authenticated and outbox.is_before(decision.command):
+            answer, forward = await _ask_the_app(forwarder, request, decision, iso_now(received))
+        else:
+            answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+            if forwarder is not None:
+                forward = forwarder.forward_for(decision)
         row = build_row(request, decision, received, time.perf_counter() - started, answer)
         writer: AuditWriter = scope["app"].state.writer
         status = decision.status_code
         try:
-            await writer.append(row, decision.event)
+            await writer.append(row, decision.event, forward)
+            if forward is not None and forward.destinations:
+                forwarder.wake()  # type: ignore[union-attr]
         except AppendError:  # logged by the writer once per fault episode
             status = 503
             answer = models.answer_body(503, "audit_unavailable", "the request could not be recorded")
@@ -208,6 +218,26 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         metrics.answered(decision.command, time.perf_counter() - started)
 
     return callback
+
+
+async def _ask_the_app(
+    forwarder: Forwarder, request: checks.RawRequest, decision: checks.Decision, received_at: str
+) -> tuple[bytes, Forward]:
+    """A Before-callback goes to the app's handler first; its answer (the veto) is Tencent's answer.
+    When our own checks refused the request, that refusal stands (the app's answer is still recorded)."""
+    relayed, attempt = await forwarder.before(request, received_at)
+    if decision.status_code != 200:
+        return models.answer_body(decision.status_code, decision.reason, decision.detail), Forward(
+            before=attempt
+        )
+    if relayed is not None:
+        decision.detail = f"answered by the app's handler: {relayed[:200].decode('utf-8', 'replace')}"
+        return relayed, Forward(before=attempt)
+    decision.detail = (
+        f"the app's handler gave no usable answer ({attempt.error}: {attempt.detail}); answered "
+        f"{forwarder.settings.forward_before_on_failure}"
+    )
+    return forwarder.failure_answer, Forward(before=attempt)
 
 
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -291,10 +321,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         counts = await asyncio.wrap_future(writer.run(_counts))
         metrics.set_initial(*counts)
         app.state.writer = writer
+        forwarder = Forwarder(settings, writer, metrics) if settings.forward_url else None
+        if forwarder is not None:
+            await forwarder.start()
+        app.state.forwarder = forwarder
         ticker, job = _start_checkpoints(settings, writer)
         try:
             yield
         finally:
+            if forwarder is not None:
+                await forwarder.stop()
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -317,7 +353,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         route_handlers=[make_callback_handler(settings, metrics), healthz, readyz, metrics_endpoint],
         middleware=[http_metrics.middleware],
         lifespan=[lifespan],
-        state=State({"settings": settings, "metrics": metrics}),
+        state=State({"settings": settings, "metrics": metrics, "forwarder": None}),
         exception_handlers={Exception: _error_response},
         openapi_config=None,
         request_max_body_size=settings.max_body_bytes,

@@ -55,6 +55,8 @@ class Decision:
     event: models.TopicEvent | None = None
     topic_id: str | None = None
     group_id: str | None = None
+    authenticated: bool = False
+    """It passed the app-id and signature checks: with forwarding, the app's handler gets it too."""
 
 
 def sign(token: str, request_time: str) -> str:
@@ -118,9 +120,10 @@ def decide(request: RawRequest, settings: Settings, now: float) -> Decision:
     decision = _check_body(request.body, command, query)
     if command == models.BEFORE_CREATE and decision.status_code != 200:
         # A before-callback answered with anything but OK/0 could veto the user's operation.
-        return Decision(
+        decision = Decision(
             200, "ignored", None, f"not vetoed despite {decision.reason}: {decision.detail}", **common
         )
+    decision.authenticated = True
     return decision
 
 

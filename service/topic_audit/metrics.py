@@ -35,6 +35,7 @@ OUTCOME_REASONS: Final = (
     *(("rejected", reason) for reason in REASONS),
     ("error", "internal_error"),
 )
+FORWARD_RESULTS: Final = ("delivered", "http_error", "timeout", "connection_error")
 COMMAND_LABELS: Final = (*models.KNOWN_COMMANDS, "other")
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 APPEND_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -104,6 +105,42 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
+        self.forward_attempts = Counter(
+            "topic_audit_forward_attempts",
+            "Delivery attempts to the app's own handler, by destination (host:port) and result "
+            "(delivered, http_error, timeout, connection_error).",
+            ["destination", "result"],
+            registry=r,
+        )
+        self.forward_failed = Counter(
+            "topic_audit_forward_failed",
+            "Deliveries that exhausted the retry schedule (outbox state failed), by destination.",
+            ["destination"],
+            registry=r,
+        )
+        self.forward_pending = Gauge(
+            "topic_audit_forward_pending",
+            "Deliveries waiting in the outbox, by destination.",
+            ["destination"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.forward_oldest_pending = Gauge(
+            "topic_audit_forward_oldest_pending_seconds",
+            "Age of the oldest delivery waiting in the outbox, by destination (0 when none waits).",
+            ["destination"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.forward_duration = Histogram(
+            "topic_audit_forward_duration_seconds",
+            "Time of one delivery attempt, by kind (before: Tencent waits for it; after: in the background).",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        for kind in ("before", "after"):
+            self.forward_duration.labels(kind)
         build = Gauge(
             "topic_audit_build_info",
             "Version of the running service; always 1.",
@@ -129,6 +166,19 @@ class Metrics:
         self.log_entries.set(entries)
         self._topics["active"].set(active)
         self._topics["deleted"].set(deleted)
+
+    # -- reported by the forwarder ---------------------------------------------------------------
+    def forwarding_to(self, destination: str) -> None:
+        """Create every series of ``destination`` (host:port) at zero."""
+        for result in FORWARD_RESULTS:
+            self.forward_attempts.labels(destination, result)
+        self.forward_failed.labels(destination)
+        self.forward_pending.labels(destination)
+        self.forward_oldest_pending.labels(destination)
+
+    def attempted(self, destination: str, kind: str, result: str, seconds: float) -> None:
+        self.forward_attempts.labels(destination, result).inc()
+        self.forward_duration.labels(kind).observe(seconds)
 
     # -- reported by the writer (topic_audit.writer.Observer) ----------------------------------------
     def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:

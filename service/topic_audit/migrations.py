@@ -246,6 +246,62 @@ def m010_client_cert_subject(db: Database) -> None:
     db.execute("ALTER TABLE audit_log ADD COLUMN client_cert_subject TEXT")
 
 
+@migrations()
+def m011_forwarding(db: Database) -> None:
+    """Forwarding to the app's own handler: ``deliveries`` (append-only and chained like ``audit_log``,
+    one row per attempt) and ``outbox`` (current state per request and destination)."""
+    db.execute(
+        """
+        CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            audit_id INTEGER NOT NULL REFERENCES audit_log(id),
+            destination TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('before', 'after')),
+            attempt INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            status_code INTEGER,
+            error TEXT CHECK (error IN ('http_error', 'timeout', 'connection_error')),
+            detail TEXT,
+            response_body TEXT,
+            elapsed_ms REAL NOT NULL,
+            replay INTEGER NOT NULL CHECK (replay IN (0, 1)),
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL
+        )
+        """
+    )
+    for action in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER deliveries_no_{action.lower()} BEFORE {action} ON deliveries "
+            f"BEGIN SELECT RAISE(ABORT, 'deliveries is append-only: {action} refused'); END"
+        )
+    db.execute(
+        "CREATE TRIGGER deliveries_append_only BEFORE INSERT ON deliveries "
+        "WHEN NEW.id IS NOT (SELECT coalesce(max(id), 0) FROM deliveries) + 1 "
+        "BEGIN SELECT RAISE(ABORT, 'deliveries is append-only: ids must continue the log'); END"
+    )
+    db["deliveries"].create_index(["audit_id"])  # type: ignore[union-attr]
+    db["deliveries"].create_index(["destination", "started_at"])  # type: ignore[union-attr]
+    db.execute(
+        """
+        CREATE TABLE outbox (
+            audit_id INTEGER NOT NULL REFERENCES audit_log(id),
+            destination TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            step INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT,
+            last_error TEXT,
+            replay INTEGER NOT NULL DEFAULT 0,
+            queued_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (audit_id, destination)
+        ) WITHOUT ROWID
+        """
+    )
+    db["outbox"].create_index(["state", "destination", "next_attempt_at"])  # type: ignore[union-attr]
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

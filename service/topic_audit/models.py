@@ -110,6 +110,10 @@ _encoder = msgspec.json.Encoder()
 OK_BODY: Final = _encoder.encode(Answer("OK", "", 0))
 
 
+def encode_answer(action_status: str, error_info: str, error_code: int) -> bytes:
+    return _encoder.encode(Answer(action_status, error_info, error_code))
+
+
 def answer_body(status_code: int, reason: str | None = None, detail: str = "") -> bytes:
     """The answer's bytes: OK on 200, otherwise FAIL with the HTTP status as ``ErrorCode``."""
     if status_code == 200:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 PREFIX = "TOPIC_AUDIT_"
 WORKER_SETTINGS = "TOPIC_AUDIT_WORKER_SETTINGS"
@@ -76,6 +77,25 @@ class Settings:
     """With TLS, refuse any client without a certificate issued by this CA (PEM; Tencent's
     ``TencentQQAuthCA.crt``; ``TOPIC_AUDIT_TLS_CLIENT_CA``)."""
 
+    forward_url: tuple[str, ...] = ()
+    """The app's own callback handler(s) (``TOPIC_AUDIT_FORWARD_URL``, space-separated): every callback
+    that passed the app-id and signature checks is passed on; the first answers Before-callbacks."""
+
+    forward_timeout_seconds: float = 10.0
+    """One delivery attempt of an after-callback (``TOPIC_AUDIT_FORWARD_TIMEOUT_SECONDS``)."""
+
+    forward_before_timeout_seconds: float = 1.5
+    """How long a Before-callback waits for the app (``TOPIC_AUDIT_FORWARD_BEFORE_TIMEOUT_SECONDS``);
+    Tencent waits 2 s in all."""
+
+    forward_before_on_failure: str = "allow"
+    """Tencent's answer when the app does not answer a Before-callback: ``allow`` or ``reject``
+    (``TOPIC_AUDIT_FORWARD_BEFORE_ON_FAILURE``)."""
+
+    forward_retry_schedule: tuple[int, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    """Seconds before each attempt of an after-callback, the first immediate; after the last, ``failed``
+    (``TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE``, comma-separated)."""
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"
@@ -113,7 +133,8 @@ class Settings:
             name: Path(given[name]) if given[name] is not None else None
             for name in ("db", "checkpoint_file", "signing_key", "tls_cert", "tls_key", "tls_client_ca")
         }
-        return replace(cls(**{**given, **paths}), token=token)
+        tuples = {name: tuple(given[name]) for name in ("forward_url", "forward_retry_schedule")}
+        return replace(cls(**{**given, **paths, **tuples}), token=token)
 
     def validate(self) -> None:
         if not self.callback_path.startswith("/"):
@@ -126,3 +147,45 @@ class Settings:
             raise SettingsError(f"{PREFIX}CHECKPOINT_SECONDS must be 0 (off) or positive")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
+        for url in self.forward_url:
+            check_destination(url, f"{PREFIX}FORWARD_URL")
+        if len(set(self.forward_url)) != len(self.forward_url):
+            raise SettingsError(f"{PREFIX}FORWARD_URL names a destination twice")
+        if not 0 < self.forward_timeout_seconds <= 600:
+            raise SettingsError(f"{PREFIX}FORWARD_TIMEOUT_SECONDS must be between 0 and 600 seconds")
+        if not 0 < self.forward_before_timeout_seconds <= 1.8:
+            raise SettingsError(
+                f"{PREFIX}FORWARD_BEFORE_TIMEOUT_SECONDS must be between 0 and 1.8 seconds: Tencent waits 2 s "
+                "for the whole answer"
+            )
+        if self.forward_before_on_failure not in ("allow", "reject"):
+            raise SettingsError(f"{PREFIX}FORWARD_BEFORE_ON_FAILURE must be allow or reject")
+        if not self.forward_retry_schedule or any(
+            not 0 <= s <= 7 * 86400 for s in self.forward_retry_schedule
+        ):
+            raise SettingsError(
+                f"{PREFIX}FORWARD_RETRY_SCHEDULE needs at least one delay, each between 0 and 604800 seconds"
+            )
+
+
+def check_destination(url: str, setting: str) -> None:
+    """A destination must be an absolute http(s) URL with a host; the message names ``setting``."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise SettingsError(f"{setting}: {url!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{setting}: {url!r} is not an http:// or https:// URL with a host")
+    if parts.fragment:
+        raise SettingsError(f"{setting}: {url!r} has a #fragment")
+
+
+def parse_schedule(text: str) -> tuple[int, ...]:
+    """``0,5,300`` as seconds; a SettingsError names ``TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE``."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        raise SettingsError(
+            f"{PREFIX}FORWARD_RETRY_SCHEDULE must be whole seconds separated by commas, got {text!r}"
+        ) from None

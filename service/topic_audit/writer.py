@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from topic_audit import chain, models, projection, rollups, search
+from topic_audit import chain, models, outbox, projection, rollups, search
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,25 @@ class Observer(Protocol):
     def topics_counted(self, active: int, deleted: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """What forwarding records with a log row, in its transaction: the destinations to queue in the
+    outbox (due ``delay`` seconds after receipt), and a Before-callback's attempt (its ``audit_id`` is
+    filled in with the row's id)."""
+
+    destinations: tuple[str, ...] = ()
+    delay: float = 0.0
+    before: outbox.Attempt | None = None
+
+
+Item = tuple[dict[str, Any], models.TopicEvent | None, Forward | None]
+
+
 @dataclass(slots=True)
 class _Pending:
     row: dict[str, Any]
     event: models.TopicEvent | None
+    forward: Forward | None
     future: asyncio.Future[Committed]
     loop: asyncio.AbstractEventLoop
 
@@ -109,11 +124,13 @@ class AuditWriter:
             self._conn = None
 
     # -- producers -------------------------------------------------------------------------------
-    async def append(self, row: dict[str, Any], event: models.TopicEvent | None = None) -> Committed:
+    async def append(
+        self, row: dict[str, Any], event: models.TopicEvent | None = None, forward: Forward | None = None
+    ) -> Committed:
         """Queue ``row`` (every column but id and the chain) and wait until it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Committed] = loop.create_future()
-        self._queue.put(_Pending(row, event, future, loop))
+        self._queue.put(_Pending(row, event, forward, future, loop))
         return await future
 
     def run(self, job: Callable[[sqlite3.Connection], Any]) -> Future[Any]:
@@ -238,7 +255,7 @@ class AuditWriter:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
-        results, counts = append_batch(conn, [(p.row, p.event) for p in batch])
+        results, counts = append_batch(conn, [(p.row, p.event, p.forward) for p in batch])
         if self.observer is not None:
             try:
                 self.observer.batch_committed(
@@ -252,9 +269,10 @@ class AuditWriter:
 
 
 def append_batch(
-    conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]]
+    conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]] | list[Item]
 ) -> tuple[list[Committed], tuple[int, int] | None]:
-    """Append ``items`` (row, event to project) in one transaction on ``conn`` (autocommit mode).
+    """Append ``items`` (row, event to project[, forwarding]) in one transaction on ``conn`` (autocommit
+    mode).
 
     Fills in each row's ``id``, chain links and, for topic events, ``outcome`` and ``duplicate_of``.
     Returns what was committed and, when the group changed any topic's state, the topics now active
@@ -262,7 +280,7 @@ def append_batch(
 
     The group costs a fixed handful of statements whatever its size: the chain head, one read of the
     topics it touches, the log rows and the changed topics in one ``executemany`` each, the hourly
-    rollups, and the COMMIT.
+    rollups, the outbox rows and Before-callback attempts when forwarding, and the COMMIT.
     """
     delta = {"active": 0, "deleted": 0}
     counts = None
@@ -272,10 +290,21 @@ def append_batch(
         head = conn.execute(_HEAD).fetchone()
         head_id, head_hash = head if head is not None else (0, chain.GENESIS)
         store = projection.SqlStore(conn)
-        store.prefetch([t for _, event in items if event is not None for t in projection.topic_ids(event)])
+        store.prefetch(
+            [t for item in items if (event := item[1]) is not None for t in projection.topic_ids(event)]
+        )
         rows = []
-        for row, event in items:
+        queued: dict[float, list[tuple[int, str, str]]] = {}
+        before_attempts: list[outbox.Attempt] = []
+        for row, event, *rest in items:
             head_id += 1
+            forward = rest[0] if rest else None
+            if forward is not None:
+                for destination in forward.destinations:
+                    queued.setdefault(forward.delay, []).append((head_id, destination, row["received_at"]))
+                if forward.before is not None:
+                    forward.before.audit_id = head_id
+                    before_attempts.append(forward.before)
             if event is not None:
                 sha = row["request_body_sha256"]
                 effect = projection.project(event, head_id, row["received_at"], sha, store.lookup)
@@ -294,6 +323,10 @@ def append_batch(
         store.flush()
         conn.executemany(_INSERT, rows)
         rollups.add(conn, rows)
+        for delay, triples in queued.items():
+            outbox.queue(conn, triples, delay)
+        if before_attempts:
+            outbox.append(conn, before_attempts)
         if delta["active"] or delta["deleted"]:
             conn.executemany(
                 "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",

@@ -1,14 +1,15 @@
 """The ``topic-audit`` command line (click). Every option has help text and an environment variable.
 
 The commands group as the modules do: :mod:`.serve` (the receiver), :mod:`.send` (callbacks for
-trying it), :mod:`.audit` (everything that reads or maintains the database).
+trying it), :mod:`.audit` (everything that reads or maintains the database), :mod:`.forward` (replaying
+deliveries to the app's handler, and a demo handler).
 """
 
 from __future__ import annotations
 
 import click
 
-from topic_audit.cli import audit, send, serve
+from topic_audit.cli import audit, forward, send, serve
 from topic_audit.cli.options import CONTEXT
 
 
@@ -28,5 +29,7 @@ for command in (
     audit.verify,
     audit.checkpoint,
     audit.public_key,
+    forward.replay,
+    forward.sink,
 ):
     main.add_command(command)

@@ -144,6 +144,53 @@ from topic_audit.settings import Settings, SettingsError
     "TencentQQAuthCA.crt for mutual authentication).",
 )
 @click.option(
+    "--forward-url",
+    multiple=True,
+    envvar="TOPIC_AUDIT_FORWARD_URL",
+    show_envvar=True,
+    help="The app's own callback handler: every callback that passes the app-id and signature checks is "
+    "passed on (repeat, or space-separate in the variable, to fan out; the first answers Before-callbacks). "
+    "[default: no forwarding]",
+)
+@click.option(
+    "--forward-timeout-seconds",
+    type=float,
+    default=10.0,
+    show_default=True,
+    envvar="TOPIC_AUDIT_FORWARD_TIMEOUT_SECONDS",
+    show_envvar=True,
+    help="One delivery attempt of an after-callback.",
+)
+@click.option(
+    "--forward-before-timeout-seconds",
+    type=float,
+    default=1.5,
+    show_default=True,
+    envvar="TOPIC_AUDIT_FORWARD_BEFORE_TIMEOUT_SECONDS",
+    show_envvar=True,
+    help="How long a Before-callback waits for the app (Tencent waits 2 s in all).",
+)
+@click.option(
+    "--forward-before-on-failure",
+    type=click.Choice(["allow", "reject"]),
+    default="allow",
+    show_default=True,
+    envvar="TOPIC_AUDIT_FORWARD_BEFORE_ON_FAILURE",
+    show_envvar=True,
+    help="Tencent's answer to a Before-callback the app does not answer in time: allow (OK/0) or reject "
+    "(ErrorCode 1).",
+)
+@click.option(
+    "--forward-retry-schedule",
+    default="0,5,300,1800,7200,18000,36000,36000",
+    show_default=True,
+    envvar="TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE",
+    show_envvar=True,
+    callback=lambda _ctx, _param, value: _schedule(value),
+    help="Seconds before each attempt of an after-callback (the first after receipt); after the last, the "
+    "delivery is failed (topic-audit replay --failed).",
+)
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -190,6 +237,8 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
     )
     if settings.tls_client_ca is not None:
         auth += f"; TLS client certificates from {settings.tls_client_ca} required"
+    if settings.forward_url:
+        auth += f"; forwarding to {' '.join(settings.forward_url)}"
     click.echo(
         f"topic-audit receiver on {settings.scheme}://{host}:{settings.port}{settings.callback_path} "
         f"for SdkAppid {sdkappid}; {auth}; audit log {settings.db}",
@@ -211,6 +260,15 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
         )
         return
     _serve_in_workers(settings, workers, server_name, log_level)
+
+
+def _schedule(text: str) -> tuple[int, ...]:
+    from topic_audit.settings import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _uvicorn_tls(settings: Settings) -> dict[str, Any]:

@@ -1,0 +1,324 @@
+"""Forwarding's storage: the ``outbox`` (what each destination still has to get) and the ``deliveries``
+log (every attempt, append-only and hash-chained like ``audit_log``).
+
+A delivery's canonical form is the JSON object of every column of ``deliveries`` except ``entry_hash``,
+keys sorted, no whitespace, non-ASCII kept as UTF-8, SQL NULL as ``null``; ``entry_hash`` is its SHA-256
+(hex) and ``prev_hash`` the previous delivery's (64 zeros for the first). The chain is its own, beside the
+log's; signed checkpoints cover its head too.
+
+Outbox rows are queued in the transaction that appends their log row (so nothing acknowledged is ever
+without its pending deliveries); attempts are recorded, and the outbox row moved on, in one transaction.
+The outbox is current state, derived from the log and ``deliveries``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+
+from topic_audit import chain
+
+COLUMNS: Final = (
+    "id",
+    "audit_id",
+    "destination",
+    "kind",
+    "attempt",
+    "started_at",
+    "status_code",
+    "error",
+    "detail",
+    "response_body",
+    "elapsed_ms",
+    "replay",
+    "prev_hash",
+    "entry_hash",
+)
+SORTED: Final = tuple(sorted(c for c in COLUMNS if c != "entry_hash"))
+RESPONSE_LIMIT: Final = 2048
+"""Characters of a destination's answer kept in ``deliveries.response_body``."""
+ERRORS: Final = ("http_error", "timeout", "connection_error")
+
+NOT_FORWARDED: Final = frozenset(
+    {
+        "method_not_allowed",
+        "request_timeout",
+        "body_too_large",
+        "app_id_missing",
+        "app_id_mismatch",
+        "signature_missing",
+        "request_time_skewed",
+        "signature_invalid",
+    }
+)
+"""Rejections before (or by) the app-id and signature checks: never forwarded."""
+
+_Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
+_encoder = msgspec.json.Encoder()
+_INSERT = f"INSERT INTO deliveries ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def is_before(command: str | None) -> bool:
+    """A Before-callback: the app may veto it, so it is forwarded before Tencent is answered."""
+    return command is not None and ".CallbackBefore" in command
+
+
+def canonical(values: Sequence[object]) -> bytes:
+    """The canonical form of a delivery given as its values in :data:`SORTED` order."""
+    return _encoder.encode(_Canonical(*values))
+
+
+def delivery_hash(row: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical([row[c] for c in SORTED])).hexdigest()
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One delivery attempt, as recorded in ``deliveries``."""
+
+    audit_id: int
+    destination: str
+    kind: str
+    attempt: int
+    started_at: str
+    elapsed_ms: float
+    status_code: int | None = None
+    error: str | None = None
+    detail: str | None = None
+    response_body: str | None = None
+    replay: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "audit_id": self.audit_id,
+            "destination": self.destination,
+            "kind": self.kind,
+            "attempt": self.attempt,
+            "started_at": self.started_at,
+            "status_code": self.status_code,
+            "error": self.error,
+            "detail": self.detail,
+            "response_body": self.response_body,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "replay": self.replay,
+        }
+
+
+def append(conn: sqlite3.Connection, attempts: Iterable[Attempt]) -> int:
+    """Append ``attempts`` to ``deliveries``, chained, inside the caller's transaction; the new head id."""
+    head = conn.execute("SELECT id, entry_hash FROM deliveries ORDER BY id DESC LIMIT 1").fetchone()
+    head_id, head_hash = head if head is not None else (0, chain.GENESIS)
+    rows = []
+    for attempt in attempts:
+        row = attempt.row()
+        head_id += 1
+        row["id"], row["prev_hash"] = head_id, head_hash
+        row["entry_hash"] = head_hash = delivery_hash(row)
+        rows.append(tuple(row[c] for c in COLUMNS))
+    conn.executemany(_INSERT, rows)
+    return head_id
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def later(received_at: str, seconds: float) -> str:
+    """``received_at`` (ISO-8601 UTC, ms) plus ``seconds``, in the same form (so strings sort as times)."""
+    moment = datetime.fromisoformat(received_at.replace("Z", "+00:00"))
+    return iso(moment + timedelta(seconds=seconds))
+
+
+def queue(
+    conn: sqlite3.Connection, items: Iterable[tuple[int, str, str]], first_delay: float, replay: int = 0
+) -> int:
+    """Queue (audit_id, destination, at) triples inside the caller's transaction, each due
+    ``first_delay`` s after its ``at``. An existing row starts a new round (a replay) instead.
+    Returns how many were queued."""
+    rows = [
+        (audit_id, destination, later(at, first_delay), replay, at, at) for audit_id, destination, at in items
+    ]
+    conn.executemany(
+        "INSERT INTO outbox (audit_id, destination, state, attempts, step, next_attempt_at, replay, queued_at, "
+        "updated_at) VALUES (?, ?, 'pending', 0, 0, ?, ?, ?, ?) ON CONFLICT (audit_id, destination) DO UPDATE "
+        "SET state = 'pending', step = 0, next_attempt_at = excluded.next_attempt_at, replay = excluded.replay, "
+        "queued_at = excluded.queued_at, updated_at = excluded.updated_at",
+        rows,
+    )
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A pending delivery that is due, with what its attempt sends."""
+
+    audit_id: int
+    destination: str
+    attempts: int
+    replay: int
+    query_string: str
+    body: bytes
+    request_headers: str
+
+
+def due(conn: sqlite3.Connection, destination: str, now: str, limit: int) -> list[Due]:
+    """The pending deliveries to ``destination`` due at ``now``, oldest first, at most ``limit``."""
+    found = conn.execute(
+        "SELECT o.audit_id, o.destination, o.attempts, o.replay, a.query_string, CAST(a.request_body AS BLOB), "
+        "a.request_headers FROM outbox o JOIN audit_log a ON a.id = o.audit_id "
+        "WHERE o.state = 'pending' AND o.destination = ? AND o.next_attempt_at <= ? "
+        "ORDER BY o.next_attempt_at LIMIT ?",
+        (destination, now, limit),
+    ).fetchall()
+    return [Due(r[0], r[1], r[2], r[3], r[4], r[5] or b"", r[6]) for r in found]
+
+
+def next_due(conn: sqlite3.Connection) -> str | None:
+    """When the earliest pending delivery falls due (ISO), or None when nothing is pending."""
+    row = conn.execute("SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+    return row[0] if row else None
+
+
+def pending_destinations(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT DISTINCT destination FROM outbox WHERE state = 'pending'")]
+
+
+def backlog(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
+    """Per destination: pending deliveries and when the oldest of them was queued."""
+    return {
+        r[0]: (r[1], r[2])
+        for r in conn.execute(
+            "SELECT destination, count(*), min(queued_at) FROM outbox WHERE state = 'pending' GROUP BY destination"
+        )
+    }
+
+
+def record(
+    conn: sqlite3.Connection, attempts: Sequence[Attempt], schedule: Sequence[int], now: str
+) -> list[Attempt]:
+    """Append the attempts to ``deliveries`` and move their outbox rows on, in one transaction (``conn``
+    in autocommit mode). Returns the attempts that exhausted the schedule (now ``failed``)."""
+    exhausted: list[Attempt] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        append(conn, attempts)
+        for attempt in attempts:
+            key = (attempt.audit_id, attempt.destination)
+            if attempt.delivered:
+                conn.execute(
+                    "UPDATE outbox SET state = 'delivered', attempts = ?, next_attempt_at = NULL, last_error = NULL, "
+                    "updated_at = ? WHERE audit_id = ? AND destination = ?",
+                    (attempt.attempt, now, *key),
+                )
+                continue
+            step = conn.execute(
+                "SELECT step FROM outbox WHERE audit_id = ? AND destination = ?", key
+            ).fetchone()
+            step = (step[0] if step else 0) + 1
+            error = f"{attempt.error}: {attempt.detail}" if attempt.detail else attempt.error
+            if step < len(schedule):
+                conn.execute(
+                    "UPDATE outbox SET attempts = ?, step = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                    "WHERE audit_id = ? AND destination = ?",
+                    (attempt.attempt, step, later(now, schedule[step]), error, now, *key),
+                )
+            else:
+                exhausted.append(attempt)
+                conn.execute(
+                    "UPDATE outbox SET state = 'failed', attempts = ?, step = ?, next_attempt_at = NULL, "
+                    "last_error = ?, updated_at = ? WHERE audit_id = ? AND destination = ?",
+                    (attempt.attempt, step, error, now, *key),
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return exhausted
+
+
+FORWARDABLE = (
+    "SELECT id, received_at FROM audit_log WHERE method = 'POST' AND "
+    f"coalesce(reason, '') NOT IN ({', '.join(repr(r) for r in sorted(NOT_FORWARDED))}) "
+    "AND outcome != 'error' AND coalesce(callback_command, '') NOT LIKE '%.CallbackBefore%'"
+)
+"""The log entries whose after-deliveries the outbox holds (Before-callbacks are never retried)."""
+
+
+def replay(
+    conn: sqlite3.Connection,
+    destinations: Sequence[str],
+    now: str,
+    *,
+    failed_only: bool = False,
+    ids: tuple[int, int] | None = None,
+) -> int:
+    """Queue deliveries again (``replay`` = 1), in one transaction: the failed ones, or every forwardable
+    entry with ``ids[0] <= id <= ids[1]``, to each of ``destinations``. Returns how many were queued."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        pairs: list[tuple[int, str, str]] = []
+        for destination in destinations:
+            if failed_only:
+                where = "state = 'failed' AND destination = ?"
+                params: list[object] = [destination]
+                if ids is not None:
+                    where += " AND audit_id BETWEEN ? AND ?"
+                    params += list(ids)
+                found = conn.execute(f"SELECT audit_id FROM outbox WHERE {where}", params)
+            else:
+                assert ids is not None
+                found = conn.execute(
+                    f"{FORWARDABLE} AND id BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE "
+                    "o.audit_id = audit_log.id AND o.destination = ? AND o.state = 'pending')",
+                    (*ids, destination),
+                )
+            pairs += [(row[0], destination, now) for row in found]
+        queue(conn, pairs, 0, replay=1)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(pairs)
+
+
+def verify_chain(conn: sqlite3.Connection) -> tuple[list[tuple[str, int | None, str]], int, str]:
+    """Recompute the deliveries chain: (findings as (check, id, message), count, head hash)."""
+    found: dict[str, tuple[str, int | None, str]] = {}
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
+        return [], 0, chain.GENESIS
+    expected, prev, count = 1, chain.GENESIS, 0
+    query = f"SELECT {', '.join(SORTED)}, entry_hash FROM deliveries ORDER BY id"
+    at_id, at_prev = SORTED.index("id"), SORTED.index("prev_hash")
+    for row in conn.execute(query):
+        count += 1
+        entry_id = row[at_id]
+        if entry_id != expected:
+            found.setdefault(
+                "ids", ("delivery_ids", expected, f"expected delivery {expected}, found {entry_id}")
+            )
+        if row[at_prev] != prev:
+            found.setdefault(
+                "chain", ("delivery_chain", entry_id, "prev_hash is not the previous delivery's")
+            )
+        if hashlib.sha256(canonical(row[:-1])).hexdigest() != row[-1]:
+            found.setdefault(
+                "hash", ("delivery_hash", entry_id, "entry_hash does not match the delivery's canonical form")
+            )
+        prev, expected = row[-1], entry_id + 1
+    return list(found.values()), count, prev
+
+
+def now_iso() -> str:
+    return iso(datetime.now(UTC))
