@@ -13,7 +13,7 @@ import pytest
 import yaml
 from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
-from topic_audit import explore
+from topic_audit import explore, outbox
 from topic_audit.app import iso_now
 from topic_audit.checkpoints import Signer, make_checkpoint
 from topic_audit.writer import connect
@@ -24,11 +24,38 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = tmp_path_factory.mktemp("explore") / "audit.db"
     generate_log(db, 600, seed=3)
     conn = connect(db)
+    deliver_some(conn)
     make_checkpoint(
         conn, Signer.load_or_create(db.with_name("key.pem"))[0], db.with_name("cp.jsonl"), iso_now(0)
     )
     conn.close()
     return db
+
+
+def deliver_some(conn: sqlite3.Connection) -> None:
+    """Forwarding's tables as the forwarder leaves them: entries 1-30 queued to a destination, the even
+    ones delivered, the odd ones failed (a one-attempt schedule), 31-40 still pending."""
+    at = "2026-11-25T10:00:00.000Z"
+    destination = "http://app.example:9000/callback"
+    conn.execute("BEGIN IMMEDIATE")
+    outbox.queue(conn, [(n, destination, at) for n in range(1, 41)], 0)
+    conn.execute("COMMIT")
+    attempts = [
+        outbox.Attempt(
+            n,
+            destination,
+            "after",
+            1,
+            at,
+            3.5,
+            200 if n % 2 == 0 else 503,
+            None if n % 2 == 0 else "http_error",
+            None if n % 2 == 0 else "HTTP 503",
+            '{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}',
+        )
+        for n in range(1, 31)
+    ]
+    outbox.record(conn, attempts, [0], at)
 
 
 def get(ds: Any, path: str, **kwargs: Any) -> Any:
@@ -199,3 +226,15 @@ def test_log_entries_link_to_their_topic(populated: Path) -> None:
         in topic_page.text.replace("%40", "@").replace("%23", "#")
         or "/audit/audit_log?topic_id=" in topic_page.text
     )  # the topic links to its entries
+
+
+def test_a_requests_deliveries_are_linked_from_its_row(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    page = get(ds, "/audit/audit_log/2")
+    assert page.status_code == 200
+    assert "/audit/deliveries?audit_id=2" in page.text  # Datasette's "links from other tables"
+    listed = get(ds, "/audit/deliveries.json", params={"audit_id": "2", "_shape": "array"}).json()
+    assert [(d["audit_id"], d["status_code"], d["error"]) for d in listed] == [(2, 200, None)]
+    undelivered = get(ds, "/audit/undelivered_callbacks.json", params={"_shape": "array"}).json()
+    assert {d["state"] for d in undelivered} == {"pending", "failed"}
+    assert len(undelivered) == 25  # 15 failed (odd ids up to 29) and 10 pending (31-40)

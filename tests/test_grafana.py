@@ -20,7 +20,9 @@ from grafana_files import (
 
 def test_every_file_parses() -> None:
     files = sorted(
-        p for p in GRAFANA.rglob("*") if p.is_file() and p.name != "__init__.py" and "__pycache__" not in p.parts
+        p
+        for p in GRAFANA.rglob("*")
+        if p.is_file() and p.name != "__init__.py" and "__pycache__" not in p.parts
     )
     assert {p.suffix for p in files} <= {".json", ".yaml", ".yml"}
     for path in files:

@@ -7,7 +7,8 @@ matches the heads it holds, and a forged line fails its signature or the chain o
 A statement's canonical form is the JSON object of ``log_size``, ``head_hash``, ``created_at``,
 ``prev_digest`` and ``public_key``, keys sorted, no whitespace; ``digest`` is its SHA-256 (hex) and
 ``signature`` the Ed25519 signature of those bytes (hex). The first checkpoint's ``prev_digest`` is 64
-zeros. ``public_key`` is the raw 32-byte key in hex.
+zeros. ``public_key`` is the raw 32-byte key in hex. Since forwarding exists, the statement also holds
+``deliveries_size`` and ``deliveries_head``: the head of the ``deliveries`` chain.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from topic_audit import chain
 
 STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest", "public_key")
-FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature")
+DELIVERY_FIELDS: Final = ("deliveries_size", "deliveries_head")
+"""The head of the ``deliveries`` chain (forwarding), in every checkpoint signed since it exists; a
+statement holds them when the checkpoint does."""
+FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS)
 
 
 def statement_bytes(checkpoint: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {k: checkpoint[k] for k in STATEMENT_FIELDS}, sort_keys=True, separators=(",", ":")
-    ).encode()
+    fields = [*STATEMENT_FIELDS, *(f for f in DELIVERY_FIELDS if checkpoint.get(f) is not None)]
+    return json.dumps({k: checkpoint[k] for k in fields}, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,15 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
         head = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
         size, head_hash = head if head is not None else (0, chain.GENESIS)
         last = conn.execute("SELECT digest FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+        delivered = conn.execute("SELECT id, entry_hash FROM deliveries ORDER BY id DESC LIMIT 1").fetchone()
         checkpoint: dict[str, Any] = {
             "log_size": size,
             "head_hash": head_hash,
             "created_at": created_at,
             "prev_digest": lines[-1]["digest"] if lines else (last[0] if last is not None else chain.GENESIS),
             "public_key": signer.public_key_hex,
+            "deliveries_size": delivered[0] if delivered is not None else 0,
+            "deliveries_head": delivered[1] if delivered is not None else chain.GENESIS,
         }
         signed = statement_bytes(checkpoint)
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
@@ -118,7 +124,7 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
 def _insert(conn: sqlite3.Connection, checkpoint: dict[str, Any]) -> None:
     conn.execute(
         f"INSERT INTO checkpoints ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
-        [checkpoint[k] for k in FIELDS],
+        [checkpoint.get(k) for k in FIELDS],
     )
 
 

@@ -300,6 +300,9 @@ def m011_forwarding(db: Database) -> None:
         """
     )
     db["outbox"].create_index(["state", "destination", "next_attempt_at"])  # type: ignore[union-attr]
+    # Checkpoints sign the head of the deliveries chain too.
+    db.execute("ALTER TABLE checkpoints ADD COLUMN deliveries_size INTEGER")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN deliveries_head TEXT")
 
 
 def migrate(path: Path) -> None:

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from topic_audit import chain, checkpoints, projection
+from topic_audit import chain, checkpoints, outbox, projection
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
     check: str
-    """``ids``, ``body``, ``chain``, ``hash``, ``projection``, ``replay`` or ``checkpoint_*``."""
+    """``ids``, ``body``, ``chain``, ``hash``, ``projection``, ``replay``, ``delivery_*`` or
+    ``checkpoint_*``."""
     entry_id: int | None
     message: str
     topic_id: str | None = None
@@ -135,12 +136,19 @@ def verify_projection(conn: sqlite3.Connection) -> list[Finding]:
     return findings
 
 
+def verify_deliveries(conn: sqlite3.Connection) -> tuple[list[Finding], int]:
+    """The ``deliveries`` chain (forwarding): contiguous ids and every hash. Findings name the delivery id
+    in the message (``entry_id`` is for audit_log entries); returns (findings, deliveries)."""
+    found, count, _ = outbox.verify_chain(conn)
+    return [Finding(check, None, f"delivery {at}: {message}") for check, at, message in found], count
+
+
 def verify_checkpoints(
-    conn: sqlite3.Connection, file: Path, count: int, pinned_key: str | None = None
+    conn: sqlite3.Connection, file: Path, count: int, pinned_key: str | None = None, delivered: int = 0
 ) -> list[Finding]:
     """Every checkpoint in ``file``: signature, key, chain of digests, and the log still holding its prefix.
 
-    ``count`` is the number of rows in the log. A rewritten log is reported from the first entry after
+    ``count`` is the number of rows in the log, ``delivered`` the number in ``deliveries``. A rewritten log is reported from the first entry after
     the last checkpoint that still matches (the altered entry lies between the two checkpoints).
     """
     found: dict[str, Finding] = {}
@@ -188,6 +196,25 @@ def verify_checkpoints(
                 f"checkpoint {number} covers {size} entries but the log has {count}: entries removed",
             )
             continue
+        if cp.get("deliveries_size"):
+            delivery_size = int(cp["deliveries_size"])
+            head = conn.execute(
+                "SELECT entry_hash FROM deliveries WHERE id = ?", (min(delivery_size, delivered),)
+            ).fetchone()
+            if delivery_size > delivered:
+                note(
+                    "checkpoint_deliveries",
+                    None,
+                    f"checkpoint {number} covers {delivery_size} deliveries but deliveries has {delivered}: "
+                    "deliveries removed",
+                )
+            elif head is None or head[0] != cp["deliveries_head"]:
+                note(
+                    "checkpoint_deliveries",
+                    None,
+                    f"checkpoint {number}: delivery {delivery_size} is not the signed head; deliveries was "
+                    "altered",
+                )
         if size == 0:
             continue
         row = conn.execute("SELECT entry_hash FROM audit_log WHERE id = ?", (size,)).fetchone()
@@ -224,9 +251,11 @@ def verify_all(
         "SELECT coalesce(min(id), 1) - 1, coalesce(max(id), 0) FROM audit_log"
     ).fetchone()
     with projection.paused_gc():
+        delivery_findings, delivered = verify_deliveries(conn)
         if high - low < PARALLEL_FROM:  # starting processes costs more than it saves on a small log
             findings, count, head = _chain_range(path, (low, high), show_progress)
-            findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
+            findings += delivery_findings
+            findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key, delivered)
             return findings + verify_projection(conn), count, head
         workers = max((os.cpu_count() or 2) - 1, 1)  # this process has the replay to do meanwhile
         step = -(-(high - low) // ((workers + 1) * CHUNKS_PER_PROCESS))
@@ -252,8 +281,8 @@ def verify_all(
             found.setdefault(finding.check, finding)
     count = sum(r[1] for r in done)
     head = next((r[2] for r in reversed(done) if r[1]), chain.GENESIS)
-    findings = sorted(found.values(), key=lambda f: f.entry_id or 0)
-    findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key)
+    findings = sorted(found.values(), key=lambda f: f.entry_id or 0) + delivery_findings
+    findings += verify_checkpoints(conn, checkpoint_file, count, pinned_key, delivered)
     return findings + projection_findings, count, head
 
 
