@@ -93,8 +93,9 @@ def alter(db: Path, *statements: str, params: tuple[Any, ...] = ()) -> None:
     """Run statements on a log as someone with write access to the file would: past its append-only
     triggers (dropped first)."""
     conn = sqlite3.connect(db)
-    for trigger in ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only"):
-        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    for table in ("audit_log", "deliveries"):
+        for trigger in ("no_update", "no_delete", "append_only"):
+            conn.execute(f"DROP TRIGGER IF EXISTS {table}_{trigger}")
     for statement in statements:
         conn.execute(statement, params if "?" in statement else ())
     conn.commit()
