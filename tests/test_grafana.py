@@ -40,7 +40,11 @@ def test_the_dashboard() -> None:
     assert board["uid"] == "topic-audit"
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert any("forwarding" in title.lower() for title in rows)
     for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
         assert panel["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
         assert panel["description"], panel["title"]
         for target in panel["targets"]:
@@ -77,7 +81,17 @@ def test_alert_rules_are_consistent() -> None:
                 assert d["datasourceUid"] == DATASOURCE_UID
     by_uid = {r["uid"]: r for r in rules}
     assert by_uid["topic-audit-receiver-down"]["noDataState"] == "Alerting"  # no scrape is down
-    for title in ("rejected", "internal errors", "writes failing", "down", "timeout", "budget"):
+    for title in (
+        "rejected",
+        "internal errors",
+        "writes failing",
+        "down",
+        "timeout",
+        "budget",
+        "to the app failing",
+        "backed up",
+        "exhausted",
+    ):
         assert any(title in r["title"].lower() for r in rules), title
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Server, free_port, require_tool
+from destination import Destination
 from grafana_files import alert_rules, dashboard_queries, evaluate
 from topic_audit import load
 
@@ -78,16 +79,23 @@ def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
+Stack = tuple[Server, Prometheus, Destination]
+
+
 @pytest.fixture
-def stack(db_path: Path, tmp_path: Path) -> Iterator[tuple[Server, Prometheus]]:
+def stack(db_path: Path, tmp_path: Path) -> Iterator[Stack]:
+    """The receiver forwarding to a real destination (the app's handler), scraped by Prometheus."""
     binary = require_tool("prometheus")
-    server = Server(db_path, tmp_path / "server.log").start()
+    destination = Destination("ok")
+    env = {"TOPIC_AUDIT_FORWARD_URL": destination.url, "TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE": "0,1,1"}
+    server = Server(db_path, tmp_path / "server.log", env).start()
     prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path)
     try:
-        yield server, prometheus
+        yield server, prometheus, destination
     finally:
         prometheus.stop()
         server.stop()
+        destination.stop()
 
 
 def traffic(server: Server, seconds: float, mix: str, rate: float = 40, concurrency: int = 8) -> load.Report:
@@ -119,8 +127,8 @@ def hold_write_lock(db: Path, held: float, released: float, until: float) -> thr
     return thread
 
 
-def test_dashboard_and_alerts_against_real_prometheus(stack: tuple[Server, Prometheus], capsys: Any) -> None:
-    server, prometheus = stack
+def test_dashboard_and_alerts_against_real_prometheus(stack: Stack, capsys: Any) -> None:
+    server, prometheus, destination = stack
     rules = {r["uid"]: r for r in alert_rules()}
 
     def firing(uid: str) -> bool:
@@ -168,6 +176,29 @@ def test_dashboard_and_alerts_against_real_prometheus(stack: tuple[Server, Prome
     timings["topic-audit-audit-writes-failing"] = fired_after("topic-audit-audit-writes-failing", started)
     timings["topic-audit-error-budget-burn"] = fired_after("topic-audit-error-budget-burn", started)
     assert httpx.get(f"{server.url}/readyz").status_code == 200  # recovered by itself
+
+    # The app's handler fails: attempts fail, and with a 3-attempt schedule (0, 1, 1 s) deliveries are
+    # exhausted within seconds.
+    started = time.monotonic()
+    destination.mode = "fail"
+    traffic(server, 3, "good=1", rate=10)
+    timings["topic-audit-forward-failing"] = fired_after("topic-audit-forward-failing", started)
+    timings["topic-audit-forward-exhausted"] = fired_after("topic-audit-forward-exhausted", started)
+    assert not firing("topic-audit-forward-backlog")
+
+    # The app's handler hangs: the outbox backs up. Its age is made 10 minutes old by moving the
+    # queued_at of the waiting rows back (the outbox is current state, not the log): the alert's
+    # 5-minute threshold cannot be waited out in a test.
+    destination.mode = "hang"
+    traffic(server, 2, "good=1", rate=10)
+    started = time.monotonic()
+    conn = sqlite3.connect(server.db, timeout=5)
+    conn.execute(
+        "UPDATE outbox SET queued_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-10 minutes') WHERE state = 'pending'"
+    )
+    conn.commit()
+    conn.close()
+    timings["topic-audit-forward-backlog"] = fired_after("topic-audit-forward-backlog", started)
 
     # Receiver down.
     server.stop()
