@@ -23,13 +23,16 @@ run: $(STAMP)
 	@echo "!! DEMO MODE: SdkAppid $(DEMO_SDKAPPID) and a demo token, loopback only. Not for production. !!"
 	@echo
 	@echo "Receiver:  http://127.0.0.1:8000/callback   Datasette: http://127.0.0.1:8001/audit"
+	@echo "Forwarding every callback to a demo app handler on http://127.0.0.1:8002 (topic-audit sink: its lines start with 'sink:')"
 	@echo "Send a first signed callback from another terminal:"
 	@echo
 	@echo "    TOPIC_AUDIT_SDKAPPID=$(DEMO_SDKAPPID) TOPIC_AUDIT_TOKEN=$(DEMO_TOKEN) $(BIN)/topic-audit send"
 	@echo
 	@TOPIC_AUDIT_SDKAPPID=$(DEMO_SDKAPPID) TOPIC_AUDIT_TOKEN=$(DEMO_TOKEN) \
 	  TOPIC_AUDIT_HOST=127.0.0.1 TOPIC_AUDIT_EXPLORE_HOST=127.0.0.1 \
-	  sh -c '$(BIN)/topic-audit explore & explore=$$!; trap "kill $$explore 2>/dev/null" EXIT INT TERM; \
+	  TOPIC_AUDIT_FORWARD_URL=http://127.0.0.1:8002/callback \
+	  sh -c '$(BIN)/topic-audit explore & explore=$$!; $(BIN)/topic-audit sink & sink=$$!; \
+	         trap "kill $$explore $$sink 2>/dev/null" EXIT INT TERM; \
 	         $(BIN)/topic-audit serve'
 
 test: $(STAMP)

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, alter, rows
+from conftest import APP_ID, TOKEN, Server, alter, free_port, rows
 from destination import OK, VETO, Destination
 from prometheus_client.parser import text_string_to_metric_families
 from topic_audit import checks, samples
@@ -445,3 +445,38 @@ def test_bad_forwarding_settings_are_refused_at_start_up(
     error = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(error) == 1 and message in error[0], result.stderr
     assert not (tmp_path / "audit.db").exists()
+
+
+def test_the_demo_sink_checks_signatures_and_can_veto(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "sink.log"
+    env = {**os.environ, "TOPIC_AUDIT_TOKEN": TOKEN, "TOPIC_AUDIT_SINK_PORT": str(port)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "topic_audit.cli", "sink", "--veto"], env=env, stdout=out, stderr=out
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/callback"
+        wait_for(lambda: _answers(url), 10, "the sink")
+        before = httpx.post(
+            f"{url}?{samples.query(APP_ID, BEFORE, TOKEN)}", json=samples.sample("before-create")
+        )
+        assert before.json()["ErrorCode"] == 1
+        after = httpx.post(
+            f"{url}?{samples.query(APP_ID, 'Group.CallbackAfterCreateTopic', 'wrong')}", json={}
+        )
+        assert after.json() == json.loads(OK)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("sink: ")]
+    assert "Sign valid" in lines[-2] and lines[-2].endswith("-> 1")
+    assert "Sign INVALID" in lines[-1] and lines[-1].endswith("-> 0")
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.post(url, content=b"{}", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
