@@ -25,6 +25,7 @@ def test_bench_suite_smoke() -> None:
         "BENCH_WRITER_ROWS": "200",
         "BENCH_DELIVERIES": "300",
         "BENCH_LOG_ROWS": "500",
+        "BENCH_BEFORE_REQUESTS": "40",
     }
     result = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench"],
@@ -36,10 +37,20 @@ def test_bench_suite_smoke() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for heading in ("audited vs bare", "Database size", "The writer alone", "Memory", "verify and rebuild"):
+    for heading in (
+        "audited vs bare",
+        "Database size",
+        "The writer alone",
+        "Memory",
+        "verify and rebuild",
+        "Forwarding",
+    ):
         assert heading in out, out
     assert "Every answered request committed" in out and "(OK)" in out, out
     assert "| 64 |" in out and "| `verify` (chain" in out and "projection emptied first, all cores |" in out
+    assert (
+        "Throughput with forwarding on ÷ off" in out and "Before-callbacks, the app answering in 50 ms" in out
+    )
 
 
 def test_query_benchmark_smoke(tmp_path: Path) -> None:

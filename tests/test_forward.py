@@ -167,7 +167,7 @@ def test_the_apps_answer_to_a_before_callback_is_relayed_byte_for_byte(
         ("fail", "http_error", "HTTP 500"),
         ("redirect", "http_error", "HTTP 302"),
         ("garbage", "http_error", "not a JSON object with ActionStatus and ErrorCode"),
-        ("dead", "connection_error", "ConnectError"),
+        ("dead", "connection_error", "Cannot connect to host"),
     ],
 )
 @pytest.mark.parametrize("on_failure", ["allow", "reject"])

@@ -14,6 +14,7 @@ The outbox is current state, derived from the log and ``deliveries``.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -171,25 +172,34 @@ class Due:
     request_headers: str
 
 
-def due(conn: sqlite3.Connection, destination: str, now: str, limit: int) -> list[Due]:
-    """The pending deliveries to ``destination`` due at ``now``, oldest first, at most ``limit``."""
+def due(
+    conn: sqlite3.Connection, destination: str, now: str, limit: int, skip: Iterable[int] = ()
+) -> list[Due]:
+    """The pending deliveries to ``destination`` due at ``now``, oldest first, at most ``limit``, but
+    those of the entries in ``skip`` (attempts under way)."""
     found = conn.execute(
         "SELECT o.audit_id, o.destination, o.attempts, o.replay, a.query_string, CAST(a.request_body AS BLOB), "
         "a.request_headers FROM outbox o JOIN audit_log a ON a.id = o.audit_id "
         "WHERE o.state = 'pending' AND o.destination = ? AND o.next_attempt_at <= ? "
-        "ORDER BY o.next_attempt_at LIMIT ?",
-        (destination, now, limit),
+        "AND o.audit_id NOT IN (SELECT value FROM json_each(?)) ORDER BY o.next_attempt_at LIMIT ?",
+        (destination, now, json.dumps(list(skip)), limit),
     ).fetchall()
     return [Due(r[0], r[1], r[2], r[3], r[4], r[5] or b"", r[6]) for r in found]
 
 
-def next_due(conn: sqlite3.Connection) -> str | None:
-    """When the earliest pending delivery falls due (ISO), or None when nothing is pending."""
-    row = conn.execute("SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+def next_due(conn: sqlite3.Connection, destination: str) -> str | None:
+    """When the earliest pending delivery to ``destination`` falls due (ISO), None when none is pending
+    (one step down the outbox index, whatever the backlog)."""
+    row = conn.execute(
+        "SELECT next_attempt_at FROM outbox WHERE state = 'pending' AND destination = ? "
+        "ORDER BY next_attempt_at LIMIT 1",
+        (destination,),
+    ).fetchone()
     return row[0] if row else None
 
 
 def pending_destinations(conn: sqlite3.Connection) -> list[str]:
+    """Destinations with pending deliveries (a scan of the pending rows: called once a second at most)."""
     return [r[0] for r in conn.execute("SELECT DISTINCT destination FROM outbox WHERE state = 'pending'")]
 
 
@@ -206,44 +216,50 @@ def backlog(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
 def record(
     conn: sqlite3.Connection, attempts: Sequence[Attempt], schedule: Sequence[int], now: str
 ) -> list[Attempt]:
-    """Append the attempts to ``deliveries`` and move their outbox rows on, in one transaction (``conn``
-    in autocommit mode). Returns the attempts that exhausted the schedule (now ``failed``)."""
-    exhausted: list[Attempt] = []
+    """:func:`record_in` in a transaction of its own (``conn`` in autocommit mode)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        append(conn, attempts)
-        for attempt in attempts:
-            key = (attempt.audit_id, attempt.destination)
-            if attempt.delivered:
-                conn.execute(
-                    "UPDATE outbox SET state = 'delivered', attempts = ?, next_attempt_at = NULL, last_error = NULL, "
-                    "updated_at = ? WHERE audit_id = ? AND destination = ?",
-                    (attempt.attempt, now, *key),
-                )
-                continue
-            step = conn.execute(
-                "SELECT step FROM outbox WHERE audit_id = ? AND destination = ?", key
-            ).fetchone()
-            step = (step[0] if step else 0) + 1
-            error = f"{attempt.error}: {attempt.detail}" if attempt.detail else attempt.error
-            if step < len(schedule):
-                conn.execute(
-                    "UPDATE outbox SET attempts = ?, step = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
-                    "WHERE audit_id = ? AND destination = ?",
-                    (attempt.attempt, step, later(now, schedule[step]), error, now, *key),
-                )
-            else:
-                exhausted.append(attempt)
-                conn.execute(
-                    "UPDATE outbox SET state = 'failed', attempts = ?, step = ?, next_attempt_at = NULL, "
-                    "last_error = ?, updated_at = ? WHERE audit_id = ? AND destination = ?",
-                    (attempt.attempt, step, error, now, *key),
-                )
+        exhausted = record_in(conn, attempts, schedule, now)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return exhausted
+
+
+def record_in(
+    conn: sqlite3.Connection, attempts: Sequence[Attempt], schedule: Sequence[int], now: str
+) -> list[Attempt]:
+    """Append the attempts to ``deliveries`` and move their outbox rows on, inside the caller's
+    transaction (the writer's group commit). Returns the attempts that exhausted the schedule."""
+    append(conn, attempts)
+    conn.executemany(
+        "UPDATE outbox SET state = 'delivered', attempts = ?, next_attempt_at = NULL, last_error = NULL, "
+        "updated_at = ? WHERE audit_id = ? AND destination = ?",
+        [(a.attempt, now, a.audit_id, a.destination) for a in attempts if a.delivered],
+    )
+    exhausted: list[Attempt] = []
+    for attempt in attempts:
+        if attempt.delivered:
+            continue
+        key = (attempt.audit_id, attempt.destination)
+        found = conn.execute("SELECT step FROM outbox WHERE audit_id = ? AND destination = ?", key).fetchone()
+        step = (found[0] if found else 0) + 1
+        error = f"{attempt.error}: {attempt.detail}" if attempt.detail else attempt.error
+        if step < len(schedule):
+            conn.execute(
+                "UPDATE outbox SET attempts = ?, step = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                "WHERE audit_id = ? AND destination = ?",
+                (attempt.attempt, step, later(now, schedule[step]), error, now, *key),
+            )
+        else:
+            exhausted.append(attempt)
+            conn.execute(
+                "UPDATE outbox SET state = 'failed', attempts = ?, step = ?, next_attempt_at = NULL, "
+                "last_error = ?, updated_at = ? WHERE audit_id = ? AND destination = ?",
+                (attempt.attempt, step, error, now, *key),
+            )
     return exhausted
 
 

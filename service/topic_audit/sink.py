@@ -22,6 +22,8 @@ def handler_for(token: str | None, veto: bool, out: TextIO) -> type[BaseHTTPRequ
 
     class Sink(BaseHTTPRequestHandler):
         server_version = "topic-audit-sink"
+        protocol_version = "HTTP/1.1"  # keep-alive: the forwarder reuses its connections
+        disable_nagle_algorithm = True  # headers and body are two writes: no delayed-ACK wait between
         sys_version = ""
 
         def do_POST(self) -> None:

@@ -80,6 +80,18 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
 
 
+@dataclass(slots=True)
+class _Record:
+    """Delivery attempts to record in the next group's transaction (forwarding)."""
+
+    attempts: list[outbox.Attempt]
+    schedule: tuple[int, ...]
+    future: asyncio.Future[list[outbox.Attempt]]
+    loop: asyncio.AbstractEventLoop
+
+
+_Queued = _Pending | _Record
+
 _INSERT = (
     f"INSERT INTO audit_log ({', '.join(chain.COLUMNS)}) VALUES ({', '.join(':' + c for c in chain.COLUMNS)})"
 )
@@ -133,6 +145,14 @@ class AuditWriter:
         self._queue.put(_Pending(row, event, forward, future, loop))
         return await future
 
+    async def record(self, attempts: list[outbox.Attempt], schedule: tuple[int, ...]) -> list[outbox.Attempt]:
+        """Record delivery attempts (and move their outbox rows on) in the next group's transaction, so
+        that they share its commit; returns the attempts that exhausted ``schedule``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[outbox.Attempt]] = loop.create_future()
+        self._queue.put(_Record(attempts, schedule, future, loop))
+        return await future
+
     def run(self, job: Callable[[sqlite3.Connection], Any]) -> Future[Any]:
         """Run ``job(connection)`` on the writer thread, between groups (checkpoints, probes)."""
         future: Future[Any] = Future()
@@ -150,12 +170,12 @@ class AuditWriter:
                 continue
             if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
                 self._index_search()
-            batch: list[_Pending] = []
+            batch: list[_Queued] = []
             while True:
                 if item is _STOP:
                     self._commit_group(batch)
                     return
-                if isinstance(item, _Pending):
+                if isinstance(item, _Pending | _Record):
                     batch.append(item)
                 else:
                     self._commit_group(batch)
@@ -210,7 +230,7 @@ class AuditWriter:
 
         return self.run(job)
 
-    def _commit_group(self, batch: list[_Pending]) -> None:
+    def _commit_group(self, batch: list[_Queued]) -> None:
         if not batch:
             return
         try:
@@ -239,44 +259,55 @@ class AuditWriter:
             log.warning("audit log writes recovered; %d rows were refused (answered 503)", self._failed_rows)
             self._failed_rows = 0
 
-    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+    def _fail(self, batch: list[_Queued], exc: Exception) -> None:
+        rows = sum(isinstance(item, _Pending) for item in batch)
+        error = AppendError(f"{type(exc).__name__}: {exc}")
+        for item in batch:
+            item.loop.call_soon_threadsafe(_set_exception, item.future, error)
+        if not rows:  # only delivery records: their outbox rows stay pending and are attempted again
+            return
         if self.observer is not None:
-            self.observer.batch_failed(len(batch))
+            self.observer.batch_failed(rows)
         if not self._failed_rows:
             log.error(
                 "audit log writes failing (%s: %s); answering 503 until they succeed", type(exc).__name__, exc
             )
-        self._failed_rows += len(batch)
-        error = AppendError(f"{type(exc).__name__}: {exc}")
-        for pending in batch:
-            pending.loop.call_soon_threadsafe(_set_exception, pending.future, error)
+        self._failed_rows += rows
 
-    def _commit(self, batch: list[_Pending]) -> list[Committed]:
+    def _commit(self, batch: list[_Queued]) -> list[Committed | list[outbox.Attempt]]:
         conn = self._conn
         assert conn is not None
         started = time.perf_counter()
-        results, counts = append_batch(conn, [(p.row, p.event, p.forward) for p in batch])
-        if self.observer is not None:
+        pending = [p for p in batch if isinstance(p, _Pending)]
+        records = [r for r in batch if isinstance(r, _Record)]
+        results, counts, exhausted = append_batch(
+            conn, [(p.row, p.event, p.forward) for p in pending], [(r.attempts, r.schedule) for r in records]
+        )
+        if self.observer is not None and pending:
             try:
                 self.observer.batch_committed(
-                    [p.row for p in batch], time.perf_counter() - started, results[-1].id
+                    [p.row for p in pending], time.perf_counter() - started, results[-1].id
                 )
                 if counts is not None:
                     self.observer.topics_counted(*counts)
             except Exception:  # the rows are committed: a reporting bug must not turn them into 503s
                 log.exception("the writer's observer failed")
-        return results
+        committed, recorded = iter(results), iter(exhausted)
+        return [next(committed) if isinstance(item, _Pending) else next(recorded) for item in batch]
 
 
 def append_batch(
-    conn: sqlite3.Connection, items: list[tuple[dict[str, Any], models.TopicEvent | None]] | list[Item]
-) -> tuple[list[Committed], tuple[int, int] | None]:
-    """Append ``items`` (row, event to project[, forwarding]) in one transaction on ``conn`` (autocommit
-    mode).
+    conn: sqlite3.Connection,
+    items: list[tuple[dict[str, Any], models.TopicEvent | None]] | list[Item],
+    deliveries: list[tuple[list[outbox.Attempt], tuple[int, ...]]] | None = None,
+) -> tuple[list[Committed], tuple[int, int] | None, list[list[outbox.Attempt]]]:
+    """Append ``items`` (row, event to project[, forwarding]) and record ``deliveries`` (attempts, retry
+    schedule) in one transaction on ``conn`` (autocommit mode).
 
     Fills in each row's ``id``, chain links and, for topic events, ``outcome`` and ``duplicate_of``.
-    Returns what was committed and, when the group changed any topic's state, the topics now active
-    and deleted (``topic_counts``, kept in the same transaction).
+    Returns what was committed; when the group changed any topic's state, the topics now active and
+    deleted (``topic_counts``, kept in the same transaction); and for each of ``deliveries`` the
+    attempts that exhausted their schedule.
 
     The group costs a fixed handful of statements whatever its size: the chain head, one read of the
     topics it touches, the log rows and the changed topics in one ``executemany`` each, the hourly
@@ -285,6 +316,7 @@ def append_batch(
     delta = {"active": 0, "deleted": 0}
     counts = None
     results: list[Committed] = []
+    exhausted: list[list[outbox.Attempt]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         head = conn.execute(_HEAD).fetchone()
@@ -321,12 +353,16 @@ def append_batch(
             rows.append(row)
             results.append(Committed(head_id, row["outcome"], row["duplicate_of"], head_hash))
         store.flush()
-        conn.executemany(_INSERT, rows)
-        rollups.add(conn, rows)
+        if rows:
+            conn.executemany(_INSERT, rows)
+            rollups.add(conn, rows)
         for delay, triples in queued.items():
             outbox.queue(conn, triples, delay)
         if before_attempts:
             outbox.append(conn, before_attempts)
+        if deliveries:
+            now = outbox.now_iso()
+            exhausted = [outbox.record_in(conn, attempts, schedule, now) for attempts, schedule in deliveries]
         if delta["active"] or delta["deleted"]:
             conn.executemany(
                 "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",
@@ -339,24 +375,24 @@ def append_batch(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return results, counts
+    return results, counts, exhausted
 
 
-def _resolve(batch: list[_Pending], results: list[Committed]) -> None:
+def _resolve(batch: list[_Queued], results: list[Committed | list[outbox.Attempt]]) -> None:
     # One wake-up per event loop for the whole group, not one per request.
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Committed], Committed]]] = {}
-    for pending, result in zip(batch, results, strict=True):
-        by_loop.setdefault(pending.loop, []).append((pending.future, result))
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for item, result in zip(batch, results, strict=True):
+        by_loop.setdefault(item.loop, []).append((item.future, result))
     for loop, pairs in by_loop.items():
         loop.call_soon_threadsafe(_set_results, pairs)
 
 
-def _set_results(pairs: list[tuple[asyncio.Future[Committed], Committed]]) -> None:
+def _set_results(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, result in pairs:
         if not future.done():
             future.set_result(result)
 
 
-def _set_exception(future: asyncio.Future[Committed], exc: BaseException) -> None:
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

@@ -7,10 +7,13 @@
 3. Database bytes per audited callback (the documented after-create sample).
 4. Resident memory of `serve` before and after DELIVERIES deliveries.
 5. `verify` and `rebuild-projection` on a log of LOG_ROWS entries (BENCH_LOG reuses an existing file).
+6. Forwarding: the receiver at 32 connections with forwarding off and on (to the bare endpoint as a fast
+   local destination), alternating; the outbox's delivery rate against the receiver's; Before-callback
+   latency with a destination that answers in 50 ms.
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
 BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
-BENCH_ONLY (sections to run, "http,servers,writer,memory,log").
+BENCH_BEFORE_REQUESTS (2000), BENCH_ONLY (sections to run, "http,servers,writer,memory,log,forward").
 """
 
 from __future__ import annotations
@@ -368,13 +371,111 @@ def log_benchmark(folder: Path) -> list[str]:
     return [f"On a log of {count:,} entries ({os.cpu_count()} cores):", "", *lines]
 
 
+def forward_benchmark(folder: Path) -> list[str]:
+    seconds = int(setting("SECONDS", "10"))
+    rounds = int(setting("ROUNDS", "2"))
+    destination = bare()
+    target = destination.url.replace("/healthz", "/callback")
+    lines = [
+        "| forwarding | req/s at 32 | p50 / p99 ms | delivered during the run /s | backlog at the end | drained after, s |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    try:
+        for round_ in range(rounds):  # alternate to cancel drift
+            for mode in ("off", "on"):
+                db = folder / f"forward-{mode}-{round_}.db"
+                extra = {"TOPIC_AUDIT_FORWARD_URL": target} if mode == "on" else {}
+                process = serve(db, **extra)
+                try:
+                    result = wrk(process.url, 32, seconds)
+                    if mode == "on":
+                        result |= _drain(db, seconds)
+                finally:
+                    process.stop()
+                runs[mode].append(result)
+    finally:
+        destination.stop()
+    for mode in ("off", "on"):
+        got = {
+            k: sum(r.get(k, 0.0) for r in runs[mode]) / rounds
+            for k in ("rps", "p50", "p99", "rate", "backlog", "drain")
+        }
+        extra = (
+            f"{got['rate']:.0f} | {got['backlog']:.0f} | {got['drain']:.1f}" if mode == "on" else "— | — | —"
+        )
+        lines.append(f"| {mode} | {got['rps']:.0f} | {got['p50']:.2f} / {got['p99']:.2f} | {extra} |")
+    off, on = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on"))
+    lines.append(f"\nThroughput with forwarding on ÷ off: {on / off:.2f}.")
+    lines += ["", *before_latency(folder)]
+    return lines
+
+
+def _drain(db: Path, seconds: int) -> dict[str, float]:
+    """The outbox after a wrk run: what was delivered while it ran, what was left, how long that took."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        delivered = conn.execute("SELECT count(*) FROM deliveries WHERE error IS NULL").fetchone()[0]
+        backlog = conn.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        started = time.monotonic()
+        while conn.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]:
+            if time.monotonic() - started > 120:
+                break
+            time.sleep(0.05)
+        return {"rate": delivered / seconds, "backlog": backlog, "drain": time.monotonic() - started}
+    finally:
+        conn.close()
+
+
+def before_latency(folder: Path) -> list[str]:
+    """Before-callbacks forwarded to a destination that answers in 50 ms: what Tencent waits."""
+    import asyncio
+    import statistics
+
+    sys.path.insert(0, str(HERE.parent))
+    from destination import Destination  # tests/destination.py
+
+    count = int(setting("BEFORE_REQUESTS", "2000"))
+    app = Destination("slow", delay=0.050)
+    process = serve(folder / "before.db", TOPIC_AUDIT_FORWARD_URL=app.url)
+    url = process.url.replace("/healthz", "/callback")
+    body = samples.sample("before-create")
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def worker(n: int) -> None:
+                for _ in range(n):
+                    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+                    started = time.perf_counter()
+                    answer = await client.post(f"{url}?{query}", json=body)
+                    latencies.append(time.perf_counter() - started)
+                    assert answer.status_code == 200
+
+            await asyncio.gather(*(worker(count // 8) for _ in range(8)))
+        return latencies
+
+    try:
+        latencies = sorted(asyncio.run(run()))
+    finally:
+        process.stop()
+        app.stop()
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+    return [
+        f"Before-callbacks, the app answering in 50 ms, 8 at a time: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+        f"({len(latencies)} requests; what topic-audit adds: p50 {p50 - 50:.1f} ms)"
+    ]
+
+
 def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is required (apt-get install wrk)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        only = setting("ONLY", "http,servers,writer,memory,log").split(",")
+        only = setting("ONLY", "http,servers,writer,memory,log,forward").split(",")
         if "http" in only:
             http, db = http_benchmark(folder)
             sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
@@ -387,6 +488,8 @@ def main() -> None:
             sections.append(("Memory", memory_benchmark(folder)))
         if "log" in only:
             sections.append(("verify and rebuild-projection", log_benchmark(folder)))
+        if "forward" in only:
+            sections.append(("Forwarding", forward_benchmark(folder)))
     for title, lines in sections:
         print(f"\n### {title}\n")
         print("\n".join(lines))
