@@ -126,7 +126,10 @@ def test_after_callbacks_arrive_byte_identical_and_freshly_signed(
         ("after", 200, None, 0)
     }
     assert {r["state"] for r in table(server.db, "SELECT state FROM outbox")} == {"delivered"}
-    assert metric(server, "topic_audit_forward_attempts_total", result="delivered") == 4
+    # reported by the delivery process to serve's /metrics within a quarter of a second
+    wait_for(
+        lambda: metric(server, "topic_audit_forward_attempts_total", result="delivered") == 4, 5, "metrics"
+    )
     server.stop()
     assert cli("verify", "--db", str(server.db)).returncode == 0
 
@@ -219,7 +222,7 @@ def test_the_retry_schedule_is_followed_recorded_and_replayed(tmp_path: Path, st
         assert [r.headers["x-topic-audit-attempt"] for r in destination.received] == ["1", "2", "3"]
         (state,) = table(server.db, "SELECT * FROM outbox")
         assert (state["attempts"], state["last_error"]) == (3, "http_error: HTTP 500")
-        assert metric(server, "topic_audit_forward_failed_total") == 1
+        wait_for(lambda: metric(server, "topic_audit_forward_failed_total") == 1, 5, "the exhausted metric")
 
         destination.mode = "ok"
         replayed = cli("replay", "--db", str(server.db), "--failed")

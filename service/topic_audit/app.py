@@ -321,7 +321,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         counts = await asyncio.wrap_future(writer.run(_counts))
         metrics.set_initial(*counts)
         app.state.writer = writer
-        forwarder = Forwarder(settings, writer, metrics) if settings.forward_url else None
+        forwarder = Forwarder(settings, metrics) if settings.forward_url else None
         if forwarder is not None:
             await forwarder.start()
         app.state.forwarder = forwarder

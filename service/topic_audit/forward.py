@@ -1,36 +1,25 @@
 """Forwarding: topic-audit as an audited proxy in front of the app's own callback handler.
 
 Tencent sends every callback of an app to one URL. When topic-audit holds it, the app's handler gets
-every callback that passed the app-id and signature checks, from here:
+every callback that passed the app-id and signature checks:
 
 - **Before-callbacks** (the app may veto): :meth:`Forwarder.before` posts to the first destination
   before Tencent is answered, within ``forward_before_timeout_seconds``; a Tencent-shaped answer from the
   app is relayed byte for byte, anything else gets the ``forward_before_on_failure`` answer. Never retried.
 - **Everything else**: the outbox rows are queued in the transaction that appends the log row
-  (:class:`topic_audit.writer.Forward`); :meth:`Forwarder.run` delivers them in the background following
-  the retry schedule, at most :data:`PER_DESTINATION` at a time to each destination, so a slow or dead
-  destination holds only its own slots. A delivery's outbox row stays pending until its attempt is
-  recorded: a crash at any point means another attempt (at least once), never a lost one.
+  (:class:`topic_audit.writer.Forward`), and the delivery process (:mod:`topic_audit.delivery`, a child
+  of ``serve`` with its own interpreter, so that delivering never takes CPU from the answers) delivers
+  them in the background.
 
 Every attempt is re-signed (``RequestTime`` now, ``Sign`` recomputed) when a token is configured, so the
-app's own freshness check passes on retries; the body is the bytes received. With ``serve --workers``,
-one process at a time (the holder of ``<db>.forwarder.lock``) delivers the outbox.
+app's own freshness check passes on retries; the body is the bytes received.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import logging
-import os
-import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -40,20 +29,11 @@ from yarl import URL
 from topic_audit import checks, models, outbox
 from topic_audit.metrics import Metrics, package_version
 from topic_audit.settings import Settings
-from topic_audit.writer import AuditWriter, Forward
-
-log = logging.getLogger(__name__)
+from topic_audit.writer import Forward
 
 PER_DESTINATION = 32
 """Most attempts in flight to one destination at once."""
-POLL_SECONDS = 1.0
-"""Longest wait between looks at the outbox (retries fall due; other processes queue rows)."""
-BACKLOG_SECONDS = 1.0
-"""How often the pending gauges are refreshed."""
-LOCK_RETRY_SECONDS = 2.0
 RESPONSE_READ_LIMIT = 16384
-
-T = TypeVar("T")
 
 
 def destination_label(url: str) -> str:
@@ -120,92 +100,32 @@ class Sent:
     body: bytes
     seconds: float
 
+    def text(self) -> str | None:
+        """The answer as stored in ``deliveries.response_body`` (bounded)."""
+        return self.body[: outbox.RESPONSE_LIMIT].decode("utf-8", "replace") if self.body else None
 
-class Forwarder:
-    def __init__(self, settings: Settings, writer: AuditWriter, metrics: Metrics) -> None:
-        self.settings = settings
-        self.writer = writer
-        self.metrics = metrics
-        self.destinations = settings.forward_url
-        self.schedule = settings.forward_retry_schedule
-        self.failure_answer = (
-            models.OK_BODY
-            if settings.forward_before_on_failure == "allow"
-            else models.encode_answer("OK", "the app's callback handler did not answer", 1)
-        )
-        self._labels: dict[str, str] = {}
+
+class Sender:
+    """Posts callbacks to destinations: re-signed, byte-identical, never following redirects."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
         self._session: aiohttp.ClientSession | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._read_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._flushing: asyncio.Task[None] | None = None
-        self._attempts: set[asyncio.Task[None]] = set()
-        self._in_flight: dict[str, set[int]] = {}
-        self._results: list[outbox.Attempt] = []
-        self._lock_file: int | None = None
-        self._backlog_at = 0.0
-        self._elsewhere: list[str] = []
-        """Destinations with pending rows that are not configured (replayed elsewhere)."""
 
-    # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        for destination in self.destinations:
-            self.metrics.forwarding_to(self.label(destination))
-        # aiohttp rather than httpx here: httpcore checks every pooled connection's socket on each request,
-        # which at 32 connections cost more CPU than the receiver's own work (README, Performance).
+        # aiohttp rather than httpx here: httpcore checks every pooled connection's socket on each
+        # request, which at 32 connections cost more CPU than the delivery itself (README, Performance).
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_DESTINATION + 1),
             skip_auto_headers=("Content-Type",),  # sent only when the request had one
             headers={"user-agent": f"topic-audit/{package_version()}"},
             auto_decompress=False,
         )
-        self._reader = sqlite3.connect(
-            f"file:{self.settings.db}?mode=ro", uri=True, check_same_thread=False, timeout=5
-        )
-        self._task = asyncio.create_task(self.run(), name="forwarder")
 
-    async def stop(self) -> None:
-        """Stop delivering; attempts under way are abandoned (their outbox rows stay pending, so they are
-        attempted again after the restart) and what was already attempted is recorded."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in list(self._attempts):
-            task.cancel()
-        await asyncio.gather(*self._attempts, return_exceptions=True)
-        if self._flushing is not None:
-            with contextlib.suppress(Exception):
-                await self._flushing
-        with contextlib.suppress(Exception):
-            await self._flush()
+    async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-        if self._reader is not None:
-            self._reader.close()
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
 
-    def wake(self) -> None:
-        """New rows were queued: look at the outbox now."""
-        self._wake.set()
-
-    def label(self, destination: str) -> str:
-        label = self._labels.get(destination)
-        if label is None:
-            label = self._labels[destination] = destination_label(destination)
-            self.metrics.forwarding_to(label)
-        return label
-
-    def forward_for(self, decision: checks.Decision) -> Forward | None:
-        """What to queue with an after-callback's log row (None when it is not forwarded)."""
-        if not decision.authenticated or outbox.is_before(decision.command):
-            return None
-        return Forward(self.destinations, float(self.schedule[0]))
-
-    # -- sending ---------------------------------------------------------------------------------
     async def send(
         self,
         destination: str,
@@ -216,7 +136,7 @@ class Forwarder:
         timeout: float,
     ) -> Sent:
         assert self._session is not None
-        url = URL(target(destination, resign(query_string, self.settings.token, time.time())), encoded=True)
+        url = URL(target(destination, resign(query_string, self.token, time.time())), encoded=True)
         if kind_of_content is not None:
             headers["content-type"] = kind_of_content
         started = time.perf_counter()
@@ -242,13 +162,53 @@ class Forwarder:
             return Sent(status, "http_error", f"HTTP {status}", bytes(answer), seconds)
         return Sent(status, None, None, bytes(answer), seconds)
 
+
+class Forwarder:
+    """The receiver's side of forwarding: Before-callbacks, what to queue with each row, and the
+    delivery process."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        from topic_audit.delivery import DeliveryProcess
+
+        self.settings = settings
+        self.metrics = metrics
+        self.destinations = settings.forward_url
+        self.failure_answer = (
+            models.OK_BODY
+            if settings.forward_before_on_failure == "allow"
+            else models.encode_answer("OK", "the app's callback handler did not answer", 1)
+        )
+        self.sender = Sender(settings.token)
+        self.delivery = DeliveryProcess(settings, metrics)
+        self._label = destination_label(self.destinations[0])
+
+    async def start(self) -> None:
+        for destination in self.destinations:
+            self.metrics.forwarding_to(destination_label(destination))
+        await self.sender.start()
+        self.delivery.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.delivery.stop)
+        await self.sender.close()
+
+    def wake(self) -> None:
+        """Rows were queued: the delivery process looks at the outbox now."""
+        self.delivery.wake()
+
+    def forward_for(self, decision: checks.Decision) -> Forward | None:
+        """What to queue with an after-callback's log row (None when it is not forwarded)."""
+        if not decision.authenticated or outbox.is_before(decision.command):
+            return None
+        return Forward(self.destinations, float(self.settings.forward_retry_schedule[0]))
+
     async def before(
         self, request: checks.RawRequest, received_at: str
     ) -> tuple[bytes | None, outbox.Attempt]:
         """Forward a Before-callback to the first destination: (the app's answer to relay, or None when
         it gave none usable; the attempt, to record with the log row)."""
         destination = self.destinations[0]
-        sent = await self.send(
+        sent = await self.sender.send(
             destination,
             request.query_string,
             request.body,
@@ -260,7 +220,7 @@ class Forwarder:
         relayed = error is None and tencent_answer(sent.status_code, sent.body)
         if error is None and not relayed:
             error, detail = "http_error", "the answer is not a JSON object with ActionStatus and ErrorCode"
-        self.metrics.attempted(self.label(destination), "before", error or "delivered", sent.seconds)
+        self.metrics.attempted(self._label, "before", error or "delivered", sent.seconds)
         attempt = outbox.Attempt(
             0,
             destination,
@@ -271,135 +231,9 @@ class Forwarder:
             sent.status_code,
             error,
             detail,
-            _text(sent.body),
+            sent.text(),
         )
         return (sent.body if relayed else None), attempt
-
-    # -- the outbox ------------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Deliver what falls due, until cancelled."""
-        while True:
-            wait = POLL_SECONDS
-            try:
-                if self._holds_lock():
-                    wait = await self._dispatch()
-                    if time.monotonic() - self._backlog_at >= BACKLOG_SECONDS:
-                        await self._report_backlog()
-                else:
-                    wait = LOCK_RETRY_SECONDS
-            except Exception:
-                log.exception("the forwarder could not read the outbox; trying again")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            self._wake.clear()
-
-    def _holds_lock(self) -> bool:
-        """One process delivers the outbox (``serve --workers``): the holder of the lock file."""
-        if self._lock_file is not None:
-            return True
-        path = Path(f"{self.settings.db}.forwarder.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_file = fd
-        return True
-
-    async def _read(self, query: Callable[..., T], *args: Any) -> T:
-        async with self._read_lock:
-            return await asyncio.to_thread(query, self._reader, *args)
-
-    async def _dispatch(self) -> float:
-        """Start the attempts that are due; the seconds until the next one falls due (at most a poll).
-
-        Each look costs a few index steps per destination whatever the backlog: the destinations with
-        pending rows beyond the configured ones (replays elsewhere) are listed with the backlog gauges.
-        """
-        now = outbox.now_iso()
-        wait = POLL_SECONDS
-        for destination in dict.fromkeys([*self.destinations, *self._elsewhere]):
-            in_flight = self._in_flight.setdefault(destination, set())
-            free = PER_DESTINATION - len(in_flight)
-            if free > 0:
-                for item in await self._read(outbox.due, destination, now, free, list(in_flight)):
-                    in_flight.add(item.audit_id)
-                    task = asyncio.create_task(self._deliver(item))
-                    self._attempts.add(task)
-                    task.add_done_callback(self._attempts.discard)
-            upcoming = await self._read(outbox.next_due, destination)
-            if upcoming is not None and len(in_flight) < PER_DESTINATION:
-                wait = min(wait, max(_seconds_until(upcoming), 0.01))
-        return wait
-
-    async def _deliver(self, item: outbox.Due) -> None:
-        attempt = item.attempts + 1
-        started_at = outbox.now_iso()
-        sent = await self.send(
-            item.destination,
-            item.query_string,
-            item.body,
-            content_type(item.request_headers),
-            {"x-topic-audit-id": str(item.audit_id), "x-topic-audit-attempt": str(attempt)},
-            self.settings.forward_timeout_seconds,
-        )
-        self.metrics.attempted(self.label(item.destination), "after", sent.error or "delivered", sent.seconds)
-        self._results.append(
-            outbox.Attempt(
-                item.audit_id,
-                item.destination,
-                "after",
-                attempt,
-                started_at,
-                sent.seconds * 1000,
-                sent.status_code,
-                sent.error,
-                sent.detail,
-                _text(sent.body),
-                item.replay,
-            )
-        )
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        """Record the finished attempts (one transaction for all that are ready), then free their slots."""
-        while self._results:
-            batch, self._results = self._results, []
-            try:
-                exhausted = await self.writer.record(batch, self.schedule)
-            except Exception as exc:  # the outbox rows stay pending: they are attempted again
-                log.error(
-                    "could not record %d delivery attempts (%s); they will be attempted again",
-                    len(batch),
-                    exc,
-                )
-                exhausted = []
-            for attempt in exhausted:
-                self.metrics.forward_failed.labels(self.label(attempt.destination)).inc()
-                log.warning(
-                    "delivery of entry %d to %s failed %d times; giving up (topic-audit replay --failed)",
-                    attempt.audit_id,
-                    self.label(attempt.destination),
-                    attempt.attempt,
-                )
-            for attempt in batch:
-                self._in_flight.get(attempt.destination, set()).discard(attempt.audit_id)
-            self._wake.set()
-
-    async def _report_backlog(self) -> None:
-        self._backlog_at = time.monotonic()
-        backlog = await self._read(outbox.backlog)
-        self._elsewhere = [d for d in backlog if d not in self.destinations]
-        now = time.time()
-        for destination in dict.fromkeys([*self.destinations, *backlog]):
-            label = self.label(destination)
-            pending, oldest = backlog.get(destination, (0, None))
-            self.metrics.forward_pending.labels(label).set(pending)
-            age = max(now - _timestamp(oldest), 0.0) if oldest is not None else 0.0
-            self.metrics.forward_oldest_pending.labels(label).set(age)
 
 
 def _since(started: float) -> float:
@@ -409,17 +243,3 @@ def _since(started: float) -> float:
 def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:500]
-
-
-def _text(body: bytes) -> str | None:
-    if not body:
-        return None
-    return body[: outbox.RESPONSE_LIMIT].decode("utf-8", "replace")
-
-
-def _timestamp(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _seconds_until(iso: str) -> float:
-    return _timestamp(iso) - time.time()

@@ -94,6 +94,9 @@ class Attempt:
     detail: str | None = None
     response_body: str | None = None
     replay: int = 0
+    round_queued_at: str | None = None
+    """``outbox.queued_at`` of the round this attempt belongs to: a replay queued meanwhile starts a new
+    round, which the attempt's outcome must not overwrite (not stored in ``deliveries``)."""
 
     @property
     def delivered(self) -> bool:
@@ -170,6 +173,7 @@ class Due:
     query_string: str
     body: bytes
     request_headers: str
+    queued_at: str
 
 
 def due(
@@ -179,12 +183,12 @@ def due(
     those of the entries in ``skip`` (attempts under way)."""
     found = conn.execute(
         "SELECT o.audit_id, o.destination, o.attempts, o.replay, a.query_string, CAST(a.request_body AS BLOB), "
-        "a.request_headers FROM outbox o JOIN audit_log a ON a.id = o.audit_id "
+        "a.request_headers, o.queued_at FROM outbox o JOIN audit_log a ON a.id = o.audit_id "
         "WHERE o.state = 'pending' AND o.destination = ? AND o.next_attempt_at <= ? "
         "AND o.audit_id NOT IN (SELECT value FROM json_each(?)) ORDER BY o.next_attempt_at LIMIT ?",
         (destination, now, json.dumps(list(skip)), limit),
     ).fetchall()
-    return [Due(r[0], r[1], r[2], r[3], r[4], r[5] or b"", r[6]) for r in found]
+    return [Due(r[0], r[1], r[2], r[3], r[4], r[5] or b"", r[6], r[7]) for r in found]
 
 
 def next_due(conn: sqlite3.Connection, destination: str) -> str | None:
@@ -234,33 +238,41 @@ def record_in(
     """Append the attempts to ``deliveries`` and move their outbox rows on, inside the caller's
     transaction (the writer's group commit). Returns the attempts that exhausted the schedule."""
     append(conn, attempts)
+    # Each update applies only to the round the attempt belongs to: a replay queued while it was under
+    # way stays pending.
+    same_round = "audit_id = ? AND destination = ? AND (? IS NULL OR queued_at = ?)"
     conn.executemany(
         "UPDATE outbox SET state = 'delivered', attempts = ?, next_attempt_at = NULL, last_error = NULL, "
-        "updated_at = ? WHERE audit_id = ? AND destination = ?",
-        [(a.attempt, now, a.audit_id, a.destination) for a in attempts if a.delivered],
+        f"updated_at = ? WHERE {same_round}",
+        [(a.attempt, now, *_round(a)) for a in attempts if a.delivered],
     )
     exhausted: list[Attempt] = []
     for attempt in attempts:
         if attempt.delivered:
             continue
-        key = (attempt.audit_id, attempt.destination)
-        found = conn.execute("SELECT step FROM outbox WHERE audit_id = ? AND destination = ?", key).fetchone()
-        step = (found[0] if found else 0) + 1
+        found = conn.execute(f"SELECT step FROM outbox WHERE {same_round}", _round(attempt)).fetchone()
+        if found is None:  # replayed meanwhile
+            continue
+        step = found[0] + 1
         error = f"{attempt.error}: {attempt.detail}" if attempt.detail else attempt.error
         if step < len(schedule):
             conn.execute(
                 "UPDATE outbox SET attempts = ?, step = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
-                "WHERE audit_id = ? AND destination = ?",
-                (attempt.attempt, step, later(now, schedule[step]), error, now, *key),
+                f"WHERE {same_round}",
+                (attempt.attempt, step, later(now, schedule[step]), error, now, *_round(attempt)),
             )
         else:
             exhausted.append(attempt)
             conn.execute(
                 "UPDATE outbox SET state = 'failed', attempts = ?, step = ?, next_attempt_at = NULL, "
-                "last_error = ?, updated_at = ? WHERE audit_id = ? AND destination = ?",
-                (attempt.attempt, step, error, now, *key),
+                f"last_error = ?, updated_at = ? WHERE {same_round}",
+                (attempt.attempt, step, error, now, *_round(attempt)),
             )
     return exhausted
+
+
+def _round(attempt: Attempt) -> tuple[int, str, str | None, str | None]:
+    return attempt.audit_id, attempt.destination, attempt.round_queued_at, attempt.round_queued_at
 
 
 FORWARDABLE = (

@@ -108,10 +108,15 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class AuditWriter:
-    def __init__(self, path: Path, max_batch: int = 256, observer: Observer | None = None) -> None:
+    def __init__(
+        self, path: Path, max_batch: int = 256, observer: Observer | None = None, index_search: bool = True
+    ) -> None:
         self.path = path
         self.max_batch = max_batch
         self.observer = observer
+        self.index_search = index_search
+        """Keep the full-text index up to date between groups (the receiver's writer does; the delivery
+        process's does not)."""
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -191,7 +196,9 @@ class AuditWriter:
 
     def _index_search(self) -> None:
         self._indexed_at = time.monotonic()
-        if self._failed_rows:  # during a fault episode the index waits: no extra busy-timeout stalls
+        if (
+            self._failed_rows or not self.index_search
+        ):  # during a fault episode the index waits: no extra busy-timeout stalls
             return
         assert self._conn is not None
         try:

@@ -113,7 +113,7 @@ def bare() -> Process:
     return Process(args, {}, f"http://127.0.0.1:{port}/healthz")
 
 
-def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, connections: int, seconds: int, delay_ms: int = 0) -> dict[str, float]:
     query = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", TOKEN)
     result = subprocess.run(
         [
@@ -128,7 +128,7 @@ def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
         ],
         capture_output=True,
         text=True,
-        env={**ENV, "QUERY": query},
+        env={**ENV, "QUERY": query, "DELAY_MS": str(delay_ms)},
         timeout=seconds + 60,
     )
     out = result.stdout
@@ -371,42 +371,56 @@ def log_benchmark(folder: Path) -> list[str]:
     return [f"On a log of {count:,} entries ({os.cpu_count()} cores):", "", *lines]
 
 
+FORWARD_LOADS = (
+    ("flat out, 32 connections", 32, 0),
+    ("~1,000/s (8 connections, 8 ms apart)", 8, 8),
+    ("~200/s (4 connections, 20 ms apart)", 4, 20),
+)
+
+
 def forward_benchmark(folder: Path) -> list[str]:
+    """The receiver with forwarding off and on (to the bare endpoint: a fast local destination), at
+    each load of FORWARD_LOADS, alternating off and on ROUNDS times."""
     seconds = int(setting("SECONDS", "10"))
     rounds = int(setting("ROUNDS", "2"))
     destination = bare()
     target = destination.url.replace("/healthz", "/callback")
     lines = [
-        "| forwarding | req/s at 32 | p50 / p99 ms | delivered during the run /s | backlog at the end | drained after, s |",
-        "|---|---:|---|---:|---:|---:|",
+        "| load | forwarding | req/s | p50 / p99 ms | delivered during the run /s | backlog at the end | drained after, s |",
+        "|---|---|---:|---|---:|---:|---:|",
     ]
-    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    ratios = []
     try:
-        for round_ in range(rounds):  # alternate to cancel drift
+        for load, connections, delay in FORWARD_LOADS:
+            runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+            for round_ in range(rounds):
+                for mode in ("off", "on"):
+                    db = folder / f"forward-{mode}-{connections}-{round_}.db"
+                    extra = {"TOPIC_AUDIT_FORWARD_URL": target} if mode == "on" else {}
+                    process = serve(db, **extra)
+                    try:
+                        result = wrk(process.url, connections, seconds, delay)
+                        if mode == "on":
+                            result |= _drain(db, seconds)
+                    finally:
+                        process.stop()
+                    runs[mode].append(result)
             for mode in ("off", "on"):
-                db = folder / f"forward-{mode}-{round_}.db"
-                extra = {"TOPIC_AUDIT_FORWARD_URL": target} if mode == "on" else {}
-                process = serve(db, **extra)
-                try:
-                    result = wrk(process.url, 32, seconds)
-                    if mode == "on":
-                        result |= _drain(db, seconds)
-                finally:
-                    process.stop()
-                runs[mode].append(result)
+                keys = ("rps", "p50", "p99", "rate", "backlog", "drain")
+                got = {k: sum(r.get(k, 0.0) for r in runs[mode]) / rounds for k in keys}
+                tail = (
+                    f"{got['rate']:.0f} | {got['backlog']:.0f} | {got['drain']:.1f}"
+                    if mode == "on"
+                    else "— | — | —"
+                )
+                lines.append(
+                    f"| {load} | {mode} | {got['rps']:.0f} | {got['p50']:.2f} / {got['p99']:.2f} | {tail} |"
+                )
+            off, on = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on"))
+            ratios.append(f"{load}: {on / off:.2f}")
     finally:
         destination.stop()
-    for mode in ("off", "on"):
-        got = {
-            k: sum(r.get(k, 0.0) for r in runs[mode]) / rounds
-            for k in ("rps", "p50", "p99", "rate", "backlog", "drain")
-        }
-        extra = (
-            f"{got['rate']:.0f} | {got['backlog']:.0f} | {got['drain']:.1f}" if mode == "on" else "— | — | —"
-        )
-        lines.append(f"| {mode} | {got['rps']:.0f} | {got['p50']:.2f} / {got['p99']:.2f} | {extra} |")
-    off, on = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on"))
-    lines.append(f"\nThroughput with forwarding on ÷ off: {on / off:.2f}.")
+    lines.append(f"\nThroughput with forwarding on ÷ off: {'; '.join(ratios)}.")
     lines += ["", *before_latency(folder)]
     return lines
 

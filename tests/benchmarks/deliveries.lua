@@ -15,3 +15,10 @@ request = function()
     '"UserDefinedDataList":[{"Key":"UserDefined1","Value":"hello"},{"Key":"UserDefined2","Value":"world"}]}'
   return wrk.format("POST", "/callback?" .. query, {["Content-Type"] = "application/json"}, body)
 end
+-- DELAY_MS paces each connection (a steady rate: connections x 1000 / (DELAY_MS + latency) per second).
+local pause = tonumber(os.getenv("DELAY_MS") or "0")
+if pause > 0 then
+  delay = function()
+    return pause
+  end
+end
