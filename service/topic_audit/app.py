@@ -316,7 +316,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         migrate(settings.db)
-        writer = AuditWriter(settings.db, settings.max_batch, observer=metrics)
+        writer = AuditWriter(
+            settings.db, settings.max_batch, observer=metrics, autocheckpoint=settings.replica_url is None
+        )
         writer.start()
         counts = await asyncio.wrap_future(writer.run(_counts))
         metrics.set_initial(*counts)

@@ -305,7 +305,9 @@ def main() -> None:
 async def _child(settings: Settings, out: IO[bytes]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    writer = AuditWriter(settings.db, settings.max_batch, index_search=False)
+    writer = AuditWriter(
+        settings.db, settings.max_batch, index_search=False, autocheckpoint=settings.replica_url is None
+    )
     writer.start()
     report = Report()
     deliverer = Deliverer(settings, writer, report)

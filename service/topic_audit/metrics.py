@@ -141,6 +141,13 @@ class Metrics:
         )
         for kind in ("before", "after"):
             self.forward_duration.labels(kind)
+        self.replica_lag = Gauge(
+            "topic_audit_replica_lag_seconds",
+            "Age of the newest change to the database not yet in the off-box replica (0 when caught up, or "
+            "without a replica).",
+            registry=r,
+            multiprocess_mode="max",
+        )
         build = Gauge(
             "topic_audit_build_info",
             "Version of the running service; always 1.",

@@ -321,15 +321,18 @@ def replay(
     return len(pairs)
 
 
-def verify_chain(conn: sqlite3.Connection) -> tuple[list[tuple[str, int | None, str]], int, str]:
-    """Recompute the deliveries chain: (findings as (check, id, message), count, head hash)."""
+def verify_chain(
+    conn: sqlite3.Connection, after: tuple[int, str] = (0, chain.GENESIS)
+) -> tuple[list[tuple[str, int | None, str]], int, str]:
+    """Recompute the deliveries chain from the delivery after ``after`` (its id and entry_hash, already
+    verified): (findings as (check, id, message), deliveries checked, head hash)."""
     found: dict[str, tuple[str, int | None, str]] = {}
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
-        return [], 0, chain.GENESIS
-    expected, prev, count = 1, chain.GENESIS, 0
-    query = f"SELECT {', '.join(SORTED)}, entry_hash FROM deliveries ORDER BY id"
+        return [], 0, after[1]
+    (expected, prev), count = (after[0] + 1, after[1]), 0
+    query = f"SELECT {', '.join(SORTED)}, entry_hash FROM deliveries WHERE id > ? ORDER BY id"
     at_id, at_prev = SORTED.index("id"), SORTED.index("prev_hash")
-    for row in conn.execute(query):
+    for row in conn.execute(query, (after[0],)):
         count += 1
         entry_id = row[at_id]
         if entry_id != expected:

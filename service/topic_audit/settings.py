@@ -96,6 +96,14 @@ class Settings:
     """Seconds before each attempt of an after-callback, the first immediate; after the last, ``failed``
     (``TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE``, comma-separated)."""
 
+    replica_url: str | None = None
+    """``s3://bucket/prefix``: ``serve`` runs Litestream, replicating the database there, and publishes
+    every signed checkpoint under the same prefix (``TOPIC_AUDIT_REPLICA_URL``)."""
+
+    replica_endpoint: str | None = None
+    """Endpoint of an S3-compatible store (MinIO, SeaweedFS, …; ``TOPIC_AUDIT_REPLICA_ENDPOINT``);
+    credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"

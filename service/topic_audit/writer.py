@@ -99,19 +99,31 @@ _HEAD = "SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1"
 _STOP = object()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """A write connection: autocommit mode (explicit transactions), WAL, ``synchronous=FULL``."""
+def connect(path: Path, autocheckpoint: bool = True) -> sqlite3.Connection:
+    """A write connection: autocommit mode (explicit transactions), WAL, ``synchronous=FULL``.
+
+    Without ``autocheckpoint``, this connection never checkpoints the WAL: with an off-box replica,
+    Litestream does (its guidance for busy writers), so that no checkpoint races its reading of the WAL.
+    """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    if not autocheckpoint:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
 
 
 class AuditWriter:
     def __init__(
-        self, path: Path, max_batch: int = 256, observer: Observer | None = None, index_search: bool = True
+        self,
+        path: Path,
+        max_batch: int = 256,
+        observer: Observer | None = None,
+        index_search: bool = True,
+        autocheckpoint: bool = True,
     ) -> None:
         self.path = path
+        self.autocheckpoint = autocheckpoint
         self.max_batch = max_batch
         self.observer = observer
         self.index_search = index_search
@@ -125,7 +137,7 @@ class AuditWriter:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._conn = connect(self.path)
+        self._conn = connect(self.path, self.autocheckpoint)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 

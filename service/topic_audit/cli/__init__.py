@@ -2,14 +2,15 @@
 
 The commands group as the modules do: :mod:`.serve` (the receiver), :mod:`.send` (callbacks for
 trying it), :mod:`.audit` (everything that reads or maintains the database), :mod:`.forward` (replaying
-deliveries to the app's handler, and a demo handler).
+deliveries to the app's handler, and a demo handler), :mod:`.offbox` (restoring from the replica, and
+watching a log continuously).
 """
 
 from __future__ import annotations
 
 import click
 
-from topic_audit.cli import audit, forward, send, serve
+from topic_audit.cli import audit, forward, offbox, send, serve
 from topic_audit.cli.options import CONTEXT
 
 
@@ -31,5 +32,7 @@ for command in (
     audit.public_key,
     forward.replay,
     forward.sink,
+    offbox.restore,
+    offbox.watch,
 ):
     main.add_command(command)

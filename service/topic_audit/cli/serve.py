@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,20 @@ from topic_audit.settings import Settings, SettingsError
     "delivery is failed (topic-audit replay --failed).",
 )
 @click.option(
+    "--replica-url",
+    envvar="TOPIC_AUDIT_REPLICA_URL",
+    show_envvar=True,
+    help="s3://bucket/prefix: run Litestream, replicating the database there continuously, and publish every "
+    "signed checkpoint under the same prefix. [default: no replica]",
+)
+@click.option(
+    "--replica-endpoint",
+    envvar="TOPIC_AUDIT_REPLICA_ENDPOINT",
+    show_envvar=True,
+    help="Endpoint of an S3-compatible store (MinIO, SeaweedFS, …); credentials from AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY. [default: AWS S3]",
+)
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -227,6 +243,7 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
         settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
         settings.validate()
         tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        target = _replica_target(settings)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -239,6 +256,8 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
         auth += f"; TLS client certificates from {settings.tls_client_ca} required"
     if settings.forward_url:
         auth += f"; forwarding to {' '.join(settings.forward_url)}"
+    if settings.replica_url:
+        auth += f"; replicating to {settings.replica_url}"
     click.echo(
         f"topic-audit receiver on {settings.scheme}://{host}:{settings.port}{settings.callback_path} "
         f"for SdkAppid {sdkappid}; {auth}; audit log {settings.db}",
@@ -248,18 +267,56 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
         import uvicorn
 
         from topic_audit.app import create_app
+        from topic_audit.metrics import Metrics
 
-        uvicorn.run(
-            create_app(settings),
-            host=host,
-            port=settings.port,
-            access_log=False,
-            log_level=log_level,
-            server_header=False,
-            **_uvicorn_tls(settings),
-        )
+        metrics = Metrics()
+        with _replicating(settings, target, metrics):
+            uvicorn.run(
+                create_app(settings, metrics),
+                host=host,
+                port=settings.port,
+                access_log=False,
+                log_level=log_level,
+                server_header=False,
+                **_uvicorn_tls(settings),
+            )
         return
-    _serve_in_workers(settings, workers, server_name, log_level)
+    _serve_in_workers(settings, workers, server_name, log_level, target)
+
+
+def _replica_target(settings: Settings) -> Any:
+    if settings.replica_url is None:
+        if settings.replica_endpoint is not None:
+            raise SettingsError("TOPIC_AUDIT_REPLICA_ENDPOINT is set but TOPIC_AUDIT_REPLICA_URL is not")
+        return None
+    from topic_audit import replica
+
+    target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
+    replica.binary()  # a missing binary is a start-up error, not a log line later
+    return target
+
+
+@contextlib.contextmanager
+def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None]:
+    """Litestream runs (and the checkpoints are published) while the receiver serves; the store is
+    checked before the first answer, and a store that cannot be used stops serve with one line."""
+    if target is None:
+        yield
+        return
+    from topic_audit import replica
+    from topic_audit.migrations import migrate
+
+    migrate(settings.db)  # Litestream needs the database (in WAL mode) before it starts
+    replicator = replica.Replicator(settings.db, settings.checkpoint_path, target, metrics.replica_lag)
+    try:
+        replicator.start()
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"replicating {settings.db} to {settings.replica_url} (Litestream)", err=True)
+    try:
+        yield
+    finally:
+        replicator.stop()
 
 
 def _schedule(text: str) -> tuple[int, ...]:
@@ -296,7 +353,9 @@ def _granian_tls(settings: Settings) -> dict[str, Any]:
     return arguments
 
 
-def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_level: str) -> None:
+def _serve_in_workers(
+    settings: Settings, workers: int, server_name: str, log_level: str, target: Any
+) -> None:
     """Serve from worker processes, which build the app from the environment (topic_audit.app.from_environment).
 
     What must happen once happens here first: migrations and the signing key. Several workers share
@@ -312,7 +371,9 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
 
     # Before anything imports prometheus_client: it picks its storage when first imported, and a
     # server that forks its workers hands them this process's modules.
-    metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-") if workers > 1 else None
+    # With a replica, this process reports the lag: its metrics join the workers' through the directory.
+    shared = workers > 1 or target is not None
+    metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-") if shared else None
     if metrics_dir is not None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     migrate(settings.db)
@@ -320,6 +381,10 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
         Signer.load_or_create(settings.signing_key_path)
     os.environ[WORKER_SETTINGS] = settings.for_workers()
     os.environ["TOPIC_AUDIT_LOG_LEVEL"] = log_level
+    from topic_audit.metrics import Metrics
+
+    replicating = _replicating(settings, target, Metrics() if target is not None else None)
+    replicating.__enter__()  # before the workers start: the store is checked before the first answer
     try:
         if server_name == "granian":
             from granian.constants import Interfaces
@@ -354,5 +419,6 @@ def _serve_in_workers(settings: Settings, workers: int, server_name: str, log_le
                 **_uvicorn_tls(settings),
             )
     finally:
+        replicating.__exit__(None, None, None)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
