@@ -79,6 +79,10 @@ class Watch:
     """Where the sweep goes on (entries after this id)."""
     checkpoints_seen: int = 0
     checkpoint_digest: str = chain.GENESIS
+    checkpoint_last: dict[str, object] = field(default_factory=dict)
+    """The last checkpoint line verified, whole: a line edited in place is found at once."""
+    checkpoint_cursor: int = 0
+    """Where the sweep of older checkpoint lines goes on."""
     delivered: tuple[int, str] = (0, chain.GENESIS)
     findings: dict[tuple[str, int | None], Finding] = field(default_factory=dict)
 
@@ -163,8 +167,9 @@ class Watch:
                 )
             )
             return 0
-        if self.checkpoints_seen and lines[self.checkpoints_seen - 1].get("digest") != self.checkpoint_digest:
+        if self.checkpoints_seen and lines[self.checkpoints_seen - 1] != self.checkpoint_last:
             new.append(Finding("checkpoint_file", None, f"checkpoint {self.checkpoints_seen} was rewritten"))
+        self._sweep_checkpoints(lines, new)
         size = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
         delivered = _count(conn, "deliveries")
         for number, cp in enumerate(lines[self.checkpoints_seen :], self.checkpoints_seen + 1):
@@ -220,9 +225,26 @@ class Watch:
                         )
                     )
             self.checkpoint_digest = cp["digest"]
+            self.checkpoint_last = cp
         added = len(lines) - self.checkpoints_seen
         self.checkpoints_seen = len(lines)
         return added
+
+    def _sweep_checkpoints(self, lines: list[dict[str, object]], new: list[Finding]) -> None:
+        """Re-check a slice of the lines verified in earlier rounds: signatures and the chain of digests."""
+        limit = min(self.checkpoints_seen, len(lines))
+        if not limit:
+            return
+        start = self.checkpoint_cursor if self.checkpoint_cursor < limit else 0
+        end = min(start + self.sweep_entries, limit)
+        previous = lines[start - 1]["digest"] if start else chain.GENESIS
+        for number in range(start + 1, end + 1):
+            cp = lines[number - 1]
+            if not checkpoints.signature_ok(cp) or cp.get("prev_digest") != previous:
+                new.append(Finding("checkpoint_file", None, f"checkpoint {number} was rewritten"))
+                break
+            previous = cp["digest"]
+        self.checkpoint_cursor = end if end < limit else 0
 
     def _deliveries(self, conn: sqlite3.Connection, new: list[Finding]) -> int:
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
