@@ -91,6 +91,8 @@ def test_alert_rules_are_consistent() -> None:
         "to the app failing",
         "backed up",
         "exhausted",
+        "integrity finding",
+        "replica behind",
     ):
         assert any(title in r["title"].lower() for r in rules), title
 

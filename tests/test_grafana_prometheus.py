@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, free_port, require_tool
+from conftest import APP_ID, TOKEN, Server, alter, free_port, require_tool
 from destination import Destination
 from grafana_files import alert_rules, dashboard_queries, evaluate
 from topic_audit import load
@@ -27,15 +28,14 @@ pytestmark = pytest.mark.slow
 
 
 class Prometheus:
-    def __init__(self, binary: str, target: str, folder: Path) -> None:
+    def __init__(self, binary: str, target: str, folder: Path, watch: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = folder / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
-        )
+        jobs = f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
+        if watch is not None:
+            jobs += f"  - job_name: topic-audit-watch\n    static_configs: [{{targets: ['{watch}']}}]\n"
+        config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n" + jobs)
         self.log = (folder / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
             [
@@ -84,16 +84,37 @@ Stack = tuple[Server, Prometheus, Destination]
 
 @pytest.fixture
 def stack(db_path: Path, tmp_path: Path) -> Iterator[Stack]:
-    """The receiver forwarding to a real destination (the app's handler), scraped by Prometheus."""
+    """The receiver forwarding to a real destination (the app's handler) and `topic-audit watch` on its
+    log, both scraped by Prometheus."""
     binary = require_tool("prometheus")
     destination = Destination("ok")
     env = {"TOPIC_AUDIT_FORWARD_URL": destination.url, "TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE": "0,1,1"}
     server = Server(db_path, tmp_path / "server.log", env).start()
-    prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path)
+    watch_port = free_port()
+    with (tmp_path / "watch.log").open("wb") as out:
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "topic_audit.cli",
+                "watch",
+                "--db",
+                str(db_path),
+                "--interval",
+                "1",
+                "--metrics-port",
+                str(watch_port),
+            ],
+            stdout=out,
+            stderr=out,
+        )
+    prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path, f"127.0.0.1:{watch_port}")
     try:
         yield server, prometheus, destination
     finally:
         prometheus.stop()
+        watcher.terminate()
+        watcher.wait(10)
         server.stop()
         destination.stop()
 
@@ -199,6 +220,11 @@ def test_dashboard_and_alerts_against_real_prometheus(stack: Stack, capsys: Any)
     conn.commit()
     conn.close()
     timings["topic-audit-forward-backlog"] = fired_after("topic-audit-forward-backlog", started)
+
+    # The log altered behind its triggers: `topic-audit watch` finds it.
+    started = time.monotonic()
+    alter(server.db, "UPDATE audit_log SET client_ip = '10.9.9.9' WHERE id = 3")
+    timings["topic-audit-integrity-finding"] = fired_after("topic-audit-integrity-finding", started)
 
     # Receiver down.
     server.stop()

@@ -258,3 +258,37 @@ def test_bad_replica_configuration_is_refused_with_one_line(
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_replica_that_falls_behind_alerts_and_never_fails_an_answer(
+    store: SeaweedFS, tmp_path: Path
+) -> None:
+    """The store stops answering while serve keeps answering: the lag grows in the metric, the log says
+    so, "Replica behind" fires in a real Prometheus; when the store is back, the replica catches up."""
+    from conftest import require_tool
+    from grafana_files import alert_rules, evaluate
+    from test_grafana_prometheus import Prometheus
+
+    binary = require_tool("prometheus")
+    server = Server(tmp_path / "audit.db", tmp_path / "server.log", replica_env(store, "behind")).start()
+    prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path)
+    rule = next(r for r in alert_rules() if r["uid"] == "topic-audit-replica-behind")
+    try:
+        load = Load(server, "behind")
+        time.sleep(2)
+        assert not evaluate(rule, prometheus.query)
+        store.pause()
+        paused = time.monotonic()
+        try:
+            wait_for(lambda: evaluate(rule, prometheus.query), 60, "Replica behind to fire")
+            fired = time.monotonic() - paused
+        finally:
+            store.resume()
+        wait_for(lambda: metric(server, "topic_audit_replica_lag_seconds") < 2, 60, "the replica to catch up")
+        load.stop()
+    finally:
+        prometheus.stop()
+        server.stop()
+    print(f"\nReplica behind fired {fired:.1f} s after the store stopped answering")
+    assert load.failed == 0 and len(load.acknowledged) > 100
+    assert "the replica is" in server.log.read_text() and "the replica caught up" in server.log.read_text()
