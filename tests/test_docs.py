@@ -55,7 +55,11 @@ def test_help_runs(command: str) -> None:
 
 
 def test_every_metric_is_in_the_metrics_table() -> None:
-    names = {m.name for m in Metrics().registry.collect()}
+    from topic_audit.watch import WatchMetrics
+
+    names = {m.name for m in Metrics().registry.collect()} | {
+        m.name for m in WatchMetrics().registry.collect()
+    }
     table = README.split("## Metrics", 1)[1].split("##", 1)[0]
     documented = set(re.findall(r"^\| `(topic_audit_[a-z_]+)`", table, re.MULTILINE))
     # prometheus_client reports counters without their _total suffix
