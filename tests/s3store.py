@@ -72,6 +72,7 @@ class SeaweedFS:
                     f"-s3.port={self.s3}",
                     f"-s3.config={config}",
                     "-master.volumeSizeLimitMB=64",
+                    "-volume.max=100",  # each bucket takes 7 volumes as it is first written
                     "-s3.port.iceberg=0",  # its catalog listens on 8181 otherwise, one store per machine
                     "-s3.port.lance=0",
                 ],

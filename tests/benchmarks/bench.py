@@ -7,17 +7,22 @@
 3. Database bytes per audited callback (the documented after-create sample).
 4. Resident memory of `serve` before and after DELIVERIES deliveries.
 5. `verify` and `rebuild-projection` on a log of LOG_ROWS entries (BENCH_LOG reuses an existing file).
+7. The off-box copy (SeaweedFS as the store): throughput and p99 with the replica off and on, the lag
+   under that load, RPO (what a SIGKILL under load loses), RTO (restore + verify of the LOG_ROWS log,
+   after its first upload) and the cost of a `watch` round by new entries.
 6. Forwarding: the receiver at 32 connections with forwarding off and on (to the bare endpoint as a fast
    local destination), alternating; the outbox's delivery rate against the receiver's; Before-callback
    latency with a destination that answers in 50 ms.
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
 BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
-BENCH_BEFORE_REQUESTS (2000), BENCH_ONLY (sections to run, "http,servers,writer,memory,log,forward").
+BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_ONLY (sections to run,
+"http,servers,writer,memory,log,forward,replica").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -483,13 +489,222 @@ def before_latency(folder: Path) -> list[str]:
     ]
 
 
+def replica_benchmark(folder: Path) -> list[str]:
+    import functools
+    import statistics
+
+    sys.path.insert(0, str(HERE.parent))
+    from s3store import SeaweedFS  # tests/s3store.py
+
+    seconds = int(setting("SECONDS", "10"))
+    rounds = int(setting("ROUNDS", "2"))
+    store = SeaweedFS(folder / "weed")
+    lines: list[str] = []
+    try:
+        store.bucket("bench")
+        replica = {
+            **store.env,
+            "TOPIC_AUDIT_REPLICA_URL": "s3://bench/http",
+            "TOPIC_AUDIT_REPLICA_ENDPOINT": store.endpoint,
+        }
+        runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        for round_ in range(rounds):
+            for mode in ("off", "on"):
+                extra = (
+                    {**replica, "TOPIC_AUDIT_REPLICA_URL": f"s3://bench/http{round_}"} if mode == "on" else {}
+                )
+                process = serve(folder / f"replica-{mode}-{round_}.db", **extra)
+                lags: list[float] = []
+                done = threading.Event()
+                sample = functools.partial(
+                    _sample_lag, process.url.replace("/healthz", "/metrics"), lags, done
+                )
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    result = wrk(process.url, 32, seconds)
+                finally:
+                    done.set()
+                    sampler.join()
+                    process.stop()
+                result["lag_p50"] = statistics.median(lags) if lags else 0.0
+                result["lag_max"] = max(lags, default=0.0)
+                runs[mode].append(result)
+        lines += [
+            "| replica | req/s at 32 | p50 / p99 ms | lag during the run, p50 / max s |",
+            "|---|---:|---|---|",
+        ]
+        for mode in ("off", "on"):
+            got = {
+                k: sum(r[k] for r in runs[mode]) / rounds for k in ("rps", "p50", "p99", "lag_p50", "lag_max")
+            }
+            lag = f"{got['lag_p50']:.2f} / {got['lag_max']:.2f}" if mode == "on" else "—"
+            lines.append(f"| {mode} | {got['rps']:.0f} | {got['p50']:.2f} / {got['p99']:.2f} | {lag} |")
+        off, on = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on"))
+        lines.append(f"\nThroughput with the replica on ÷ off: {on / off:.2f}.\n")
+        lines += rpo(folder, replica)
+        lines += rto_and_watch(folder, store, replica)
+    finally:
+        store.stop()
+    return lines
+
+
+def _sample_lag(url: str, lags: list[float], done: threading.Event) -> None:
+    """``topic_audit_replica_lag_seconds`` twice a second until ``done``."""
+    while not done.wait(0.5):
+        with contextlib.suppress(httpx.HTTPError):
+            found = re.search(
+                r"^topic_audit_replica_lag_seconds ([\d.e+-]+)$", httpx.get(url, timeout=2).text, re.M
+            )
+            if found:
+                lags.append(float(found.group(1)))
+
+
+def rpo(folder: Path, replica: dict[str, str]) -> list[str]:
+    """SIGKILL serve (Litestream dies with it) in the middle of a flat-out load; restore; count."""
+    out = []
+    for run in range(int(setting("RPO_RUNS", "3"))):
+        db = folder / f"rpo-{run}.db"
+        env = {**replica, "TOPIC_AUDIT_REPLICA_URL": f"s3://bench/rpo{run}"}
+        process = serve(db, **env)
+        query = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", TOKEN)
+        load = subprocess.Popen(
+            [
+                "wrk",
+                "-t1",
+                "-c32",
+                "-d20s",
+                "-s",
+                str(HERE / "deliveries.lua"),
+                process.url.replace("/healthz", "/callback"),
+            ],
+            env={**ENV, "QUERY": query},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(5)
+        process.process.send_signal(signal.SIGKILL)
+        process.process.wait(10)
+        load.terminate()
+        load.wait(10)
+        time.sleep(1)
+        target = folder / f"rpo-{run}-restored.db"
+        done = subprocess.run(
+            [sys.executable, "-m", "topic_audit.cli", "restore", "--to", str(target)],
+            env={**ENV, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+
+        def last(path: Path) -> tuple[int, str]:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return conn.execute(
+                    "SELECT id, received_at FROM audit_log ORDER BY id DESC LIMIT 1"
+                ).fetchone()
+            finally:
+                conn.close()
+
+        (kept, kept_at), (restored, restored_at) = last(db), last(target)
+        from datetime import datetime
+
+        lost = (
+            datetime.fromisoformat(kept_at[:-1]) - datetime.fromisoformat(restored_at[:-1])
+        ).total_seconds()
+        out.append((kept - restored, lost, kept))
+    return [
+        "RPO, SIGKILL of serve in the middle of a flat-out load (32 connections), then `restore`: "
+        + "; ".join(f"{n:,} of {total:,} entries lost ({lost:.2f} s of callbacks)" for n, lost, total in out),
+        "",
+    ]
+
+
+def rto_and_watch(folder: Path, store: object, replica: dict[str, str]) -> list[str]:
+    """RTO: the LOG_ROWS log replicated (its first upload timed), then restored and verified. Then the
+    cost of a watch round on it, by new entries, and on a log a tenth of its size."""
+    from topic_audit import replica as offbox
+    from topic_audit.watch import Watch
+
+    from tests.benchmarks.logs import generate_log
+
+    rows = int(setting("LOG_ROWS", "1000000"))
+    given = ENV.get("BENCH_LOG")
+    db = folder / "rto.db"
+    if given:
+        shutil.copy(given, db)
+    else:
+        generate_log(db, rows, span_days=30)
+    count = sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    saved = {k: os.environ.get(k) for k in replica}
+    os.environ.update(replica)
+    try:
+        target = offbox.Target.parse("s3://bench/rto", replica["TOPIC_AUDIT_REPLICA_ENDPOINT"])
+        replicator = offbox.Replicator(db, db.with_name("rto.db.checkpoints.jsonl"), target)
+        started = time.perf_counter()
+        replicator.start()
+        deadline = time.monotonic() + 1800
+        while (
+            replicator.replicated == 0 or replicator.replicated < replicator.local
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        upload = time.perf_counter() - started
+        replicator.stop()
+        restored = folder / "rto-restored.db"
+        started = time.perf_counter()
+        offbox.restore(target, restored)
+        restore_seconds = time.perf_counter() - started
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "topic_audit.cli", "verify", "--db", str(restored)],
+        check=True,
+        capture_output=True,
+        timeout=3600,
+    )
+    verify_seconds = time.perf_counter() - started
+    size = db.stat().st_size / 2**30
+    lines = [
+        f"RTO on a log of {count:,} entries ({size:.1f} GiB): `restore` {restore_seconds:.1f} s + `verify` "
+        f"{verify_seconds:.1f} s = {restore_seconds + verify_seconds:.1f} s (its first upload to the store took "
+        f"{upload:.1f} s).",
+        "",
+        "| `watch` round (sweep 10,000) | new entries | seconds |",
+        "|---|---:|---:|",
+    ]
+    small = folder / "watch-small.db"
+    generate_log(small, max(count // 10, 1000), span_days=3)
+    for label, path in ((f"log of {count:,}", restored), (f"log of {max(count // 10, 1000):,}", small)):
+        watch = Watch(path, path.with_name(path.name + ".checkpoints.jsonl"))
+        started = time.perf_counter()
+        watch.round()
+        lines.append(
+            f"| first round, {label} (everything) | {count if path == restored else count // 10:,} | {time.perf_counter() - started:.2f} |"
+        )
+        for new in (0, 1000, 10000):
+            if new:
+                generate_log(path, new, seed=new)
+            started = time.perf_counter()
+            result = watch.round()
+            assert not result.findings, result.findings
+            lines.append(f"| {label} | {result.new_entries:,} | {time.perf_counter() - started:.3f} |")
+    return lines
+
+
 def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is required (apt-get install wrk)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        only = setting("ONLY", "http,servers,writer,memory,log,forward").split(",")
+        only = setting("ONLY", "http,servers,writer,memory,log,forward,replica").split(",")
         if "http" in only:
             http, db = http_benchmark(folder)
             sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
@@ -504,6 +719,8 @@ def main() -> None:
             sections.append(("verify and rebuild-projection", log_benchmark(folder)))
         if "forward" in only:
             sections.append(("Forwarding", forward_benchmark(folder)))
+        if "replica" in only:
+            sections.append(("The off-box copy", replica_benchmark(folder)))
     for title, lines in sections:
         print(f"\n### {title}\n")
         print("\n".join(lines))
