@@ -24,6 +24,7 @@ from typing import Any, Final
 import msgspec
 
 from topic_audit import chain
+from topic_audit.metrics import REASONS
 
 COLUMNS: Final = (
     "id",
@@ -46,19 +47,9 @@ RESPONSE_LIMIT: Final = 2048
 """Characters of a destination's answer kept in ``deliveries.response_body``."""
 ERRORS: Final = ("http_error", "timeout", "connection_error")
 
-NOT_FORWARDED: Final = frozenset(
-    {
-        "method_not_allowed",
-        "request_timeout",
-        "body_too_large",
-        "app_id_missing",
-        "app_id_mismatch",
-        "signature_missing",
-        "request_time_skewed",
-        "signature_invalid",
-    }
-)
-"""Rejections before (or by) the app-id and signature checks: never forwarded."""
+NOT_FORWARDED: Final = frozenset(REASONS[: REASONS.index("signature_invalid") + 1])
+"""Rejections before (or by) the app-id and signature checks (``REASONS`` lists the checks in the
+contract's order): never forwarded."""
 
 _Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
 _encoder = msgspec.json.Encoder()

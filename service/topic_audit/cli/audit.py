@@ -11,7 +11,13 @@ from pathlib import Path
 import click
 
 from topic_audit import migrations
-from topic_audit.cli.options import CONTEXT, checkpoint_file_option, db_option, signing_key_option
+from topic_audit.cli.options import (
+    CONTEXT,
+    checkpoint_file_option,
+    db_option,
+    pinned_key,
+    signing_key_option,
+)
 from topic_audit.settings import Settings
 
 
@@ -130,16 +136,8 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
 
     Exits 1 when anything is found, naming the first bad entry of each kind.
     """
-    from topic_audit.checkpoints import load_public_key
-
     file = Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
-    pinned = None
-    if public_key:
-        text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
-        try:
-            pinned = load_public_key(text)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    pinned = pinned_key(public_key)
     from topic_audit import verify as checks
 
     if not db.exists():

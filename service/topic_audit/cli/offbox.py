@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from topic_audit.cli.options import CONTEXT, checkpoint_file_option
+from topic_audit.cli.options import CONTEXT, checkpoint_file_option, pinned_key
 from topic_audit.settings import SettingsError
 
 
@@ -159,20 +159,13 @@ def watch(
     rolling sweep of older entries; serves /metrics (topic_audit_watch_findings is 0 while intact)."""
     from prometheus_client import start_http_server
 
-    from topic_audit.checkpoints import load_public_key
     from topic_audit.settings import Settings
     from topic_audit.watch import Watch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    pinned = None
-    if public_key:
-        text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
-        try:
-            pinned = load_public_key(text)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    pinned = pinned_key(public_key)
     watcher = Watch(
         db, Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path, pinned, sweep_entries
     )

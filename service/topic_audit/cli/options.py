@@ -41,3 +41,16 @@ def db_option(f: Any) -> Any:
         show_envvar=True,
         help="The SQLite audit database.",
     )(f)
+
+
+def pinned_key(public_key: str | None) -> str | None:
+    """``--public-key`` (raw hex, PEM text, or a PEM file) as raw hex; None when not given."""
+    from topic_audit.checkpoints import load_public_key
+
+    if not public_key:
+        return None
+    text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
+    try:
+        return load_public_key(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--public-key") from None

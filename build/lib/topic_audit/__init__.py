@@ -1,1 +1,0 @@
-"""topic-audit: the audited webhook target for Tencent Cloud Chat topic callbacks."""

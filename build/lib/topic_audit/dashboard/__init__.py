@@ -1,1 +1,0 @@
-"""Datasette configuration of topic-audit explore (metadata, templates), shipped as package data."""

@@ -1,1 +1,0 @@
-"""Grafana provisioning, dashboard and alert rules of topic-audit, shipped as package data."""
