@@ -483,3 +483,32 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_the_outbox_is_rebuilt_from_the_log_and_the_deliveries(
+    tmp_path: Path, stopping: list[Server]
+) -> None:
+    flapping, failing = Destination("flap"), Destination("fail")
+    try:
+        server = start(tmp_path, flapping, failing, forward_retry_schedule="0,0,1")
+        stopping.append(server)
+        deliver(server, "before-create")  # never in the outbox
+        for n in range(6):
+            deliver(server, "after-create", TopicId=f"@TGS#_g@TOPIC#_rb{n}")
+        settled = "SELECT count(*) AS n FROM outbox WHERE state != 'pending'"
+        wait_for(lambda: table(server.db, settled)[0]["n"] == 12, 20, "every delivery to settle")
+        server.stop()
+    finally:
+        flapping.stop()
+        failing.stop()
+    state = "SELECT audit_id, destination, state, attempts FROM outbox ORDER BY audit_id, destination"
+    before = table(server.db, state)
+    assert {r["state"] for r in before} == {"delivered", "failed"}
+    alter(server.db, "DELETE FROM outbox")
+    env = {
+        "TOPIC_AUDIT_FORWARD_URL": f"{flapping.url} {failing.url}",
+        "TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE": "0,0,1",
+    }
+    rebuilt = cli("rebuild-outbox", "--db", str(server.db), env=env)
+    assert rebuilt.returncode == 0 and "12 rows" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
+    assert table(server.db, state) == before

@@ -199,8 +199,8 @@ def make_callback_handler(settings: Settings, metrics: Metrics) -> Any:
         status = decision.status_code
         try:
             await writer.append(row, decision.event, forward)
-            if forward is not None and forward.destinations:
-                forwarder.wake()  # type: ignore[union-attr]
+            if forwarder is not None and forward is not None and forward.destinations:
+                forwarder.wake()
         except AppendError:  # logged by the writer once per fault episode
             status = 503
             answer = models.answer_body(503, "audit_unavailable", "the request could not be recorded")

@@ -8,7 +8,7 @@ log's; signed checkpoints cover its head too.
 
 Outbox rows are queued in the transaction that appends their log row (so nothing acknowledged is ever
 without its pending deliveries); attempts are recorded, and the outbox row moved on, in one transaction.
-The outbox is current state, derived from the log and ``deliveries``.
+The outbox is current state, derived from the log and ``deliveries`` (:func:`rebuild`).
 """
 
 from __future__ import annotations
@@ -310,6 +310,53 @@ def replay(
             conn.execute("ROLLBACK")
         raise
     return len(pairs)
+
+
+def rebuild(conn: sqlite3.Connection, destinations: Sequence[str], schedule: Sequence[int], now: str) -> int:
+    """Set ``outbox`` to what the log and ``deliveries`` say, in one transaction: for every forwardable
+    entry and each of ``destinations`` (and every destination its deliveries name), ``delivered`` when
+    an attempt succeeded, ``failed`` when the attempts reached the schedule's length, else ``pending``
+    and due now. Replay rounds are not told apart (``step`` counts every attempt). Returns the rows."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM outbox")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (destination TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM temp.wanted")
+        conn.executemany("INSERT OR IGNORE INTO temp.wanted VALUES (?)", [(d,) for d in destinations])
+        conn.execute(
+            f"""
+            INSERT INTO outbox (audit_id, destination, state, attempts, step, next_attempt_at, last_error,
+                                replay, queued_at, updated_at)
+            WITH pairs AS (
+                SELECT e.id AS audit_id, w.destination, e.received_at FROM ({FORWARDABLE}) e, temp.wanted w
+                UNION
+                SELECT d.audit_id, d.destination, e.received_at FROM deliveries d
+                JOIN ({FORWARDABLE}) e ON e.id = d.audit_id WHERE d.kind = 'after'
+            ),
+            tried AS (
+                SELECT audit_id, destination, max(attempt) AS attempts, max(error IS NULL) AS delivered,
+                       max(id) AS last FROM deliveries WHERE kind = 'after' GROUP BY audit_id, destination
+            )
+            SELECT p.audit_id, p.destination,
+                   CASE WHEN t.delivered THEN 'delivered' WHEN coalesce(t.attempts, 0) >= :steps THEN 'failed'
+                        ELSE 'pending' END,
+                   coalesce(t.attempts, 0), coalesce(t.attempts, 0),
+                   CASE WHEN t.delivered OR coalesce(t.attempts, 0) >= :steps THEN NULL ELSE :now END,
+                   CASE WHEN t.delivered THEN NULL
+                        ELSE (SELECT d.error || coalesce(': ' || d.detail, '') FROM deliveries d WHERE d.id = t.last) END,
+                   coalesce((SELECT d.replay FROM deliveries d WHERE d.id = t.last), 0),
+                   p.received_at, :now
+            FROM pairs p LEFT JOIN tried t ON t.audit_id = p.audit_id AND t.destination = p.destination
+            """,
+            {"steps": len(schedule), "now": now},
+        )
+        count = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return count
 
 
 def verify_chain(

@@ -31,6 +31,7 @@ for command in (
     audit.checkpoint,
     audit.public_key,
     forward.replay,
+    forward.rebuild_outbox,
     forward.sink,
     offbox.restore,
     offbox.watch,

@@ -126,6 +126,49 @@ def replay(
     )
 
 
+@click.command("rebuild-outbox", context_settings=CONTEXT)
+@db_option
+@click.option(
+    "--forward-url",
+    multiple=True,
+    envvar="TOPIC_AUDIT_FORWARD_URL",
+    show_envvar=True,
+    help="The configured destinations (as for serve): every forwardable entry is owed to each.",
+)
+@click.option(
+    "--forward-retry-schedule",
+    default="0,5,300,1800,7200,18000,36000,36000",
+    show_default=True,
+    envvar="TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE",
+    show_envvar=True,
+    help="The retry schedule (as for serve): as many failed attempts as it has delays make a delivery failed.",
+)
+def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedule: str) -> None:
+    """Set the outbox to what the log and the deliveries say (it is derived data, like topics):
+    delivered, failed, or pending and due now. Stop serve first."""
+    from topic_audit import outbox
+    from topic_audit.settings import parse_schedule
+
+    try:
+        schedule = parse_schedule(forward_retry_schedule)
+        for url in forward_url:
+            check_destination(url, "TOPIC_AUDIT_FORWARD_URL")
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        rows = outbox.rebuild(conn, forward_url, schedule, outbox.now_iso())
+        states = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+    finally:
+        conn.close()
+    click.echo(
+        f"rebuilt the outbox of {db}: {rows} rows; "
+        + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    )
+
+
 @click.command(context_settings=CONTEXT)
 @click.option(
     "--host",
