@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from topic_audit.cli.options import CONTEXT, db_option
+from topic_audit.cli.options import CONTEXT, db_option, forward_url_option, retry_schedule_option
 from topic_audit.settings import SettingsError, check_destination
 
 
@@ -61,13 +61,7 @@ def _destination(_ctx: click.Context, _param: click.Parameter, value: str | None
     help="Only this destination (it need not be configured: a new handler can be sent the past). "
     "[default: every destination of TOPIC_AUDIT_FORWARD_URL; with --failed, every failed one]",
 )
-@click.option(
-    "--forward-url",
-    multiple=True,
-    envvar="TOPIC_AUDIT_FORWARD_URL",
-    show_envvar=True,
-    help="The configured destinations (as for serve).",
-)
+@forward_url_option("The configured destinations (as for serve).")
 def replay(
     db: Path,
     failed: bool,
@@ -128,29 +122,14 @@ def replay(
 
 @click.command("rebuild-outbox", context_settings=CONTEXT)
 @db_option
-@click.option(
-    "--forward-url",
-    multiple=True,
-    envvar="TOPIC_AUDIT_FORWARD_URL",
-    show_envvar=True,
-    help="The configured destinations (as for serve): every forwardable entry is owed to each.",
-)
-@click.option(
-    "--forward-retry-schedule",
-    default="0,5,300,1800,7200,18000,36000,36000",
-    show_default=True,
-    envvar="TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE",
-    show_envvar=True,
-    help="The retry schedule (as for serve): as many failed attempts as it has delays make a delivery failed.",
-)
-def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedule: str) -> None:
+@forward_url_option("The configured destinations (as for serve): every forwardable entry is owed to each.")
+@retry_schedule_option
+def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedule: tuple[int, ...]) -> None:
     """Set the outbox to what the log and the deliveries say (it is derived data, like topics):
     delivered, failed, or pending and due now. Stop serve first."""
     from topic_audit import outbox
-    from topic_audit.settings import parse_schedule
 
     try:
-        schedule = parse_schedule(forward_retry_schedule)
         for url in forward_url:
             check_destination(url, "TOPIC_AUDIT_FORWARD_URL")
     except SettingsError as exc:
@@ -159,7 +138,7 @@ def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedul
         raise click.ClickException(f"{db} does not exist")
     conn = sqlite3.connect(db, isolation_level=None, timeout=10)
     try:
-        rows = outbox.rebuild(conn, forward_url, schedule, outbox.now_iso())
+        rows = outbox.rebuild(conn, forward_url, forward_retry_schedule, outbox.now_iso())
         states = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
     finally:
         conn.close()

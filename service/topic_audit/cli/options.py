@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -54,3 +57,35 @@ def pinned_key(public_key: str | None) -> str | None:
         return load_public_key(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--public-key") from None
+
+
+def forward_url_option(help_text: str) -> Callable[[F], F]:
+    """``--forward-url`` (``TOPIC_AUDIT_FORWARD_URL``; repeat it, or space-separate in the variable)."""
+    return click.option(
+        "--forward-url", multiple=True, envvar="TOPIC_AUDIT_FORWARD_URL", show_envvar=True, help=help_text
+    )
+
+
+def _schedule(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    from topic_audit.settings import SettingsError, parse_schedule
+
+    try:
+        return parse_schedule(value)
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def retry_schedule_option(f: Any) -> Any:
+    """``--forward-retry-schedule`` (``TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE``), parsed to seconds."""
+    from topic_audit.settings import Settings
+
+    return click.option(
+        "--forward-retry-schedule",
+        default=",".join(str(s) for s in Settings().forward_retry_schedule),
+        show_default=True,
+        envvar="TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE",
+        show_envvar=True,
+        callback=_schedule,
+        help="Seconds before each attempt of an after-callback (the first after receipt); after the last, the "
+        "delivery is failed (topic-audit replay --failed).",
+    )(f)

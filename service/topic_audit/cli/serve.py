@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from topic_audit.cli.options import CONTEXT, checkpoint_file_option, db_option, signing_key_option
+from topic_audit.cli.options import (
+    CONTEXT,
+    checkpoint_file_option,
+    db_option,
+    forward_url_option,
+    retry_schedule_option,
+    signing_key_option,
+)
 from topic_audit.settings import Settings, SettingsError
 
 
@@ -145,14 +152,10 @@ from topic_audit.settings import Settings, SettingsError
     help="With HTTPS: refuse every client without a certificate issued by this CA (PEM; Tencent's "
     "TencentQQAuthCA.crt for mutual authentication).",
 )
-@click.option(
-    "--forward-url",
-    multiple=True,
-    envvar="TOPIC_AUDIT_FORWARD_URL",
-    show_envvar=True,
-    help="The app's own callback handler: every callback that passes the app-id and signature checks is "
-    "passed on (repeat, or space-separate in the variable, to fan out; the first answers Before-callbacks). "
-    "[default: no forwarding]",
+@forward_url_option(
+    "The app's own callback handler: every callback that passes the app-id and signature checks is passed "
+    "on (repeat, or space-separate in the variable, to fan out; the first answers Before-callbacks). "
+    "[default: no forwarding]"
 )
 @click.option(
     "--forward-timeout-seconds",
@@ -182,16 +185,7 @@ from topic_audit.settings import Settings, SettingsError
     help="Tencent's answer to a Before-callback the app does not answer in time: allow (OK/0) or reject "
     "(ErrorCode 1).",
 )
-@click.option(
-    "--forward-retry-schedule",
-    default="0,5,300,1800,7200,18000,36000,36000",
-    show_default=True,
-    envvar="TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE",
-    show_envvar=True,
-    callback=lambda _ctx, _param, value: _schedule(value),
-    help="Seconds before each attempt of an after-callback (the first after receipt); after the last, the "
-    "delivery is failed (topic-audit replay --failed).",
-)
+@retry_schedule_option
 @click.option(
     "--replica-url",
     envvar="TOPIC_AUDIT_REPLICA_URL",
@@ -326,15 +320,6 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
         yield
     finally:
         replicator.stop()
-
-
-def _schedule(text: str) -> tuple[int, ...]:
-    from topic_audit.settings import parse_schedule
-
-    try:
-        return parse_schedule(text)
-    except SettingsError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _uvicorn_tls(settings: Settings) -> dict[str, Any]:
