@@ -193,11 +193,6 @@ def next_due(conn: sqlite3.Connection, destination: str) -> str | None:
     return row[0] if row else None
 
 
-def pending_destinations(conn: sqlite3.Connection) -> list[str]:
-    """Destinations with pending deliveries (a scan of the pending rows: called once a second at most)."""
-    return [r[0] for r in conn.execute("SELECT DISTINCT destination FROM outbox WHERE state = 'pending'")]
-
-
 def backlog(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
     """Per destination: pending deliveries and when the oldest of them was queued."""
     return {

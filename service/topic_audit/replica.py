@@ -214,7 +214,6 @@ class Replicator:
         """The newest transaction Litestream has seen in the database."""
         self.published = 0
         """Checkpoint lines published to the bucket."""
-        self.restarts = 0
         self._seen: deque[tuple[int, float]] = deque()
         self._caught_up_at = time.time()
         self._waiting: deque[tuple[int, str, float, int | None]] = deque()
@@ -318,7 +317,6 @@ class Replicator:
         log.error("litestream ended (exit code %s); starting it again in %g s", code, delay)
         if self._stopping.wait(delay):
             return failures
-        self.restarts += 1
         self._spawn()
         return failures + 1
 
