@@ -27,6 +27,8 @@ def test_bench_suite_smoke() -> None:
         "BENCH_LOG_ROWS": "500",
         "BENCH_BEFORE_REQUESTS": "40",
         "BENCH_RPO_RUNS": "1",
+        "BENCH_GROWN_ROWS": "300",
+        "BENCH_BEFORE": "HEAD",  # an earlier version measured in the same run (here: this one again)
     }
     result = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench"],
@@ -40,6 +42,8 @@ def test_bench_suite_smoke() -> None:
     out = result.stdout
     for heading in (
         "audited vs bare",
+        "before/bare",
+        "A grown log",
         "Database size",
         "The writer alone",
         "Memory",

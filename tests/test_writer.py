@@ -267,6 +267,39 @@ def test_the_search_index_follows_the_log(fresh_db: Path) -> None:
     assert found == [(43,)]
 
 
+def test_the_topic_search_index_follows_the_projection(tmp_path: Path) -> None:
+    """A backlog of many batches (written without a receiver) is indexed once the writer is idle, and
+    ``topics_fts`` then holds exactly each topic's current texts: renamed topics lose their old names."""
+    db = tmp_path / "audit.db"
+    items = _logged_history(2000, seed=11)
+    _append_in_groups(db, items, 64)
+    assert _table(db, "SELECT count(*) FROM topics_fts") == [(0,)]  # nothing indexed yet
+    last = _table(db, "SELECT max(id) FROM audit_log")[0][0]
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            progress = _table(db, "SELECT last_entry_id FROM search_progress WHERE name = 'topics_fts'")
+            bodies = _table(db, "SELECT max(id) FROM audit_log_fts_docsize")
+            if progress == [(last,)] and bodies == [(last,)]:
+                break
+            time.sleep(0.05)
+    finally:
+        writer.stop()
+    assert progress == [(last,)] and bodies == [(last,)]
+    texts = "rowid, name, introduction, notification"
+    indexed = _table(db, f"SELECT {texts} FROM topics_fts ORDER BY rowid")
+    assert indexed == _table(db, f"SELECT {texts} FROM topics ORDER BY rowid")
+    renamed = _table(db, "SELECT rowid FROM topics_fts WHERE topics_fts MATCH 'renamed'")
+    assert (
+        renamed and len(renamed) == _table(db, "SELECT count(*) FROM topics WHERE name LIKE 'renamed%'")[0][0]
+    )
+    assert (
+        len(renamed) < _table(db, "SELECT count(*) FROM audit_log WHERE request_body LIKE '%renamed%'")[0][0]
+    )
+
+
 def test_a_job_whose_caller_gave_up_does_not_kill_the_writer(fresh_db: Path) -> None:
     """/readyz waits 2 s for its probe; if it gives up, the writer must carry on (it once died here)."""
     writer = AuditWriter(fresh_db)

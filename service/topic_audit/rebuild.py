@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from topic_audit import models, projection
+from topic_audit import models, projection, search
 
 Progress = Callable[[int, int], None]
 """Called with (id reached, last id) while the log is replayed."""
@@ -74,6 +74,7 @@ def rebuild(
     try:
         rows = _catch_up(conn, snapshots)
         written = _write(conn, rows)
+        search.index_topics(conn)  # and the topics' full-text index in step with the table
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -190,9 +191,12 @@ def _catch_up(conn: sqlite3.Connection, snapshots: list[_Snapshot]) -> dict[str,
 
 
 BULK_FROM = 10_000
-"""Rows written from which the table's indexes and triggers are dropped first and built again afterwards,
-the full-text index in one pass: building by sorting is several times faster than keeping them up to
-date row by row. Below it, the triggers keep the full-text index in step as usual."""
+"""Rows written from which the table's indexes are dropped first and built again afterwards, and the
+full-text index built afresh in one pass: building by sorting is several times faster than keeping them
+up to date row by row. Below it, the written topics are indexed again one by one."""
+
+
+_ROWID = "SELECT rowid FROM topics WHERE topic_id = ?"
 
 
 def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) -> int:
@@ -204,6 +208,9 @@ def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) ->
     ).fetchall()
     for kind, name, _ in derived if bulk else ():
         conn.execute(f'DROP {kind} "{name}"')
+    ids = [(t,) for t in rows]
+    if not bulk:  # the full-text index follows the rows it indexes (search.reindex_topics when bulk)
+        conn.executemany(f"DELETE FROM topics_fts WHERE rowid = ({_ROWID})", ids)
     conn.executemany(
         "DELETE FROM topics WHERE topic_id = ?", [(t,) for t, row in rows.items() if row is None]
     )
@@ -212,8 +219,15 @@ def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) ->
     if bulk:
         for _, _, sql in derived:
             conn.execute(sql)
-        if "topics_fts" in tables:
-            conn.execute("INSERT INTO topics_fts (topics_fts) VALUES ('rebuild')")
+        search.reindex_topics(conn)
+    else:  # rows deleted behind the projection leave their texts behind; rowids may have been reused
+        conn.execute("DELETE FROM topics_fts WHERE rowid NOT IN (SELECT rowid FROM topics)")
+        conn.executemany(f"DELETE FROM topics_fts WHERE rowid = ({_ROWID})", ids)
+        conn.executemany(
+            "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+            "SELECT rowid, name, introduction, notification FROM topics WHERE topic_id = ?",
+            ids,
+        )
     if "topic_counts" in tables:
         counted = dict.fromkeys(("active", "deleted"), 0)
         for deleted, topics in conn.execute(

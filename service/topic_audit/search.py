@@ -1,22 +1,36 @@
-"""The full-text index of ``audit_log``, fed behind the writer rather than by a trigger.
+"""The full-text indexes (``audit_log_fts``, ``topics_fts``), fed behind the writer rather than by triggers.
 
-Indexing a request body costs more than appending it; done per row inside the commit it roughly doubled
-the writer's cost. The writer instead indexes new entries in bounded batches about once a second (and
-whenever it is idle), off the path of any answer. The index is derived data: it is committed without
-waiting for the disk (``synchronous=NORMAL``) and, after a power loss, simply picks up from where its
-last durable batch ended.
+Indexing a request body costs more than appending it, and FTS5 statements inside every group's commit
+were a large share of the writer's time. The writer instead brings both indexes up to date in small
+batches several times a second (and whenever it is idle), between groups, off the path of any answer:
+each batch holds the write lock for a few milliseconds. The indexes are derived data: they are committed
+without waiting for the disk (``synchronous=NORMAL``) and, after a power loss, simply pick up from where
+their last durable batch ended.
+
+``audit_log_fts`` is external-content (it indexes ``audit_log`` rows in place) and remembers where it is
+by its own largest rowid. ``topics_fts`` keeps its own copy of the texts it indexed, so that a topic
+indexed again is first removed by rowid; ``search_progress`` holds the last log entry whose topic it
+has indexed (every change to a topic's texts is an entry naming that topic in ``topic_id``).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-BATCH = 1000
-"""Most entries indexed in one transaction, so that a backlog never holds the write lock for long."""
+BATCH = 250
+"""Most log entries indexed in one transaction, so that the write lock is never held for long (about
+3 ms here); under sustained load the writer runs a batch every :data:`topic_audit.writer.SEARCH_INDEX_SECONDS`."""
+
+_TOPICS_OF = (
+    "SELECT rowid FROM topics WHERE topic_id IN "
+    "(SELECT topic_id FROM audit_log WHERE id > ? AND id <= ? AND topic_id IS NOT NULL)"
+)
 
 
 def index_new_entries(conn: sqlite3.Connection, limit: int = BATCH) -> int:
-    """Index up to ``limit`` entries not yet in ``audit_log_fts``; returns how many. ``conn`` is autocommit."""
+    """Index up to ``limit`` log entries not yet in ``audit_log_fts``, and the topics that up to ``limit``
+    entries not yet in ``topics_fts`` changed; returns how many log entries were taken. ``conn`` is
+    autocommit."""
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -27,6 +41,8 @@ def index_new_entries(conn: sqlite3.Connection, limit: int = BATCH) -> int:
                 "SELECT id, request_body, detail FROM audit_log WHERE id > ? ORDER BY id LIMIT ?",
                 (last, limit),
             )
+            taken = int(cursor.rowcount)
+            taken = max(taken, index_topics(conn, limit))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -34,11 +50,49 @@ def index_new_entries(conn: sqlite3.Connection, limit: int = BATCH) -> int:
             raise
     finally:
         conn.execute("PRAGMA synchronous=FULL")
-    return int(cursor.rowcount)
+    return taken
+
+
+def index_topics(conn: sqlite3.Connection, limit: int | None = None) -> int:
+    """Index the topics changed by up to ``limit`` (default: all) log entries not yet in ``topics_fts``, in
+    the caller's transaction; returns how many entries that was."""
+    found = conn.execute("SELECT last_entry_id FROM search_progress WHERE name = 'topics_fts'").fetchone()
+    if found is None:  # a database migrated before topics_fts moved behind the writer
+        return 0
+    since = int(found[0])
+    upto = min(
+        since + (limit or 1 << 62),
+        int(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]),
+    )
+    if upto <= since:
+        return 0
+    conn.execute(f"DELETE FROM topics_fts WHERE rowid IN ({_TOPICS_OF})", (since, upto))
+    conn.execute(
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "SELECT rowid, name, introduction, notification FROM topics "
+        f"WHERE rowid IN ({_TOPICS_OF})",
+        (since, upto),
+    )
+    conn.execute("UPDATE search_progress SET last_entry_id = ? WHERE name = 'topics_fts'", (upto,))
+    return upto - since
+
+
+def reindex_topics(conn: sqlite3.Connection) -> None:
+    """Index every topic afresh (after ``rebuild-projection`` rewrote the table), in the caller's
+    transaction."""
+    conn.execute("DELETE FROM topics_fts")
+    conn.execute(
+        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
+        "SELECT rowid, name, introduction, notification FROM topics"
+    )
+    conn.execute(
+        "UPDATE search_progress SET last_entry_id = (SELECT coalesce(max(id), 0) FROM audit_log) "
+        "WHERE name = 'topics_fts'"
+    )
 
 
 def index_everything(conn: sqlite3.Connection) -> int:
     total = 0
-    while done := index_new_entries(conn):
+    while done := index_new_entries(conn, 10_000):
         total += done
     return total

@@ -30,8 +30,19 @@ from topic_audit import chain, models, outbox, projection, rollups, search
 
 log = logging.getLogger(__name__)
 
-SEARCH_INDEX_SECONDS = 1.0
-"""How often the writer brings the full-text index up to date (see :mod:`topic_audit.search`)."""
+SEARCH_INDEX_SECONDS = 0.05
+"""How often the writer indexes a batch for full-text search under load (see :mod:`topic_audit.search`):
+small batches often rather than a large one a second, so that no answer waits long behind one."""
+
+IDLE_SECONDS = 1.0
+"""With nothing queued for this long, the writer looks for entries to index (other processes' too)."""
+
+STOP_INDEXING_SECONDS = 2.0
+"""On stop, the writer indexes what is left for up to this long (the rest waits for the next start)."""
+
+CATCH_UP_SECONDS = 0.002
+"""While the indexes are behind, the writer indexes another batch once nothing has been queued for this
+long (and :data:`SEARCH_INDEX_SECONDS` have passed since the last one)."""
 
 BUSY_TIMEOUT_SECONDS = 1.0
 """How long a commit waits for another process's lock: well inside Tencent's 2 s timeout."""
@@ -179,18 +190,21 @@ class AuditWriter:
     # -- the writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
+        behind = True  # the full-text indexes may lack entries
         while True:
+            due = self._indexed_at + SEARCH_INDEX_SECONDS - time.monotonic() if behind else IDLE_SECONDS
             try:
-                item = get(timeout=SEARCH_INDEX_SECONDS)
+                item = get(timeout=max(due, CATCH_UP_SECONDS))
             except queue.Empty:  # idle: a good moment to catch up on the search index
-                self._index_search()
+                behind = self._index_search()
                 continue
-            if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
-                self._index_search()
             batch: list[_Queued] = []
             while True:
                 if item is _STOP:
                     self._commit_group(batch)
+                    deadline = time.monotonic() + STOP_INDEXING_SECONDS  # leave the indexes current
+                    while time.monotonic() < deadline and self._index_search():
+                        pass
                     return
                 if isinstance(item, _Pending | _Record):
                     batch.append(item)
@@ -204,19 +218,24 @@ class AuditWriter:
                     item = get_nowait()
                 except queue.Empty:
                     break
-            self._commit_group(batch)
+            self._commit_group(batch)  # answers first; then, now and then, a small indexing batch
+            behind = True
+            if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
+                behind = self._index_search()
 
-    def _index_search(self) -> None:
+    def _index_search(self) -> bool:
+        """Index one batch; whether there may be more to index."""
         self._indexed_at = time.monotonic()
         if (
             self._failed_rows or not self.index_search
         ):  # during a fault episode the index waits: no extra busy-timeout stalls
-            return
+            return False
         assert self._conn is not None
         try:
-            search.index_new_entries(self._conn)
+            return search.index_new_entries(self._conn) > 0
         except sqlite3.Error as exc:  # derived data: retried on the next round
             log.debug("search indexing deferred: %s", exc)
+            return False
 
     def _run_job(self, item: object) -> None:
         job: Callable[[sqlite3.Connection | None], Any]

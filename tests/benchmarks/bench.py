@@ -2,7 +2,9 @@
 
 1. HTTP: `topic-audit serve` against a bare Litestar+msgspec endpoint (tests/benchmarks/bare.py), same
    uvicorn settings, same load generator (wrk, every request a unique signed delivery), at 1, 32 and 128
-   connections, alternating the two ROUNDS times to cancel drift. The headline is audited/bare.
+   connections and at a steady ~200/s, alternating ROUNDS times to cancel drift. The headline is
+   audited/bare. With BENCH_BEFORE=<git ref>, that version of the receiver runs in the same rounds.
+   Then `serve --server/--workers`, and the receiver on an empty log against logs of GROWN_ROWS entries.
 2. The writer alone: rows/s at group sizes 1, 8 and 64 (synchronous=FULL, a fresh file).
 3. Database bytes per audited callback (the documented after-create sample).
 4. Resident memory of `serve` before and after DELIVERIES deliveries.
@@ -16,8 +18,9 @@
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
 BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
-BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_ONLY (sections to run,
-"http,servers,writer,memory,log,forward,replica").
+BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_BEFORE (a git ref), BENCH_GROWN_ROWS
+("1000000,5000000"), BENCH_GROWN_DIR (where the grown logs are kept; default a temporary folder),
+BENCH_ONLY (sections to run, "http,servers,grown,writer,memory,log,forward,replica").
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -86,7 +90,9 @@ class Process:
         self.process.wait(timeout=30)
 
 
-def serve(db: Path, **extra: str) -> Process:
+def serve(db: Path, code: Path | None = None, **extra: str) -> Process:
+    """``topic-audit serve`` on ``db``; with ``code``, the receiver of another checkout (its ``service/``
+    first on the path), so that an earlier version is measured in the same run."""
     port = free_port()
     env = {
         **extra,
@@ -96,9 +102,34 @@ def serve(db: Path, **extra: str) -> Process:
         "TOPIC_AUDIT_PORT": str(port),
         "TOPIC_AUDIT_LOG_LEVEL": "warning",
     }
+    if code is not None:
+        env["PYTHONPATH"] = str(code / "service")
     return Process(
         [sys.executable, "-m", "topic_audit.cli", "serve"], env, f"http://127.0.0.1:{port}/healthz"
     )
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path | None]:
+    """A worktree of ``ref`` (BENCH_BEFORE, e.g. the commit before a change), or None without one."""
+    if not ref:
+        yield None
+        return
+    root = HERE.parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="bench-before-"))
+    subprocess.run(
+        ["git", "-C", str(root), "worktree", "add", "--detach", str(folder), ref],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "remove", "--force", str(folder)],
+            check=False,
+            capture_output=True,
+        )
 
 
 def bare() -> Process:
@@ -160,39 +191,86 @@ def wrk(url: str, connections: int, seconds: int, delay_ms: int = 0) -> dict[str
     }
 
 
-def http_benchmark(folder: Path) -> tuple[list[str], Path]:
+STEADY = (4, 20)
+"""Tencent's documented create_topic peak, ~200 callbacks/s: 4 connections, each waiting 20 ms between
+requests (wrk's delay), so that latency is measured at a steady rate rather than flat out."""
+
+
+def http_benchmark(folder: Path, before: Path | None) -> tuple[list[str], Path]:
+    """The receiver against the bare endpoint (and, with BENCH_BEFORE, against its earlier version), at
+    each connection count and at a steady ~200/s, alternating ROUNDS times to cancel drift."""
     seconds = int(setting("SECONDS", "10"))
     rounds = int(setting("ROUNDS", "2"))
     db = folder / "http.db"
-    audited, baseline = serve(db), bare()
-    lines = [
-        "| connections | bare req/s | audited req/s | ratio | bare p50 / p99 ms | audited p50 / p99 ms | audited non-2xx |",
-        "|---:|---:|---:|---:|---|---|---:|",
-    ]
+    targets = {"bare": bare(), "after": serve(db)}
+    if before is not None:
+        targets["before"] = serve(folder / "http-before.db", before)
+    names = [n for n in ("bare", "before", "after") if n in targets]
+    audited = [n for n in names if n != "bare"]
+    head = "| load | " + " | ".join(f"{n} req/s" for n in names) + " | "
+    head += " | ".join(f"{n}/bare" for n in audited) + " | "
+    head += " | ".join(f"{n} p50 / p99 ms" for n in names) + " | non-2xx |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     answered = 0
+    loads = [
+        (f"{c} connections", c, 0) for c in (int(c) for c in setting("CONNECTIONS", "1,32,128").split(","))
+    ]
+    loads.append(("~200/s (4 connections, 20 ms apart)", *STEADY))
     try:
-        for connections in [int(c) for c in setting("CONNECTIONS", "1,32,128").split(",")]:
-            runs: dict[str, list[dict[str, float]]] = {"bare": [], "audited": []}
+        for label, connections, delay in loads:
+            runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
             for _ in range(rounds):  # alternate to cancel drift
-                runs["bare"].append(wrk(baseline.url, connections, seconds))
-                runs["audited"].append(wrk(audited.url, connections, seconds))
-            b = {k: sum(r[k] for r in runs["bare"]) / rounds for k in ("rps", "p50", "p99")}
-            a = {k: sum(r[k] for r in runs["audited"]) / rounds for k in ("rps", "p50", "p99")}
-            errors = sum(int(r["errors"]) for r in runs["audited"])
-            answered += sum(int(r["requests"]) - int(r["errors"]) for r in runs["audited"])
-            lines.append(
-                f"| {connections} | {b['rps']:.0f} | {a['rps']:.0f} | {a['rps'] / b['rps']:.2f} | "
-                f"{b['p50']:.2f} / {b['p99']:.2f} | {a['p50']:.2f} / {a['p99']:.2f} | {errors} |"
-            )
+                for n in names:
+                    runs[n].append(wrk(targets[n].url, connections, seconds, delay))
+            mean = {n: {k: sum(r[k] for r in runs[n]) / rounds for k in ("rps", "p50", "p99")} for n in names}
+            errors = sum(int(r["errors"]) for n in audited for r in runs[n])
+            answered += sum(int(r["requests"]) - int(r["errors"]) for r in runs["after"])
+            cells = [f"{mean[n]['rps']:.0f}" for n in names]
+            cells += [f"{mean[n]['rps'] / mean['bare']['rps']:.2f}" for n in audited]
+            cells += [f"{mean[n]['p50']:.2f} / {mean[n]['p99']:.2f}" for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {errors} |")
     finally:
-        audited.stop()
-        baseline.stop()
+        for process in targets.values():
+            process.stop()
     rows = sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone()[0]
     lines.append(
         f"\nEvery answered request committed: {rows} rows for {answered} answered 2xx "
         f"({'OK' if rows >= answered else 'MISSING ROWS'})."
     )
     return lines, db
+
+
+def grown_benchmark(folder: Path) -> list[str]:
+    """Throughput and p99 at 32 connections on an empty log and on logs of GROWN_ROWS entries (generated
+    once into BENCH_GROWN_DIR, kept between runs), alternating ROUNDS times."""
+    seconds = int(setting("SECONDS", "10"))
+    rounds = int(setting("ROUNDS", "2"))
+    sizes = [int(n) for n in setting("GROWN_ROWS", "1000000,5000000").split(",")]
+    keep = Path(setting("GROWN_DIR", str(folder)))
+    keep.mkdir(parents=True, exist_ok=True)
+    from tests.benchmarks.logs import generate_log
+
+    dbs = {0: folder / "grown-empty.db"}
+    for size in sizes:
+        dbs[size] = keep / f"log-{size}.db"
+        if not dbs[size].exists():
+            generate_log(dbs[size], size, span_days=30)
+        migrate(dbs[size])  # before serving: a migration of a large log can take longer than start-up may
+    runs: dict[int, list[dict[str, float]]] = {size: [] for size in dbs}
+    for _ in range(rounds):
+        for size, db in dbs.items():
+            process = serve(db)
+            try:
+                runs[size].append(wrk(process.url, 32, seconds))
+            finally:
+                process.stop()
+    lines = ["| entries in the log | req/s at 32 | ÷ empty | p50 / p99 ms |", "|---:|---:|---:|---|"]
+    empty = sum(r["rps"] for r in runs[0]) / rounds
+    for size, found in runs.items():
+        rps = sum(r["rps"] for r in found) / rounds
+        p50, p99 = (sum(r[k] for r in found) / rounds for k in ("p50", "p99"))
+        lines.append(f"| {size:,} | {rps:.0f} | {rps / empty:.2f} | {p50:.2f} / {p99:.2f} |")
+    return lines
 
 
 def servers_benchmark(folder: Path) -> list[str]:
@@ -704,11 +782,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        only = setting("ONLY", "http,servers,writer,memory,log,forward,replica").split(",")
+        only = setting("ONLY", "http,servers,grown,writer,memory,log,forward,replica").split(",")
         if "http" in only:
-            http, db = http_benchmark(folder)
+            with checkout(setting("BEFORE", "")) as before:
+                http, db = http_benchmark(folder, before)
             sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
             sections.append(("Database size", bytes_per_callback(db)))
+        if "grown" in only:
+            sections.append(("A grown log (wrk, 32 connections)", grown_benchmark(folder)))
         if "servers" in only:
             sections.append(("Servers and workers (audited)", servers_benchmark(folder)))
         if "writer" in only:
