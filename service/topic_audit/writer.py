@@ -30,9 +30,14 @@ from topic_audit import chain, models, outbox, projection, rollups, search
 
 log = logging.getLogger(__name__)
 
-SEARCH_INDEX_SECONDS = 0.05
-"""How often the writer indexes a batch for full-text search under load (see :mod:`topic_audit.search`):
-small batches often rather than a large one a second, so that no answer waits long behind one."""
+SEARCH_INDEX_SECONDS = 0.02
+"""The full-text indexes are fed in small batches (:data:`topic_audit.search.BATCH`) between groups: one
+at most this often, and only when no request is waiting for the writer, so that no answer waits behind
+one; see :data:`SEARCH_INDEX_LATEST`."""
+
+SEARCH_INDEX_LATEST = 0.2
+"""Under a load that never leaves the writer's queue empty, a batch is indexed at least this often anyway
+(the indexes may then fall behind, and catch up as soon as the load eases)."""
 
 IDLE_SECONDS = 1.0
 """With nothing queued for this long, the writer looks for entries to index (other processes' too)."""
@@ -42,7 +47,7 @@ STOP_INDEXING_SECONDS = 2.0
 
 CATCH_UP_SECONDS = 0.002
 """While the indexes are behind, the writer indexes another batch once nothing has been queued for this
-long (and :data:`SEARCH_INDEX_SECONDS` have passed since the last one)."""
+long (and :data:`SEARCH_INDEX_SECONDS` have passed since the last)."""
 
 CHECKPOINT_SECONDS = 0.25
 """How often the WAL is copied into the database file beside the writer (without a replica)."""
@@ -205,9 +210,9 @@ class AuditWriter:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         behind = True  # the full-text indexes may lack entries
         while True:
-            due = self._indexed_at + SEARCH_INDEX_SECONDS - time.monotonic() if behind else IDLE_SECONDS
+            due = self._indexed_at + SEARCH_INDEX_SECONDS - time.monotonic()
             try:
-                item = get(timeout=max(due, CATCH_UP_SECONDS))
+                item = get(timeout=max(due, CATCH_UP_SECONDS) if behind else IDLE_SECONDS)
             except queue.Empty:  # idle: a good moment to catch up on the search index
                 behind = self._index_search()
                 continue
@@ -233,7 +238,8 @@ class AuditWriter:
                     break
             self._commit_group(batch)  # answers first; then, now and then, a small indexing batch
             behind = True
-            if time.monotonic() - self._indexed_at >= SEARCH_INDEX_SECONDS:
+            since = time.monotonic() - self._indexed_at
+            if since >= SEARCH_INDEX_LATEST or (since >= SEARCH_INDEX_SECONDS and self._queue.empty()):
                 behind = self._index_search()
 
     def _index_search(self) -> bool:
