@@ -199,9 +199,10 @@ class BodyDeadlines:
         self.seconds = seconds
         self._reading: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the sweep's (``get_running_loop`` costs)
 
     async def sweep(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(self.seconds / 10, 0.1))
             now = loop.time()
@@ -212,9 +213,10 @@ class BodyDeadlines:
 
     async def read(self, receive: Receive, declared: int | None, limit: int) -> tuple[bytes, bool, bool]:
         """(body, truncated, timed out): :func:`read_body` within the deadline."""
-        task = asyncio.current_task()
+        loop = self._loop or asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
-        self._reading[task] = asyncio.get_running_loop().time() + self.seconds
+        self._reading[task] = loop.time() + self.seconds
         try:
             body, truncated = await read_body(receive, declared, limit)
             return body, truncated, False

@@ -115,6 +115,10 @@ _INSERT = (
     f"INSERT INTO audit_log ({', '.join(chain.COLUMNS)}) VALUES ({', '.join(':' + c for c in chain.COLUMNS)})"
 )
 _HEAD = "SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1"
+_COUNT = (
+    "UPDATE topic_counts SET topics = topics + CASE state WHEN 'active' THEN ? ELSE ? END "
+    "RETURNING state, topics"
+)
 _STOP = object()
 
 
@@ -439,11 +443,7 @@ def append_batch(
             now = outbox.now_iso()
             exhausted = [outbox.record_in(conn, attempts, schedule, now) for attempts, schedule in deliveries]
         if delta["active"] or delta["deleted"]:
-            conn.executemany(
-                "UPDATE topic_counts SET topics = topics + ? WHERE state = ?",
-                [(n, s) for s, n in delta.items()],
-            )
-            found = projection.stored_counts(conn)
+            found = dict(conn.execute(_COUNT, (delta["active"], delta["deleted"])).fetchall())
             counts = found["active"], found["deleted"]
         conn.execute("COMMIT")
     except BaseException:
