@@ -326,7 +326,7 @@ def writer_benchmark(folder: Path) -> list[str]:
     return lines
 
 
-def bytes_per_callback(db: Path) -> list[str]:
+def bytes_per_callback(db: Path, label: str = "") -> list[str]:
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     rows = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
@@ -334,7 +334,7 @@ def bytes_per_callback(db: Path) -> list[str]:
     conn.close()
     size = db.stat().st_size
     return [
-        f"Database bytes per audited callback: {size / rows:.0f} (file {size} bytes, {rows} rows; "
+        f"Database bytes per audited callback{label}: {size / rows:.0f} (file {size} bytes, {rows} rows; "
         f"request bodies average {body:.0f} bytes; log + projection + indexes + full-text index)"
     ]
 
@@ -787,7 +787,10 @@ def main() -> None:
             with checkout(setting("BEFORE", "")) as before:
                 http, db = http_benchmark(folder, before)
             sections.append(("HTTP: audited vs bare (wrk, unique signed deliveries)", http))
-            sections.append(("Database size", bytes_per_callback(db)))
+            size = bytes_per_callback(db)
+            if before is not None:
+                size += bytes_per_callback(folder / "http-before.db", " (before)")
+            sections.append(("Database size", size))
         if "grown" in only:
             sections.append(("A grown log (wrk, 32 connections)", grown_benchmark(folder)))
         if "servers" in only:
