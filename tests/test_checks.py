@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from conftest import APP_ID, TOKEN, Post, rows
 from litestar.testing import TestClient
+from topic_audit import app as app_module
 from topic_audit import checks, models, samples
 from topic_audit.settings import Settings
 
@@ -294,6 +295,21 @@ def test_unexpected_failure_is_answered_500_and_recorded(
     assert_answer(response, 500, "internal_error")
     [row] = rows(settings.db)
     assert (row["status_code"], row["outcome"], row["reason"]) == (500, "error", "internal_error")
+
+
+def test_a_failure_past_the_checks_is_answered_500_in_the_json_shape(
+    client: TestClient[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The callback path is served before Litestar's router, and so outside its exception middleware:
+    a bug there (here, building the row) still gets our JSON 500 and a logged traceback."""
+
+    def explode(*args: Any) -> Any:
+        raise RuntimeError("boom while building the row")
+
+    monkeypatch.setattr(app_module, "build_row", explode)
+    response = client.post(f"/callback?{_query()}", json=CREATE)
+    assert_answer(response, 500, "internal_error")
+    assert any(r.exc_info and "boom while building the row" in str(r.exc_info[1]) for r in caplog.records)
 
 
 @pytest.mark.parametrize(("path", "method", "status"), [("/nope", "GET", 404), ("/healthz", "POST", 405)])
