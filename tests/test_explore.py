@@ -238,3 +238,25 @@ def test_a_requests_deliveries_are_linked_from_its_row(populated: Path) -> None:
     undelivered = get(ds, "/audit/undelivered_callbacks.json", params={"_shape": "array"}).json()
     assert {d["state"] for d in undelivered} == {"pending", "failed"}
     assert len(undelivered) == 25  # 15 failed (odd ids up to 29) and 10 pending (31-40)
+
+
+def test_topic_history_reads_multi_topic_destroys_by_their_partial_index(tmp_path: Path) -> None:
+    """Entries with no ``topic_id`` are a fifth of a realistic log; the canned query must not walk them
+    all to find the few multi-topic destroys (it took the ``topic_id`` index for that once)."""
+    db = tmp_path / "audit.db"
+    generate_log(db, 200)
+    queries = yaml.safe_load((explore.DASHBOARD / "metadata.yml").read_text())["databases"]["audit"][
+        "queries"
+    ]
+    conn = sqlite3.connect(db)
+    try:
+        plan = " | ".join(
+            row[3]
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN {queries['topic_history']['sql']}", {"topic_id": "t"}
+            )
+        )
+    finally:
+        conn.close()
+    assert "idx_audit_log_multi_topic_destroys" in plan, plan
+    assert "SCAN audit_log" not in plan, plan

@@ -300,6 +300,35 @@ def test_the_topic_search_index_follows_the_projection(tmp_path: Path) -> None:
     )
 
 
+def test_the_wal_is_copied_into_the_database_beside_the_writer(fresh_db: Path) -> None:
+    """A few hundred rows stay far below SQLite's own checkpoint (1,000 pages): the database file grows
+    only because the checkpointer thread copies the WAL while the writer is running. With a replica
+    (``autocheckpoint=False``, Litestream checkpoints) there is no such thread."""
+    writer = AuditWriter(fresh_db)
+    writer.start()
+
+    async def main() -> None:
+        await asyncio.gather(*(writer.append(make_row(n)) for n in range(300)))
+
+    try:
+        before = fresh_db.stat().st_size
+        asyncio.run(main())
+        assert any(t.name == "wal-checkpoint" for t in threading.enumerate())
+        deadline = time.monotonic() + 5
+        while fresh_db.stat().st_size == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fresh_db.stat().st_size > before
+    finally:
+        writer.stop()
+    assert not any(t.name == "wal-checkpoint" for t in threading.enumerate())
+    replicated = AuditWriter(fresh_db, autocheckpoint=False)
+    replicated.start()
+    try:
+        assert not any(t.name == "wal-checkpoint" for t in threading.enumerate())
+    finally:
+        replicated.stop()
+
+
 def test_a_job_whose_caller_gave_up_does_not_kill_the_writer(fresh_db: Path) -> None:
     """/readyz waits 2 s for its probe; if it gives up, the writer must carry on (it once died here)."""
     writer = AuditWriter(fresh_db)

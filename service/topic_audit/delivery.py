@@ -306,7 +306,11 @@ async def _child(settings: Settings, out: IO[bytes]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     writer = AuditWriter(
-        settings.db, settings.max_batch, index_search=False, autocheckpoint=settings.replica_url is None
+        settings.db,
+        settings.max_batch,
+        index_search=False,
+        autocheckpoint=settings.replica_url is None,
+        checkpointer=False,
     )
     writer.start()
     report = Report()

@@ -144,6 +144,7 @@ class AuditWriter:
         observer: Observer | None = None,
         index_search: bool = True,
         autocheckpoint: bool = True,
+        checkpointer: bool | None = None,
     ) -> None:
         self.path = path
         self.autocheckpoint = autocheckpoint
@@ -157,6 +158,9 @@ class AuditWriter:
         self._conn: sqlite3.Connection | None = None
         self._failed_rows = 0
         self._indexed_at = 0.0
+        self.checkpointer = autocheckpoint if checkpointer is None else checkpointer and autocheckpoint
+        """Copy the WAL into the database file from a thread beside the writer (:meth:`_checkpoint`);
+        one per receiver is enough (the delivery process's writer does not)."""
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -165,7 +169,7 @@ class AuditWriter:
         self._conn = connect(self.path, self.autocheckpoint)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
-        if self.autocheckpoint:
+        if self.checkpointer:
             self._stopping.clear()
             self._checkpointer = threading.Thread(target=self._checkpoint, name="wal-checkpoint", daemon=True)
             self._checkpointer.start()

@@ -80,6 +80,11 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
             {"_search": "topic", "_size": "50"},
         ),
         ("rejected, by facet", "/audit/audit_log.json", {"outcome": "rejected", "_size": "50"}),
+        (
+            "page audit_log of one group (no index: read back by id)",
+            "/audit/audit_log.json",
+            {"group_id": group, "_size": "50"},
+        ),
     ]
     return out
 
