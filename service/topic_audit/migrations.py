@@ -319,10 +319,6 @@ def m012_lighter_commits(db: Database) -> None:
       instead of an index on (callback_command, topic_id) that every row entered at a random place. It
       keeps both columns so that the planner prefers it to ``idx_audit_log_topic_id`` (``topic_id IS
       NULL``, a fifth of a realistic log) for ``topic_history``; ``tests/test_explore.py`` checks the plan.
-    - No index on ``audit_log.group_id``: no canned query or chart reads it (``topics_of_group`` reads
-      ``topics``), and with hundreds of groups every row entered it at a random place, a fifth of the
-      pages each commit wrote on a realistic 1,000,000-entry log. Filtering the ``audit_log`` page by a
-      group still answers in well under a second (``make bench-queries``: it reads back by id).
     """
     for action in ("insert", "update", "delete"):
         db.execute(f"DROP TRIGGER topics_fts_{action}")
@@ -337,7 +333,6 @@ def m012_lighter_commits(db: Database) -> None:
     )
     db.execute("INSERT INTO search_progress SELECT 'topics_fts', coalesce(max(id), 0) FROM audit_log")
     db.execute("DROP INDEX idx_audit_log_callback_command_topic_id")
-    db.execute("DROP INDEX idx_audit_log_group_id")
     db.execute(
         "CREATE INDEX idx_audit_log_multi_topic_destroys ON audit_log (callback_command, topic_id) "
         f"WHERE callback_command = '{models.AFTER_DESTROYED}' AND topic_id IS NULL"

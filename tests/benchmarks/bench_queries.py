@@ -81,7 +81,7 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
         ),
         ("rejected, by facet", "/audit/audit_log.json", {"outcome": "rejected", "_size": "50"}),
         (
-            "page audit_log of one group (no index: read back by id)",
+            "page audit_log filtered by one group",
             "/audit/audit_log.json",
             {"group_id": group, "_size": "50"},
         ),
