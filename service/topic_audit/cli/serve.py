@@ -323,18 +323,15 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
 
 
 def _uvicorn_tls(settings: Settings) -> dict[str, Any]:
-    """uvicorn's TLS arguments; with a client CA, the protocol that exposes the client's certificate."""
+    """uvicorn's protocol (one write per answer, and the client's certificate) and TLS arguments."""
+    arguments: dict[str, Any] = {"http": "topic_audit.protocol:ReceiverHttpTools"}
     if settings.tls_cert is None:
-        return {}
+        return arguments
     import ssl
 
-    arguments: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    arguments |= {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
     if settings.tls_client_ca is not None:
-        arguments |= {
-            "ssl_ca_certs": str(settings.tls_client_ca),
-            "ssl_cert_reqs": ssl.CERT_REQUIRED,
-            "http": "topic_audit.tls:ClientCertHttpTools",
-        }
+        arguments |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return arguments
 
 
