@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -295,53 +293,3 @@ def test_serving_from_worker_processes(db_path: Path, tmp_path: Path, workers: s
     result = run_cli("verify", "--db", str(db_path), "--json")
     assert result.returncode == 0, result.stdout
     assert json.loads(result.stdout)["ok"]
-
-
-def _read_answers(sock: socket.socket, count: int) -> list[bytes]:
-    """``count`` complete HTTP/1.1 answers (status line, headers, Content-Length body) off ``sock``."""
-    data, answers = b"", []
-    while len(answers) < count:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, f"connection closed after {answers!r} and {data!r}"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        match = re.search(rb"(?im)^content-length: *(\d+)", head)
-        length = int(match.group(1)) if match else 0
-        while len(rest) < length:
-            rest += sock.recv(65536)
-        answers.append(head + b"\r\n\r\n" + rest[:length])
-        data = rest[length:]
-    return answers
-
-
-def test_each_answer_leaves_in_one_write_and_nothing_is_held(server: Server) -> None:
-    """serve's protocol holds an answer's head until its body: pipelined requests still get every
-    answer, in order, whole; a HEAD answer (no body is written) is not held back; 100 Continue leaves
-    before the body is sent."""
-    query = samples.query(APP_ID, "Group.CallbackAfterCreateTopic", TOKEN)
-    body = json.dumps(samples.sample("after-create", TopicId="@TGS#_g@TOPIC#_pipelined")).encode()
-    post = (
-        f"POST /callback?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-    )
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post)
-        first, health, again = _read_answers(sock, 3)
-        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b'"ErrorCode":0}')
-        assert health.startswith(b"HTTP/1.1 200") and health.endswith(b'"ErrorCode":0}')
-        assert again.startswith(b"HTTP/1.1 200")  # a redelivery: answered OK again
-        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(65536)
-        assert head.startswith(b"HTTP/1.1 ") and head.endswith(b"\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(
-            post.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n").split(b"\r\n\r\n")[0]
-            + b"\r\n\r\n"
-        )
-        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
-        sock.sendall(body)
-        [answer] = _read_answers(sock, 1)
-        assert answer.startswith(b"HTTP/1.1 200")
-    assert [r["outcome"] for r in rows(server.db)] == ["accepted", "duplicate", "duplicate"]

@@ -6,10 +6,9 @@ Tencent's CA (``TencentQQAuthCA.crt``) is what shows the caller is Tencent. With
 from that CA.
 
 Neither server tells the application which certificate was presented (the ASGI TLS extension), so on
-uvicorn :class:`topic_audit.protocol.ReceiverHttpTools` adds it: the subject of the verified client
-certificate reaches the callback route as ``scope["extensions"]["tls"]["client_cert_name"]`` and is
-recorded in the log row (``client_cert_subject``). Granian verifies the certificate but does not expose
-it; its rows hold NULL.
+uvicorn :class:`ClientCertHttpTools` adds it: the subject of the verified client certificate reaches the
+callback route as ``scope["extensions"]["tls"]["client_cert_name"]`` and is recorded in the log row
+(``client_cert_subject``). Granian verifies the certificate but does not expose it; its rows hold NULL.
 """
 
 from __future__ import annotations
@@ -17,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from topic_audit.settings import PREFIX, SettingsError
 
@@ -32,6 +33,22 @@ def client_cert_name(transport: asyncio.BaseTransport) -> str | None:
     if not der:
         return None
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+class ClientCertHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the ASGI TLS extension's ``client_cert_name``."""
+
+    _tls: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        name = client_cert_name(transport)
+        self._tls = {"client_cert_name": name} if name is not None else None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
 
 def check_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:

@@ -323,15 +323,18 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
 
 
 def _uvicorn_tls(settings: Settings) -> dict[str, Any]:
-    """uvicorn's protocol (one write per answer, and the client's certificate) and TLS arguments."""
-    arguments: dict[str, Any] = {"http": "topic_audit.protocol:ReceiverHttpTools"}
+    """uvicorn's TLS arguments; with a client CA, the protocol that exposes the client's certificate."""
     if settings.tls_cert is None:
-        return arguments
+        return {}
     import ssl
 
-    arguments |= {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    arguments: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
     if settings.tls_client_ca is not None:
-        arguments |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        arguments |= {
+            "ssl_ca_certs": str(settings.tls_client_ca),
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "http": "topic_audit.tls:ClientCertHttpTools",
+        }
     return arguments
 
 
