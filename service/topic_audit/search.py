@@ -3,9 +3,10 @@
 Indexing a request body costs more than appending it, and FTS5 statements inside every group's commit
 were a large share of the writer's time. The writer instead brings both indexes up to date in small
 batches several times a second (and whenever it is idle), between groups, off the path of any answer:
-each batch holds the write lock for a few milliseconds. The indexes are derived data: they are committed
-without waiting for the disk (``synchronous=NORMAL``) and, after a power loss, simply pick up from where
-their last durable batch ended.
+each batch holds the write lock for a millisecond or two. Under a load that never leaves the writer
+idle they fall behind (a batch at least every 0.2 s) and catch up once it eases. The indexes are
+derived data: they are committed without waiting for the disk (``synchronous=NORMAL``) and, after a
+power loss, simply pick up from where their last durable batch ended.
 
 ``audit_log_fts`` is external-content (it indexes ``audit_log`` rows in place) and remembers where it is
 by its own largest rowid. ``topics_fts`` keeps its own copy of the texts it indexed, so that a topic
