@@ -413,9 +413,10 @@ def test_replay_by_id_range_and_destination(
         )
         assert one.returncode == 0, one
         wait_for(lambda: [r.audit_id for r in destination.received].count(5) == 2, 10, "entry 5 again")
-        replays = table(
-            server.db, "SELECT audit_id, destination, attempt FROM deliveries WHERE replay = 1 ORDER BY id"
-        )
+        replayed = "SELECT audit_id, destination, attempt FROM deliveries WHERE replay = 1 ORDER BY id"
+        # attempts are recorded a few times a second, after the destination has them
+        wait_for(lambda: len(table(server.db, replayed)) == 3, 10, "the replays recorded")
+        replays = table(server.db, replayed)
         assert sorted((r["audit_id"], r["attempt"]) for r in replays) == [(2, 1), (3, 1), (5, 2)]
         nothing = cli("replay", "--db", str(server.db), "--id", "1", "--destination", other.url)
         assert "nothing to replay" in nothing.stdout
