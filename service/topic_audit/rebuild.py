@@ -208,9 +208,6 @@ def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) ->
     ).fetchall()
     for kind, name, _ in derived if bulk else ():
         conn.execute(f'DROP {kind} "{name}"')
-    ids = [(t,) for t in rows]
-    if not bulk:  # the full-text index follows the rows it indexes (search.reindex_topics when bulk)
-        conn.executemany(f"DELETE FROM topics_fts WHERE rowid = ({_ROWID})", ids)
     conn.executemany(
         "DELETE FROM topics WHERE topic_id = ?", [(t,) for t, row in rows.items() if row is None]
     )
@@ -220,7 +217,8 @@ def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) ->
         for _, _, sql in derived:
             conn.execute(sql)
         search.reindex_topics(conn)
-    else:  # rows deleted behind the projection leave their texts behind; rowids may have been reused
+    else:  # the full-text index follows: deleted rows leave texts behind, kept and new rows are indexed again
+        ids = [(t,) for t in rows]
         conn.execute("DELETE FROM topics_fts WHERE rowid NOT IN (SELECT rowid FROM topics)")
         conn.executemany(f"DELETE FROM topics_fts WHERE rowid = ({_ROWID})", ids)
         conn.executemany(
