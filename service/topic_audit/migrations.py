@@ -339,6 +339,17 @@ def m012_lighter_commits(db: Database) -> None:
     )
 
 
+@migrations()
+def m013_transparency_log(db: Database) -> None:
+    """The RFC 9162 tree over the log as C2SP tlog-tiles hashes (``topic_audit.tree``; filled by the
+    checkpoint job, so nothing here scans the log), and each checkpoint's signed note."""
+    db.execute(
+        "CREATE TABLE tree_hashes (level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL, "
+        "PRIMARY KEY (level, idx)) WITHOUT ROWID"
+    )
+    db.execute("ALTER TABLE checkpoints ADD COLUMN note TEXT")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
