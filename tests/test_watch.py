@@ -98,7 +98,7 @@ def test_a_rewritten_checkpoint_file_is_found_in_the_next_round(copy: Path) -> N
     line["log_size"] = 10
     file.write_text(json.dumps(line) + "\n")
     assert rounds_until_found(watch, 1) == 1
-    assert "rewritten" in next(iter(watch.findings.values())).message
+    assert any("rewritten" in f.message for f in watch.findings.values())
 
 
 def test_a_chain_rewritten_from_the_verified_head_is_found_at_once(copy: Path) -> None:

@@ -33,10 +33,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from topic_audit.settings import PREFIX, SettingsError
+
+if TYPE_CHECKING:
+    from topic_audit.integrity import Finding
 
 log = logging.getLogger(__name__)
 litestream_log = logging.getLogger("topic_audit.litestream")
@@ -430,10 +433,10 @@ def restore(
         for item in page.get("Contents", [])
     )
     lines = [s3.get_object(Bucket=target.bucket, Key=key)["Body"].read().decode().strip() for key in keys]
-    recovered = _newer_in_the_copy(to, lines)
+    recovered, stopped = _newer_in_the_copy(to, lines)
     file = to.with_name(to.name + ".checkpoints.jsonl")
     file.write_text("".join(line + "\n" for line in [*lines, *recovered]))
-    return Restored(len(lines), len(recovered), (done.stderr or done.stdout).strip())
+    return Restored(len(lines), len(recovered), (done.stderr or done.stdout).strip(), stopped)
 
 
 @dataclass(frozen=True)
@@ -442,30 +445,31 @@ class Restored:
     """Checkpoints downloaded from the bucket."""
     recovered: int
     """Checkpoints signed after the last published one, found in the restored copy's table (the machine
-    was lost before it could publish them); each is signed and chained to the one before."""
+    was lost before it could publish them); each passes the checks of a checkpoint line: signed by the
+    same key, chained to the one before, and what it signs is in the restored copy."""
     output: str
+    not_recovered: Finding | None = None
+    """Why the table's next checkpoint was not taken (the first finding on it), if there is one."""
 
 
-def _newer_in_the_copy(db: Path, published: list[str]) -> list[str]:
-    """Checkpoints in the restored ``checkpoints`` table after the last published one, as long as each
-    has a valid signature and chains to the one before it."""
+def _newer_in_the_copy(db: Path, published: list[str]) -> tuple[list[str], Finding | None]:
+    """Checkpoints in the restored ``checkpoints`` table after the last published one, each checked as
+    the next line of the file (:mod:`topic_audit.integrity`), up to the first with a finding."""
     import sqlite3
 
-    from topic_audit import checkpoints
+    from topic_audit.integrity import Checker
 
-    last = json.loads(published[-1])["digest"] if published else "0" * 64
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        rows = [dict(r) for r in conn.execute("SELECT * FROM checkpoints ORDER BY id")]
+        checker = Checker(db.with_name(db.name + ".checkpoints.jsonl"))
+        with checker.snapshot(conn) as snapshot:
+            rows = [dict(r) for r in conn.execute("SELECT * FROM checkpoints ORDER BY id")]
+            lines = [json.loads(line) for line in published]
+            rows = [
+                {k: v for k, v in row.items() if v is not None and k != "id"} for row in rows[len(lines) :]
+            ]
+            found, stopped = checker.checkpoints.recover(snapshot, lines, rows)
     finally:
         conn.close()
-    found: list[str] = []
-    for row in rows[len(published) :]:
-        row.pop("id")
-        row = {k: v for k, v in row.items() if v is not None}
-        if row.get("prev_digest") != last or not checkpoints.signature_ok(row):
-            break
-        found.append(json.dumps(row, sort_keys=True))
-        last = row["digest"]
-    return found
+    return [json.dumps(row, sort_keys=True) for row in found], stopped

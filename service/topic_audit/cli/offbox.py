@@ -81,6 +81,8 @@ def restore(
         f"restored {replica_url} to {to} and {restored.published} published checkpoints{recovered} to "
         f"{to}.checkpoints.jsonl in {time.perf_counter() - started:.1f} s; now: topic-audit verify --db {to}"
     )
+    if (stopped := restored.not_recovered) is not None:
+        click.echo(f"not recovered from the restored copy: {stopped.check}: {stopped.message}", err=True)
 
 
 @click.command(context_settings=CONTEXT)

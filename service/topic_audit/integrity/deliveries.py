@@ -1,0 +1,78 @@
+"""The ``deliveries`` chain (forwarding): contiguous ids, links and hashes, resumed from the last verified
+delivery and swept like the entries. Findings name the delivery in the message (``entry_id`` is for
+audit_log entries)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+from topic_audit import chain, outbox
+from topic_audit.integrity.findings import Finding, Notes, Snapshot
+
+_READ = f"SELECT {', '.join(outbox.SORTED)}, entry_hash FROM deliveries WHERE id > ? AND id <= ? ORDER BY id"
+_ID, _PREV = outbox.SORTED.index("id"), outbox.SORTED.index("prev_hash")
+
+
+def chain_range(
+    conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
+) -> tuple[list[Finding], int, str]:
+    """The deliveries with ``ids[0] < id <= ids[1]``, the first linking to ``after`` (the hash of
+    delivery ``ids[0]``; read from the table when None): (findings, deliveries, last hash)."""
+    note = Notes()
+    if after is None:
+        row = conn.execute("SELECT entry_hash FROM deliveries WHERE id = ?", (ids[0],)).fetchone()
+        after = row[0] if row is not None else chain.GENESIS
+    expected, prev, count = ids[0] + 1, after, 0
+    for row in conn.execute(_READ, ids):
+        count += 1
+        delivery = row[_ID]
+        if delivery != expected:
+            note("delivery_ids", None, f"delivery {expected}: expected delivery {expected}, found {delivery}")
+        if row[_PREV] != prev:
+            note("delivery_chain", None, f"delivery {delivery}: prev_hash is not the previous delivery's")
+        if hashlib.sha256(outbox.canonical(row[:-1])).hexdigest() != row[-1]:
+            note(
+                "delivery_hash",
+                None,
+                f"delivery {delivery}: entry_hash does not match the delivery's canonical form",
+            )
+        prev, expected = row[-1], delivery + 1
+    return note.findings(), count, prev
+
+
+class Deliveries:
+    def __init__(self) -> None:
+        self.verified: tuple[int, str] = (0, chain.GENESIS)
+        """The last delivery verified (id, entry_hash)."""
+        self.appended = 0
+        self.cursor = 0
+
+    def advance(self, snapshot: Snapshot) -> list[Finding]:
+        self.appended = 0
+        if not snapshot.has("deliveries"):
+            return []
+        (last_id, last_hash), found = self.verified, []
+        if last_id:
+            stored = snapshot.conn.execute(
+                "SELECT entry_hash FROM deliveries WHERE id = ?", (last_id,)
+            ).fetchone()
+            if stored is None or stored[0] != last_hash:
+                found.append(
+                    Finding("delivery_chain", None, f"delivery {last_id} is no longer the one verified")
+                )
+        head = snapshot.last_id("deliveries")
+        if head > last_id:
+            chained, self.appended, head_hash = chain_range(snapshot.conn, (last_id, head), last_hash)
+            found += chained
+            self.verified = (head, head_hash)
+        return found
+
+    def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
+        limit = min(self.verified[0], snapshot.last_id("deliveries"))
+        if not limit:
+            return []
+        start = self.cursor if self.cursor < limit else 0
+        end = min(start + budget, limit)
+        self.cursor = end if end < limit else 0
+        return chain_range(snapshot.conn, (start, end))[0]
