@@ -16,17 +16,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, rows
-from test_server import deliver_concurrently, run_cli
+from conftest import (
+    APP_ID,
+    TOKEN,
+    Server,
+    deliver_concurrently,
+    metric,
+    require_tool,
+    rows,
+    run_cli,
+    unavailable,
+    wait_for,
+)
+from topic_audit import samples
 
 HERE = Path(__file__).resolve().parent
-
-
-def metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exposed")
 
 
 def assert_fault_episode(server: Server, inject: Callable[[], None], clear: Callable[[], None]) -> None:
@@ -39,10 +43,7 @@ def assert_fault_episode(server: Server, inject: Callable[[], None], clear: Call
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503
     assert metric(server, "topic_audit_audit_append_errors_total") == 10
     clear()
-    deadline = time.monotonic() + 15
-    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "did not recover"
-        time.sleep(0.2)
+    wait_for(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, 15, "recovery", 0.2)
     assert all(r.status_code == 200 for r in deliver_concurrently(server.url, 5, "after"))
     server.stop()
     log = server.log.read_text()
@@ -56,14 +57,15 @@ def assert_fault_episode(server: Server, inject: Callable[[], None], clear: Call
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs, so that the disk can really fill up (needs root; skipped where mount is refused)."""
+    """A 4 MiB tmpfs, so that the disk can really fill up (needs root and mount(8); skipped where mount is
+    refused, unless TOPIC_AUDIT_REQUIRE_TOOLS=1)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+        [require_tool("mount"), "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        unavailable(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
     try:
         yield mount
     finally:
@@ -93,10 +95,8 @@ def test_disk_full(tmpfs: Path, tmp_path: Path) -> None:
 
 @pytest.fixture
 def faultfs(tmp_path: Path) -> Path:
-    """The EROFS fault library, compiled for this test (needs gcc)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the fault-injection library")
+    """The EROFS fault library, compiled for this test (needs a C compiler)."""
+    cc = shutil.which("cc") or require_tool("gcc")
     library = tmp_path / "faultfs.so"
     subprocess.run(
         [cc, "-shared", "-fPIC", "-O2", "-o", str(library), str(HERE / "faultfs.c"), "-ldl"], check=True
@@ -156,26 +156,55 @@ def test_a_slow_client_is_answered_408_and_recorded(db_path: Path, tmp_path: Pat
     assert (row["status_code"], row["reason"]) == (408, "request_timeout")
 
 
-def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPIC_AUDIT_")}
-    env["TOPIC_AUDIT_SDKAPPID"] = APP_ID
-    args = ["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "a.db")]
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("topic-audit")), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
-    assert result.returncode == 2 and "without callback authentication" in result.stderr
-    env["TOPIC_AUDIT_TOKEN"] = TOKEN  # with a token the same bind is allowed (checked without starting)
-    assert (
-        "without callback authentication"
-        not in subprocess.run(
-            [str(Path(sys.executable).with_name("topic-audit")), *args, "--port", "0", "--help"],
+def _serve_publicly(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``serve --host 0.0.0.0`` with only ``env`` of the TOPIC_AUDIT_ variables, expected to refuse."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOPIC_AUDIT_")}
+    clean |= {"TOPIC_AUDIT_SDKAPPID": APP_ID, **env}
+    args = ["serve", "--host", "0.0.0.0", "--port", "0", "--db", str(tmp_path / "refused.db")]
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "topic_audit.cli", *args],
             capture_output=True,
             text=True,
-            env=env,
-            timeout=30,
-        ).stderr
-    )
+            env=clean,
+            timeout=20,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"serve started on a public address with {env}") from exc
+
+
+@pytest.mark.parametrize("allow", [None, "0", "false"])
+def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path, allow: str | None) -> None:
+    env = {} if allow is None else {"TOPIC_AUDIT_ALLOW_UNAUTHENTICATED": allow}
+    result = _serve_publicly(tmp_path, **env)
+    assert result.returncode == 2 and "without callback authentication" in result.stderr, result.stderr
+    assert not (tmp_path / "refused.db").exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize(
+    ("env", "unsigned"),
+    [
+        ({"TOPIC_AUDIT_ALLOW_UNAUTHENTICATED": "1", "TOPIC_AUDIT_TOKEN": ""}, 200),  # allowed, and open
+        ({"TOPIC_AUDIT_ALLOW_UNAUTHENTICATED": "true", "TOPIC_AUDIT_TOKEN": ""}, 200),
+        ({}, 401),  # a token: the public bind is allowed, and every callback must be signed
+    ],
+)
+def test_a_public_bind_is_served_with_a_token_or_when_allowed(
+    tmp_path: Path, env: dict[str, str], unsigned: int
+) -> None:
+    server = Server(tmp_path / "audit.db", tmp_path / "server.log", {"TOPIC_AUDIT_HOST": "0.0.0.0", **env})
+    server.start()  # reached on loopback, which 0.0.0.0 includes
+    try:
+        body = samples.sample("after-create")
+        answer = httpx.post(f"{server.url}/callback?SdkAppid={APP_ID}", json=body, timeout=10)
+        signed = httpx.post(
+            f"{server.url}/callback?{samples.query(APP_ID, body['CallbackCommand'], TOKEN)}",
+            json=body,
+            timeout=10,
+        )
+    finally:
+        server.stop()
+    assert answer.status_code == unsigned, answer.text
+    assert signed.status_code == 200
+    logged = server.log.read_text()
+    assert ("NO callback authentication" in logged) == (unsigned == 200), logged

@@ -8,39 +8,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, rows, topics
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import APP_ID, TOKEN, Server, deliver_concurrently, metric_in, rows, run_cli, topics, wait_for
 from topic_audit import samples
-
-
-def deliver_concurrently(url: str, count: int, prefix: str) -> list[httpx.Response]:
-    async def main() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=count)
-        async with httpx.AsyncClient(timeout=10, limits=limits) as client:
-
-            async def one(n: int) -> httpx.Response:
-                body = samples.sample("after-create", TopicId=f"{prefix}-{n}")
-                query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
-                return await client.post(f"{url}/callback?{query}", json=body)
-
-            return await asyncio.gather(*(one(n) for n in range(count)))
-
-    return asyncio.run(main())
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "topic_audit.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-    )
 
 
 def test_200_concurrent_deliveries(server: Server) -> None:
@@ -159,7 +132,6 @@ def test_serve_requires_an_app_id(tmp_path: Path) -> None:
 
 def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_path: Path) -> None:
     import stat
-    import time
 
     from topic_audit import checkpoints
 
@@ -167,9 +139,8 @@ def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_p
     file = db_path.with_name("audit.db.checkpoints.jsonl")
     try:
         deliver_concurrently(running.url, 5, "cp")
-        deadline = time.monotonic() + 10
-        while len(checkpoints.read_file(file)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)  # idle: checkpoints keep coming
+        # Idle: checkpoints keep coming.
+        wait_for(lambda: len(checkpoints.read_file(file)) >= 3, 10, "three checkpoints", interval=0.2)
     finally:
         running.stop()
     lines = checkpoints.read_file(file)
@@ -246,16 +217,6 @@ def test_two_serve_processes_on_one_file_keep_one_chain(db_path: Path, tmp_path:
     assert run_cli("verify", "--db", str(db_path)).returncode == 0
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 @pytest.mark.parametrize(("workers", "server"), [("2", "uvicorn"), ("1", "granian"), ("2", "granian")])
 def test_serving_from_worker_processes(db_path: Path, tmp_path: Path, workers: str, server: str) -> None:
     """Every worker appends to one chain, and /metrics (from any worker) counts what all of them did."""
@@ -278,18 +239,27 @@ def test_serving_from_worker_processes(db_path: Path, tmp_path: Path, workers: s
                 return await asyncio.gather(*(one(n) for n in range(120)))
 
         responses = asyncio.run(deliver())
-        time.sleep(1.5)  # a checkpoint from some worker
-        scraped = [httpx.get(f"{running.url}/metrics").text for _ in range(4)]
+
+        def counted(text: str) -> tuple[float, ...]:
+            return (
+                metric_in(text, "topic_audit_callbacks_total", outcome="accepted"),
+                metric_in(text, "topic_audit_callbacks_total", outcome="duplicate"),
+                metric_in(text, "topic_audit_topics", state="active"),
+                metric_in(text, "topic_audit_log_entries"),
+            )
+
+        # Whichever worker answers a scrape reports everything (gauges catch up with the other workers'
+        # appends within a checkpoint interval).
+        def every_scrape_counts_all() -> bool:
+            scraped = [counted(httpx.get(f"{running.url}/metrics").text) for _ in range(4)]
+            return all(c == (100, 20, 100, 120) for c in scraped)
+
+        wait_for(every_scrape_counts_all, 10, "every scrape to count all 120 callbacks", interval=0.2)
     finally:
         running.stop()
     assert [r.status_code for r in responses] == [200] * 120
     assert [r["id"] for r in rows(db_path)] == list(range(1, 121))
     assert len(topics(db_path)) == 100
-    for text in scraped:
-        assert _metric(text, "topic_audit_callbacks_total", outcome="accepted") == 100
-        assert _metric(text, "topic_audit_callbacks_total", outcome="duplicate") == 20
-        assert _metric(text, "topic_audit_topics", state="active") == 100
-        assert _metric(text, "topic_audit_log_entries") == 120
     result = run_cli("verify", "--db", str(db_path), "--json")
     assert result.returncode == 0, result.stdout
     assert json.loads(result.stdout)["ok"]
