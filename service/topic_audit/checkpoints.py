@@ -8,7 +8,10 @@ A statement's canonical form is the JSON object of ``log_size``, ``head_hash``, 
 ``prev_digest`` and ``public_key``, keys sorted, no whitespace; ``digest`` is its SHA-256 (hex) and
 ``signature`` the Ed25519 signature of those bytes (hex). The first checkpoint's ``prev_digest`` is 64
 zeros. ``public_key`` is the raw 32-byte key in hex. Since forwarding exists, the statement also holds
-``deliveries_size`` and ``deliveries_head``: the head of the ``deliveries`` chain.
+``deliveries_size`` and ``deliveries_head``: the head of the ``deliveries`` chain. Since the
+transparency log exists, it also holds ``note``: the C2SP tlog-checkpoint of the log's RFC 9162 tree at
+``log_size`` (``topic_audit.tree``), signed with the same key as a C2SP signed note whose key name is the
+origin (``topic_audit.note``). The note is what receipts and standard tlog tooling check.
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from topic_audit import chain
+from topic_audit import chain, note, tree
 
 STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest", "public_key")
 DELIVERY_FIELDS: Final = ("deliveries_size", "deliveries_head")
 """The head of the ``deliveries`` chain (forwarding), in every checkpoint signed since it exists; a
 statement holds them when the checkpoint does."""
-FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS)
+NOTE_FIELDS: Final = ("note",)
+"""The signed tree head (a C2SP signed note), in every checkpoint signed since the tree exists."""
+FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS, *NOTE_FIELDS)
 
 
 def statement_bytes(checkpoint: dict[str, Any]) -> bytes:
-    fields = [*STATEMENT_FIELDS, *(f for f in DELIVERY_FIELDS if checkpoint.get(f) is not None)]
+    optional = (*DELIVERY_FIELDS, *NOTE_FIELDS)
+    fields = [*STATEMENT_FIELDS, *(f for f in optional if checkpoint.get(f) is not None)]
     return json.dumps({k: checkpoint[k] for k in fields}, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -85,8 +91,15 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, created_at: str) -> dict[str, Any]:
-    """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock."""
+def make_checkpoint(
+    conn: sqlite3.Connection, signer: Signer, file: Path, created_at: str, origin: str | None = None
+) -> dict[str, Any]:
+    """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock.
+
+    The tree's new tiles are stored first, outside the lock (in commits of their own); the note signs
+    the tree at the head under ``origin`` (default: the latest note's, see :func:`default_origin`)."""
+    tree.update(conn)
+    origin = origin or default_origin(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         _drop_partial_line(file)
@@ -103,6 +116,9 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
             "public_key": signer.public_key_hex,
             "deliveries_size": delivered[0] if delivered is not None else 0,
             "deliveries_head": delivered[1] if delivered is not None else chain.GENESIS,
+            "note": note.sign(
+                note.Checkpoint(origin, size, tree.root(conn, size)).text(), origin, signer.key
+            ),
         }
         signed = statement_bytes(checkpoint)
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
@@ -119,6 +135,35 @@ def make_checkpoint(conn: sqlite3.Connection, signer: Signer, file: Path, create
             conn.execute("ROLLBACK")
         raise
     return checkpoint
+
+
+def note_origin(conn: sqlite3.Connection) -> str | None:
+    """The origin of the latest checkpoint note, if any."""
+    row = conn.execute(
+        "SELECT note FROM checkpoints WHERE note IS NOT NULL ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else str(row[0]).split("\n", 1)[0]
+
+
+def latest_origin(db: Path) -> str | None:
+    """:func:`note_origin` of the database at ``db`` (read-only; None before the tree existed)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return note_origin(conn)
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+
+
+def default_origin(conn: sqlite3.Connection) -> str:
+    """The latest note's origin; before any, ``topic-audit/<SdkAppid of the first accepted entry>``
+    (for callers that do not pass the configured one)."""
+    origin = note_origin(conn)
+    if origin is not None:
+        return origin
+    app = conn.execute("SELECT sdk_app_id FROM audit_log WHERE outcome = 'accepted' LIMIT 1").fetchone()
+    return f"topic-audit/{app[0] if app is not None else 'unknown'}"
 
 
 def _insert(conn: sqlite3.Connection, checkpoint: dict[str, Any]) -> None:

@@ -75,7 +75,7 @@ class Verifier:
 
     @classmethod
     def from_vkey(cls, vkey: str) -> Verifier:
-        parts = vkey.strip().split("+")
+        parts = vkey.strip().split("+", 2)
         if len(parts) != 3 or len(parts[1]) != 8 or not valid_name(parts[0]):
             raise MalformedNote("not a verifier key <name>+<hex key id>+<base64 key>")
         try:
@@ -143,7 +143,7 @@ def open_note(note: str, verifier: Verifier) -> str:
 def signatures(note: str) -> list[tuple[str, int]]:
     """The (key name, key id) of each signature line, unverified (to say who did sign)."""
     out = []
-    for line in note[note.rfind("\n\n") + 2 :].split("\n"):
+    for line in note[note.rfind("\n\n") + 2 :].split("\n")[:-1]:
         name, _, b64 = line.removeprefix(_DASH).partition(" ")
         try:
             out.append((name, int.from_bytes(base64.b64decode(b64)[:4], "big")))

@@ -15,9 +15,11 @@ from topic_audit.cli.options import (
     CONTEXT,
     checkpoint_file_option,
     db_option,
+    origin_options,
     pinned_key,
     signing_key_option,
 )
+from topic_audit.cli.options import log_origin as origin_named
 from topic_audit.settings import Settings
 
 
@@ -177,8 +179,19 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
 @db_option
 @checkpoint_file_option
 @signing_key_option
-def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None) -> None:
-    """Sign a checkpoint of the log now (the receiver also does so every --checkpoint-seconds)."""
+@origin_options
+def checkpoint(
+    db: Path,
+    checkpoint_file: Path | None,
+    signing_key: Path | None,
+    log_origin: str | None,
+    sdkappid: str | None,
+) -> None:
+    """Sign a checkpoint of the log now (the receiver also does so every --checkpoint-seconds).
+
+    The checkpoint also signs the log's Merkle tree as a C2SP checkpoint note (origin from --log-origin
+    or --sdkappid; without either, the latest note's). The first one after an upgrade stores the tree.
+    """
     from topic_audit.app import iso_now
     from topic_audit.checkpoints import Signer, make_checkpoint
     from topic_audit.writer import connect
@@ -196,7 +209,8 @@ def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None)
     migrations.migrate(db)
     conn = connect(db)
     try:
-        cp = make_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()))
+        origin = origin_named(log_origin, sdkappid)
+        cp = make_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()), origin=origin)
     finally:
         conn.close()
     click.echo(
@@ -216,12 +230,35 @@ def checkpoint(db: Path, checkpoint_file: Path | None, signing_key: Path | None)
     show_envvar=True,
     help="Print the raw key in hex instead of PEM.",
 )
-def public_key(db: Path, signing_key: Path | None, as_hex: bool) -> None:
+@click.option(
+    "--vkey",
+    "as_vkey",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_PUBLIC_KEY_VKEY",
+    show_envvar=True,
+    help="Print the signed-note verifier key <origin>+<key id>+<key> (for check-receipt and tlog tools).",
+)
+@origin_options
+def public_key(
+    db: Path,
+    signing_key: Path | None,
+    as_hex: bool,
+    as_vkey: bool,
+    log_origin: str | None,
+    sdkappid: str | None,
+) -> None:
     """Print the checkpoint signer's public key, for auditors to pin with `verify --public-key`."""
-    from topic_audit.checkpoints import Signer
+    from topic_audit.checkpoints import Signer, latest_origin
+    from topic_audit.note import Verifier, raw_public_key
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():
         raise click.ClickException(f"no signing key at {path}; `topic-audit checkpoint` creates one")
     signer, _ = Signer.load_or_create(path)
+    if as_vkey:
+        origin = origin_named(log_origin, sdkappid) or (latest_origin(db) if db.exists() else None)
+        if origin is None:
+            raise click.UsageError("the vkey names the log's origin: give --log-origin or --sdkappid")
+        click.echo(Verifier.for_key(origin, raw_public_key(signer.key)).vkey)
+        return
     click.echo(signer.public_key_hex if as_hex else signer.public_key_pem().rstrip())

@@ -46,6 +46,32 @@ def db_option(f: Any) -> Any:
     )(f)
 
 
+def origin_options(f: Any) -> Any:
+    """``--log-origin`` and ``--sdkappid``, which name the transparency log (see :func:`log_origin`)."""
+    f = click.option(
+        "--sdkappid",
+        envvar="TOPIC_AUDIT_SDKAPPID",
+        show_envvar=True,
+        help="The app's SDKAppID: the log's origin is topic-audit/<SdkAppid> unless --log-origin is given.",
+    )(f)
+    return click.option(
+        "--log-origin",
+        envvar="TOPIC_AUDIT_LOG_ORIGIN",
+        show_envvar=True,
+        help="The transparency log's origin (first line of each signed checkpoint note, and its key name). "
+        "[default: topic-audit/<SdkAppid>]",
+    )(f)
+
+
+def log_origin(log_origin: str | None, sdkappid: str | None) -> str | None:
+    """The origin those options name; None when neither is given."""
+    from topic_audit.settings import Settings
+
+    if not log_origin and not sdkappid:
+        return None
+    return Settings(sdk_app_id=sdkappid or "", log_origin=log_origin).log_origin_name
+
+
 def pinned_key(public_key: str | None) -> str | None:
     """``--public-key`` (raw hex, PEM text, or a PEM file) as raw hex; None when not given."""
     from topic_audit.checkpoints import load_public_key
