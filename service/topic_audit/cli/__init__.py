@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from topic_audit.cli import audit, forward, offbox, send, serve
+from topic_audit.cli import audit, forward, offbox, proofs, send, serve
 from topic_audit.cli.options import CONTEXT
 
 
@@ -35,5 +35,7 @@ for command in (
     forward.sink,
     offbox.restore,
     offbox.watch,
+    proofs.prove,
+    proofs.check_receipt,
 ):
     main.add_command(command)
