@@ -433,7 +433,7 @@ def restore(
         for item in page.get("Contents", [])
     )
     lines = [s3.get_object(Bucket=target.bucket, Key=key)["Body"].read().decode().strip() for key in keys]
-    recovered, stopped = _newer_in_the_copy(to, lines)
+    recovered, stopped = recover_checkpoints(to, lines)
     file = to.with_name(to.name + ".checkpoints.jsonl")
     file.write_text("".join(line + "\n" for line in [*lines, *recovered]))
     return Restored(len(lines), len(recovered), (done.stderr or done.stdout).strip(), stopped)
@@ -452,7 +452,7 @@ class Restored:
     """Why the table's next checkpoint was not taken (the first finding on it), if there is one."""
 
 
-def _newer_in_the_copy(db: Path, published: list[str]) -> tuple[list[str], Finding | None]:
+def recover_checkpoints(db: Path, published: list[str]) -> tuple[list[str], Finding | None]:
     """Checkpoints in the restored ``checkpoints`` table after the last published one, each checked as
     the next line of the file (:mod:`topic_audit.integrity`), up to the first with a finding."""
     import sqlite3

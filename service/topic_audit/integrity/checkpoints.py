@@ -167,7 +167,7 @@ class Checkpoints:
                 None,
                 f"{snapshot.file} is missing but the database records {total} checkpoints",
             )
-        if total < seen or stored != in_file[seen:total] or len(in_file) - total > 1:
+        if not 0 <= len(in_file) - total <= 1 or total < seen or stored != in_file[seen:total]:
             note("checkpoint_table", None, "the checkpoints table does not match the checkpoint file")
         self.table_seen = total
 

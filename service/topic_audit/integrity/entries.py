@@ -87,6 +87,12 @@ def _start(conn: sqlite3.Connection, after: int) -> Start:
     return before[0][0] + 1, before[0][1], before[1][1] if len(before) > 1 else chain.GENESIS
 
 
+def _lowest(conn: sqlite3.Connection) -> int:
+    """Where a pass from the start begins: ids below 1 are read too (an entry moved there is a finding,
+    not a row skipped)."""
+    return int(min(conn.execute("SELECT coalesce(min(id), 1) - 1 FROM audit_log").fetchone()[0], 0))
+
+
 class ChainRunner(Protocol):
     """How :class:`Entries` recomputes a range: :func:`verify_chain` here, or ``verify``'s process pool."""
 
@@ -124,8 +130,7 @@ class Entries:
             if stored is None or stored[0] != last_hash:
                 message = f"entry {last_id} is no longer the one verified: the log was rewritten"
                 found.append(Finding("chain", last_id, message))
-        # From the start, ids below 1 are read too (an id moved there is a finding, not a row skipped).
-        low = last_id or min(conn.execute("SELECT coalesce(min(id), 1) - 1 FROM audit_log").fetchone()[0], 0)
+        low = last_id or _lowest(conn)
         if head > last_id:
             chained, self.appended, head_hash = self.run(conn, (low, head), self.start)
             found += chained
@@ -139,6 +144,7 @@ class Entries:
             return []
         start = self.cursor if self.cursor < limit else 0
         end = min(start + budget, limit)
-        found, _, _ = verify_chain(snapshot.conn, ids=(start, end))
+        ids, begin = ((_lowest(snapshot.conn), end), FRESH) if start == 0 else ((start, end), None)
+        found, _, _ = verify_chain(snapshot.conn, ids=ids, start=begin)
         self.cursor, self.swept = (end if end < limit else 0), (start, end)
         return found
