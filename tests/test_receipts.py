@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +330,21 @@ def test_the_readme_script_checks_a_real_receipt(log: Path, tmp_path: Path) -> N
             [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=30
         )
         assert ran.returncode != 0, what
+
+
+def test_the_keeper_stores_the_tree_behind_the_writer(tmp_path: Path) -> None:
+    db = tmp_path / "kept.db"
+    generate_log(db, 10, seed=1)
+    keeper = tree.Keeper(db, interval=0.05).start()
+    try:
+        generate_log(db, 1100, seed=2)
+        conn = sqlite3.connect(db)
+        deadline = time.monotonic() + 30
+        while tree.stored_count(conn, 1) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree.stored_count(conn, 1) == 4
+        assert tlog.root(tree.StoredTree(conn, 1110), 1110) == tlog.root(tlog.MemoryTree(leaves(db)), 1110)
+        conn.close()
+    finally:
+        keeper.stop()
+    assert not keeper.thread.is_alive()
