@@ -112,6 +112,14 @@ class Settings:
     """The transparency log's origin: the first line of every signed checkpoint note and the name of
     its key (``TOPIC_AUDIT_LOG_ORIGIN``; default ``topic-audit/<SdkAppid>``)."""
 
+    retention_days: float | None = None
+    """``serve`` erases the content of entries older than this many days, every hour, in small batches
+    (``TOPIC_AUDIT_RETENTION_DAYS``; unset: keep)."""
+
+    store_bodies: str = "all"
+    """``topics``: callbacks outside the topic family keep evidence only -- their content is erased as
+    they are written, or with forwarding once every delivery is done (``TOPIC_AUDIT_STORE_BODIES``)."""
+
     @property
     def log_origin_name(self) -> str:
         return self.log_origin or f"topic-audit/{self.sdk_app_id}"
@@ -177,6 +185,12 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}LOG_ORIGIN must hold no spaces and no '+', got {self.log_origin_name!r}"
             )
+        if self.retention_days is not None and not 0 < self.retention_days <= 36500:
+            raise SettingsError(
+                f"{PREFIX}RETENTION_DAYS must be a positive number of days, got {self.retention_days}"
+            )
+        if self.store_bodies not in ("all", "topics"):
+            raise SettingsError(f"{PREFIX}STORE_BODIES must be all or topics, got {self.store_bodies!r}")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
         for url in self.forward_url:
