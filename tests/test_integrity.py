@@ -112,7 +112,7 @@ def _lines(change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> Ca
 
 
 def _rewrite_chain_from(entry: int) -> Case:
-    """Entry ``entry`` altered and every hash after it recomputed: a consistent chain, but not the one signed."""
+    """Entry ``entry`` altered and every hash after it recomputed: consistent, but not the chain signed."""
 
     def rewrite(folder: Path) -> None:
         conn = sqlite3.connect(folder / "audit.db")
@@ -212,6 +212,7 @@ def test_verify_and_a_fresh_watch_find_the_same(copy: Path, case: str) -> None:
 
 HISTORY = (
     "were verified: entries removed",
+    "were verified: deliveries removed",
     "is no longer the one verified",
     "removed from the file",
     "rewritten",

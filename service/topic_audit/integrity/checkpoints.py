@@ -86,7 +86,10 @@ def log_prefix(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes
     if row is None or row[0] != cp["head_hash"]:
         lines.broken = True
         first = lines.matched + 1
-        message = f"checkpoint {lines.number}: entry {size} is not the signed head; the log was altered in entries {first}..{size}"
+        message = (
+            f"checkpoint {lines.number}: entry {size} is not the signed head; the log was altered in "
+            f"entries {first}..{size}"
+        )
         note("checkpoint_prefix", first, message)
     elif not lines.broken:
         lines.matched = size
@@ -99,7 +102,10 @@ def deliveries_head(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: 
         return True
     size, delivered = int(cp["deliveries_size"]), snapshot.last_id("deliveries")
     if size > delivered:
-        message = f"checkpoint {lines.number} covers {size} deliveries but deliveries has {delivered}: deliveries removed"
+        message = (
+            f"checkpoint {lines.number} covers {size} deliveries but deliveries has {delivered}: "
+            "deliveries removed"
+        )
         note("checkpoint_deliveries", None, message)
         return True
     row = snapshot.conn.execute("SELECT entry_hash FROM deliveries WHERE id = ?", (size,)).fetchone()
@@ -149,7 +155,7 @@ class Checkpoints:
 
     def _table(self, snapshot: Snapshot, note: Notes) -> None:
         """The table holds what the file holds. The table may lag the file by one line (a crash between
-        the two writes), never lead it; a line signed since the file was read is read again."""
+        the two writes), never lead it."""
         if not snapshot.has("checkpoints"):
             return
         conn, seen = snapshot.conn, self.table_seen
@@ -159,8 +165,8 @@ class Checkpoints:
             for r in conn.execute("SELECT digest FROM checkpoints ORDER BY id LIMIT -1 OFFSET ?", (seen,))
         ]
         in_file = [c.get("digest") for c in snapshot.lines]
-        if total > len(in_file) and snapshot.file_error is None:
-            in_file = [c.get("digest") for c in signed.read_file(snapshot.file)]
+        if total > len(in_file) and snapshot.file_error is None:  # signed since: what the file then held
+            in_file = [c.get("digest") for c in signed.read_file(snapshot.file)][:total]
         if not in_file and total:
             note(
                 "checkpoint_file",

@@ -42,28 +42,34 @@ def chain_range(
 
 
 class Deliveries:
+    """The deliveries chain, resumed from the last verified delivery (remembered: deliveries removed or
+    rewritten behind it are found at once), and a rolling sweep over what earlier rounds verified."""
+
     def __init__(self) -> None:
         self.verified: tuple[int, str] = (0, chain.GENESIS)
         """The last delivery verified (id, entry_hash)."""
         self.appended = 0
+        """Deliveries checked by the last :meth:`advance`."""
         self.cursor = 0
 
     def advance(self, snapshot: Snapshot) -> list[Finding]:
         self.appended = 0
         if not snapshot.has("deliveries"):
             return []
-        (last_id, last_hash), found = self.verified, []
+        conn, (last_id, last_hash) = snapshot.conn, self.verified
+        head = snapshot.last_id("deliveries")
+        if head < last_id:
+            message = f"deliveries has {head}; {last_id} were verified: deliveries removed"
+            return [Finding("delivery_ids", None, message)]
+        found = []
         if last_id:
-            stored = snapshot.conn.execute(
-                "SELECT entry_hash FROM deliveries WHERE id = ?", (last_id,)
-            ).fetchone()
+            stored = conn.execute("SELECT entry_hash FROM deliveries WHERE id = ?", (last_id,)).fetchone()
             if stored is None or stored[0] != last_hash:
                 found.append(
                     Finding("delivery_chain", None, f"delivery {last_id} is no longer the one verified")
                 )
-        head = snapshot.last_id("deliveries")
         if head > last_id:
-            chained, self.appended, head_hash = chain_range(snapshot.conn, (last_id, head), last_hash)
+            chained, self.appended, head_hash = chain_range(conn, (last_id, head), last_hash)
             found += chained
             self.verified = (head, head_hash)
         return found
