@@ -36,10 +36,23 @@ def test_roots_match_pymerkle_and_the_reference(memory: tlog.MemoryTree) -> None
     frontier = tlog.Frontier()
     for n, data in enumerate(DATA, 1):
         theirs.append_entry(data)
-        frontier.append(tlog.leaf_hash(data))
+        frontier.push(tlog.leaf_hash(data))
         ours = tlog.root(memory, n)
         assert ours == theirs.get_root(n) == reference.root_from_leaves(DATA[:n]), n
         assert frontier.root() == ours, n
+
+
+def test_the_frontier_takes_leaves_and_whole_blocks() -> None:
+    leaves = [tlog.leaf_hash(i.to_bytes(4, "big")) for i in range(1300)]
+    memory = tlog.MemoryTree(leaves)
+    for split in (0, 1, 255, 256, 257, 700):
+        frontier = tlog.Frontier()
+        frontier.extend(leaves[:split])
+        assert frontier.root() == tlog.root(memory, split)
+        frontier.extend(leaves[split:])
+        assert frontier.root() == tlog.root(memory, 1300), split
+    with pytest.raises(ValueError, match="cannot follow"):
+        frontier.push(leaves[0], 8)
 
 
 @pytest.mark.parametrize("size", SIZES)

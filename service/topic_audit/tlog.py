@@ -187,14 +187,29 @@ class Frontier:
         self.size = 0
         self.stack: list[bytes] = []
 
-    def append(self, leaf: bytes) -> None:
-        self.stack.append(leaf)
-        self.size += 1
-        n = self.size
+    def push(self, subtree: bytes, height: int = 0) -> None:
+        """Append a complete subtree of ``2**height`` leaves (a leaf hash at height 0); the tree's size
+        must be a multiple of ``2**height``."""
+        if self.size & ((1 << height) - 1):
+            raise ValueError(f"a subtree of height {height} cannot follow {self.size} leaves")
+        self.stack.append(subtree)
+        self.size += 1 << height
+        n = self.size >> height
         while n & 1 == 0:
             right = self.stack.pop()
             self.stack[-1] = node_hash(self.stack[-1], right)
             n >>= 1
+
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append leaf hashes, whole aligned blocks of 256 folded at once."""
+        i = 0
+        while i < len(leaves):
+            if self.size & 255 == 0 and len(leaves) - i >= 256:
+                self.push(fold(leaves[i : i + 256]), 8)
+                i += 256
+            else:
+                self.push(leaves[i])
+                i += 1
 
     def root(self) -> bytes:
         if not self.stack:
