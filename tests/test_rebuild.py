@@ -161,6 +161,24 @@ def test_the_command_reports_what_it_rewrote(history: dict[str, dict[str, Any]],
     assert topics(settings.db) == history
 
 
+def test_a_rebuild_the_database_refuses_reports_the_database_s_error(
+    history: dict[str, dict[str, Any]], settings: Settings
+) -> None:
+    """A failure that ends the transaction inside SQLite (here RAISE(ROLLBACK); a full disk does the same)
+    reaches the caller as itself, and the table is left as it was."""
+    alter(
+        settings.db,
+        "DELETE FROM topics",
+        "CREATE TRIGGER refuse BEFORE INSERT ON topics BEGIN SELECT RAISE(ROLLBACK, 'refused by the disk'); END",
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="refused by the disk"):
+        run(settings.db, 1)
+    assert topics(settings.db) == {}
+    alter(settings.db, "DROP TRIGGER refuse")
+    assert run(settings.db, 1) == rebuild.Rebuilt(topics=12, written=12)
+    assert topics(settings.db) == history
+
+
 def test_many_differences_are_written_with_the_indexes_built_afterwards(
     history: dict[str, dict[str, Any]], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import pickle
 import sqlite3
 import threading
 import time
@@ -11,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from topic_audit import chain, verify
+from topic_audit import append, chain, checkpoints, database, jobs, outbox, verify
 from topic_audit import writer as writer_module
 from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate
-from topic_audit.writer import AppendError, AuditWriter
+from topic_audit.writer import AppendError, AuditWriter, Forward
 
 
 def make_row(n: int, **changes: Any) -> dict[str, Any]:
@@ -128,26 +130,17 @@ def test_a_lone_append_commits_at_once(fresh_db: Path) -> None:
     assert committed.id == 1 and recorder.groups == [1]
 
 
-def _hold(writer: AuditWriter) -> threading.Event:
-    """Block the writer thread until the returned event is set, so that appends pile up in the queue."""
-    release = threading.Event()
-    writer.run(lambda conn: release.wait(10))
-    return release
-
-
 def test_a_bad_row_fails_only_its_own_request(fresh_db: Path) -> None:
     recorder = Recorder()
     writer = AuditWriter(fresh_db, observer=recorder)
-    writer.start()
 
     async def main() -> list[Any]:
-        release = _hold(writer)
         tasks = [
             asyncio.ensure_future(writer.append(make_row(n, outcome="bogus" if n == 5 else "ignored")))
             for n in range(10)
         ]
-        await asyncio.sleep(0.05)
-        release.set()
+        await asyncio.sleep(0)  # all ten are queued before the writer starts: one group, which fails
+        writer.start()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
@@ -157,6 +150,7 @@ def test_a_bad_row_fails_only_its_own_request(fresh_db: Path) -> None:
     failed = [n for n, r in enumerate(results) if isinstance(r, AppendError)]
     assert failed == [5]
     assert recorder.failed == 1
+    assert recorder.groups == [1] * 9  # the group was retried row by row
     assert check_chain(fresh_db) == 9
 
 
@@ -332,17 +326,80 @@ def test_the_wal_is_copied_into_the_database_beside_the_writer(fresh_db: Path) -
 def test_a_job_whose_caller_gave_up_does_not_kill_the_writer(fresh_db: Path) -> None:
     """/readyz waits 2 s for its probe; if it gives up, the writer must carry on (it once died here)."""
     writer = AuditWriter(fresh_db)
+    abandoned = writer.probe()
+    assert abandoned.cancel()  # the caller stops waiting before the writer gets to it
     writer.start()
     try:
-        release = _hold(writer)
-        abandoned = writer.run(lambda conn: 1 / 0)
-        assert abandoned.cancel()  # the caller stops waiting while the writer is busy
-        release.set()
         committed = asyncio.run(asyncio.wait_for(writer.append(make_row(1)), timeout=5))
         assert committed.id == 1
-        assert writer.run(lambda conn: "alive").result(timeout=5) == "alive"
+        assert writer.submit(jobs.Counts()).result(timeout=5) == (1, 0, 0)
     finally:
         writer.stop()
+    assert _table(fresh_db, "SELECT count(*) FROM heartbeat") == [(0,)]  # the abandoned probe never ran
+
+
+class _Unknown(jobs.Job[None]):
+    """A job the writer does not know."""
+
+
+def test_a_failing_job_fails_its_caller_only(fresh_db: Path, tmp_path: Path) -> None:
+    writer = AuditWriter(fresh_db)
+    writer.start()
+    try:
+        with pytest.raises(TypeError, match="no job _Unknown"):
+            writer.submit(_Unknown()).result(timeout=5)
+        (tmp_path / "key.pem").write_text("not a key")
+        with pytest.raises(ValueError):
+            writer.submit(jobs.Checkpoint(tmp_path / "key.pem", tmp_path / "cp.jsonl")).result(timeout=5)
+        assert asyncio.run(writer.append(make_row(1))).id == 1
+    finally:
+        writer.stop()
+
+
+def test_the_jobs_and_their_results_are_plain_data(fresh_db: Path, tmp_path: Path) -> None:
+    """What crosses the writer's queue survives pickling (the seam for a writer in its own process)."""
+    key, file = tmp_path / "signing.key", tmp_path / "checkpoints.jsonl"
+    checkpoints.Signer.load_or_create(key)
+    asked: list[jobs.Job[Any]] = [
+        jobs.Counts(),
+        jobs.Heartbeat(),
+        jobs.Checkpoint(key, file),
+        jobs.Checkpoint(key, file, unless_within=60),
+        jobs.Pragmas(),
+    ]
+    writer = AuditWriter(fresh_db)
+    writer.start()
+    try:
+        committed = asyncio.run(writer.append(make_row(1)))
+        answers = [writer.submit(pickle.loads(pickle.dumps(job))).result(timeout=5) for job in asked]
+    finally:
+        writer.stop()
+    assert pickle.loads(pickle.dumps(committed)) == committed
+    assert [pickle.loads(pickle.dumps(a)) for a in answers] == answers
+    counted, beat, signed, skipped, pragmas = answers
+    assert counted == jobs.Counted(entries=1, active=0, deleted=0) and beat is None
+    assert signed is not None and signed["log_size"] == 1 and checkpoints.read_file(file) == [signed]
+    assert skipped is None  # a checkpoint younger than a minute stands
+    assert pragmas == database.Durability(synchronous=2, wal_autocheckpoint=1000, journal_mode="wal")
+    requests = [append.Append(make_row(2)), append.Record([], (1,))]
+    assert [pickle.loads(pickle.dumps(r)) for r in requests] == requests
+
+
+def test_append_leaves_the_callers_row_and_attempt_unchanged(fresh_db: Path) -> None:
+    row = make_row(1)
+    attempt = outbox.Attempt(0, "https://app.example/before", "before", 1, row["received_at"], 12.5, 200)
+    given, attempted = dict(row), dataclasses.replace(attempt)
+    writer = AuditWriter(fresh_db)
+    writer.start()
+    try:
+        committed = asyncio.run(writer.append(row, None, Forward(before=attempt)))
+        again = asyncio.run(writer.append(row))  # the same row appended twice: two entries
+    finally:
+        writer.stop()
+    assert row == given and attempt == attempted
+    assert (committed.id, again.id) == (1, 2)
+    assert _table(fresh_db, "SELECT audit_id, destination FROM deliveries") == [(1, attempt.destination)]
+    assert check_chain(fresh_db) == 2
 
 
 def _logged_history(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:

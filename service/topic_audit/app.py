@@ -32,8 +32,8 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from topic_audit import chain, checks, models, outbox, projection
-from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit import chain, checks, jobs, models, outbox
+from topic_audit.checkpoints import Signer
 from topic_audit.forward import Forwarder
 from topic_audit.metrics import Metrics
 from topic_audit.migrations import migrate
@@ -385,14 +385,14 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             settings.db, settings.max_batch, observer=metrics, autocheckpoint=settings.replica_url is None
         )
         writer.start()
-        counts = await asyncio.wrap_future(writer.run(_counts))
+        counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
         metrics.set_initial(*counts)
         app.state.writer = writer
         forwarder = Forwarder(settings, metrics) if settings.forward_url else None
         if forwarder is not None:
             await forwarder.start()
         app.state.forwarder = forwarder
-        ticker, job = _start_checkpoints(settings, writer)
+        ticker, last = _start_checkpoints(settings, writer)
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
         gc.freeze()
@@ -406,9 +406,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
-            if job is not None:  # a last checkpoint covers everything answered before shutdown
+            if last is not None:  # a last checkpoint covers everything answered before shutdown
                 with contextlib.suppress(Exception):
-                    await asyncio.wrap_future(writer.run(job))
+                    await asyncio.wrap_future(writer.submit(last))
             writer.stop()
 
     # Litestar's own HTTP metrics, by route template. The callback route is left out: it has richer
@@ -440,53 +440,32 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
     return app
 
 
-CheckpointJob = Callable[[Any], None]
-
-
 def _start_checkpoints(
     settings: Settings, writer: AuditWriter
-) -> tuple[asyncio.Task[None] | None, CheckpointJob | None]:
-    """Sign a checkpoint every ``checkpoint_seconds`` on the writer thread (a consistent head)."""
+) -> tuple[asyncio.Task[None] | None, jobs.Checkpoint | None]:
+    """Sign a checkpoint every ``checkpoint_seconds`` on the writer thread (a consistent head); returns
+    the ticking task and the job for a last checkpoint at shutdown."""
     if settings.checkpoint_seconds == 0:
         return None, None
-    signer, created = Signer.load_or_create(settings.signing_key_path)
+    _, created = Signer.load_or_create(settings.signing_key_path)
     if created:
         log.warning(
             "created checkpoint signing key %s (0600); export its public key with `topic-audit public-key` "
             "and keep it where the auditors are",
             settings.signing_key_path,
         )
-    file = settings.checkpoint_path
-
-    def job(conn: Any) -> None:
-        make_checkpoint(conn, signer, file, iso_now(time.time()))
-
-    def tick_job(conn: Any) -> None:
-        # Several workers (serve --workers) each tick: one checkpoint per interval is enough.
-        last = conn.execute("SELECT created_at FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
-        if last is None or _age_seconds(last[0]) >= settings.checkpoint_seconds / 2:
-            job(conn)
+    last = jobs.Checkpoint(settings.signing_key_path, settings.checkpoint_path)
+    # Several workers (serve --workers) each tick: one checkpoint per interval is enough.
+    tick_job = jobs.Checkpoint(
+        settings.signing_key_path, settings.checkpoint_path, unless_within=settings.checkpoint_seconds / 2
+    )
 
     async def tick() -> None:
         while True:
             await asyncio.sleep(settings.checkpoint_seconds)
             try:
-                await asyncio.wrap_future(writer.run(tick_job))
+                await asyncio.wrap_future(writer.submit(tick_job))
             except Exception:
                 log.exception("could not write a checkpoint; will retry")
 
-    return asyncio.create_task(tick(), name="checkpoints"), job
-
-
-def _age_seconds(iso: str) -> float:
-    try:
-        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return math.inf
-
-
-def _counts(conn: Any) -> tuple[int, int, int]:
-    entries = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-    found = projection.stored_counts(conn)
-    active, deleted = found["active"], found["deleted"]
-    return int(entries), int(active), int(deleted)
+    return asyncio.create_task(tick(), name="checkpoints"), last

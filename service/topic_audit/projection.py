@@ -183,8 +183,8 @@ def _destroy(event: models.AfterTopicDestroyed, entry_id: int, at: str, lookup: 
 row_values = operator.itemgetter(*COLUMNS)
 """A topic as a tuple in table order."""
 
-# A true upsert (not INSERT OR REPLACE): the row keeps its rowid and UPDATE triggers fire, so the
-# full-text index of topics stays in step.
+# A true upsert (not INSERT OR REPLACE): the row keeps its rowid, which is its key in ``topics_fts``
+# (filled behind the writer by topic_audit.search, which removes a topic's old texts by that rowid).
 UPSERT: Final = (
     f"INSERT INTO topics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     f"ON CONFLICT (topic_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in COLUMNS[1:])}"

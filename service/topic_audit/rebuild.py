@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from topic_audit import models, projection, search
+from topic_audit import database, models, projection, search
 
 Progress = Callable[[int, int], None]
 """Called with (id reached, last id) while the log is replayed."""
@@ -69,16 +69,11 @@ def rebuild(
             snapshots = _in_processes(path, parts, high, progress)
     if snapshots is None:
         snapshots = [_snapshot(path, None, _advance(progress, high))]
-    conn.execute("BEGIN IMMEDIATE")
-    locked = time.perf_counter()
-    try:
+    with database.transaction(conn):
+        locked = time.perf_counter()
         rows = _catch_up(conn, snapshots)
         written = _write(conn, rows)
         search.index_topics(conn)  # and the topics' full-text index in step with the table
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     locked = time.perf_counter() - locked
     return Rebuilt(conn.execute("SELECT count(*) FROM topics").fetchone()[0], written, locked)
 
@@ -92,11 +87,10 @@ def _snapshot(
 ) -> _Snapshot:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
-        conn.execute("BEGIN")  # one snapshot for the replay and the comparison
-        high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-        store, _, _ = projection.replay(conn, share=part, progress=progress)
-        found = projection.differences(conn, store.rows, part)
-        conn.execute("COMMIT")
+        with database.transaction(conn, "DEFERRED"):  # one snapshot for the replay and the comparison
+            high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+            store, _, _ = projection.replay(conn, share=part, progress=progress)
+            found = projection.differences(conn, store.rows, part)
     finally:
         conn.close()
     return _Snapshot(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from topic_audit import database
+
 BATCH = 64
 """Most log entries indexed in one transaction, so that the write lock is never held for long (about
 1.5 ms here, the topics they changed included)."""
@@ -34,21 +36,14 @@ def index_new_entries(conn: sqlite3.Connection, limit: int = BATCH) -> int:
     autocommit."""
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with database.transaction(conn):
             last = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log_fts_docsize").fetchone()[0]
             cursor = conn.execute(
                 "INSERT INTO audit_log_fts (rowid, request_body, detail) "
                 "SELECT id, request_body, detail FROM audit_log WHERE id > ? ORDER BY id LIMIT ?",
                 (last, limit),
             )
-            taken = int(cursor.rowcount)
-            taken = max(taken, index_topics(conn, limit))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            taken = max(int(cursor.rowcount), index_topics(conn, limit))
     finally:
         conn.execute("PRAGMA synchronous=FULL")
     return taken
