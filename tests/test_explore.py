@@ -4,10 +4,12 @@ search, read-only SQL, and access control off loopback."""
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -260,3 +262,107 @@ def test_topic_history_reads_multi_topic_destroys_by_their_partial_index(tmp_pat
         conn.close()
     assert "idx_audit_log_multi_topic_destroys" in plan, plan
     assert "SCAN audit_log" not in plan, plan
+
+
+def header_columns(html: str) -> list[str]:
+    return re.findall(r'<th [^>]*data-column="([^"]+)"', html)
+
+
+def test_the_list_shows_the_key_columns_first_and_all_of_them_one_click_away(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    key = metadata()["databases"]["audit"]["tables"]["audit_log"]["list_columns"]
+    listing = get(ds, "/audit/audit_log").text
+    assert header_columns(listing) == key
+    assert 'href="/audit/audit_log?_columns=all"' in listing
+    wide = get(ds, "/audit/audit_log?_columns=all").text
+    every = header_columns(wide)
+    assert every[: len(key)] == key and len(every) == 27 and "entry_hash" in every
+    assert header_columns(get(ds, "/audit/audit_log?_nocol=detail").text)[: len(key) - 1] == key[:-1]
+    # the long values are shortened to a link to the field on the row's page
+    assert re.search(r'<a class="shortened" href="/audit/audit_log/\d+#request_body"', wide)
+    topics = metadata()["databases"]["audit"]["tables"]["topics"]["list_columns"]
+    assert header_columns(get(ds, "/audit/topics").text) == topics
+
+
+def test_the_lists_exports_keep_every_column(populated: Path) -> None:
+    ds = explore.make_datasette(populated)
+    csv = get(ds, "/audit/audit_log.csv", params={"_size": "5"}).text
+    assert csv.splitlines()[0].split(",")[:3] == ["id", "received_at", "method"]
+    assert len(csv.splitlines()[0].split(",")) == 27
+    rows = get(ds, "/audit/audit_log.json", params={"_shape": "array", "_size": "3"}).json()
+    assert len(rows) == 3 and "entry_hash" in rows[0] and "request_body" in rows[0]
+
+
+@pytest.mark.parametrize(
+    ("params", "check"),
+    [
+        ({"outcome": "rejected"}, lambda rows: all(r["outcome"] == "rejected" for r in rows)),
+        ({"_search": "Community"}, lambda rows: all("Community" in (r["request_body"] or "") for r in rows)),
+        (
+            {"_sort": "received_at"},
+            lambda rows: [r["received_at"] for r in rows] == sorted(r["received_at"] for r in rows),
+        ),
+        ({"_facet": "group_id", "reason__notnull": "1"}, lambda rows: all(r["reason"] for r in rows)),
+    ],
+)
+def test_filters_search_sorting_and_facets_still_work_on_the_list(
+    populated: Path, params: dict[str, str], check: Any
+) -> None:
+    ds = explore.make_datasette(populated)
+    page = get(ds, "/audit/audit_log", params=params)
+    assert page.status_code == 200 and header_columns(page.text)[0] == "id"
+    rows = get(ds, "/audit/audit_log.json", params={**params, "_shape": "array"}).json()
+    assert rows and check(rows)
+    shown = [
+        int(i) for i in re.findall(r'<td class="col-id type-pk"><a href="/audit/audit_log/(\d+)"', page.text)
+    ]
+    assert shown == [r["id"] for r in rows][: len(shown)] and len(shown) == min(50, len(rows))
+    if "_facet" in params:
+        facets = [f.strip() for f in re.findall(r'class="facet-info-name">\s*<strong>([^<]+)', page.text)]
+        assert "group_id" in facets, facets
+
+
+def test_the_page_of_one_callback(populated: Path) -> None:
+    from datasette.utils import tilde_encode
+
+    ds = explore.make_datasette(populated)
+    conn = sqlite3.connect(populated)
+    entry, topic = conn.execute(
+        "SELECT id, topic_id FROM audit_log WHERE id BETWEEN 2 AND 30 AND topic_id IS NOT NULL "
+        "AND outcome = 'accepted' AND id % 2 = 1 LIMIT 1"
+    ).fetchone()
+    last = conn.execute("SELECT max(id) FROM audit_log").fetchone()[0]
+    conn.close()
+    page = get(ds, f"/audit/audit_log/{entry}").text
+    for section in (
+        "What we decided and answered",
+        "What Tencent sent",
+        "When and how long",
+        "Place in the chain",
+        "Passed on to the app",
+    ):
+        assert section in page
+    text = html.unescape(page)
+    assert '"ActionStatus": "OK",\n  "ErrorInfo": ""' in text  # our answer, pretty-printed
+    assert '{\n  "CallbackCommand": ' in text and "<td>SdkAppid</td>" in page  # the body and the query
+    assert (
+        f'href="/audit/audit_log/{entry - 1}" rel="prev"' in page
+        and f'href="/audit/audit_log/{entry + 1}" rel="next"' in page
+    )
+    assert "/audit/topic_history?topic_id=" + quote(topic, safe="") in page
+    assert "http://app.example:9000/callback" in page
+    assert "<strong>failed</strong>" in page and "HTTP 503" in page  # the outbox state and the attempt
+    for column in [r[1] for r in sqlite3.connect(populated).execute("PRAGMA table_info(audit_log)")]:
+        assert f'<dt id="{column}"' in page, column  # every field, under its own anchor
+    conn = sqlite3.connect(populated)
+    created, created_topic = conn.execute(
+        "SELECT created_entry_id, topic_id FROM topics WHERE created_entry_id IS NOT NULL LIMIT 1"
+    ).fetchone()
+    conn.close()
+    creation = get(ds, f"/audit/audit_log/{created}").text  # what it did to the topic, by primary key
+    assert "this entry created it" in creation
+    assert f'href="/audit/topics/{tilde_encode(created_topic)}"' in creation
+    newest = get(ds, f"/audit/audit_log/{last}").text
+    assert 'rel="next"' not in newest and "Not passed on" in newest
+    first = get(ds, "/audit/audit_log/1").text
+    assert 'rel="prev"' not in first

@@ -3,7 +3,8 @@
 Reads go through ``mode=ro`` connections while the receiver writes (WAL), so auditors always see the
 newest committed rows. The configuration lives in ``dashboard/`` (metadata and templates), shipped inside
 the package as ``topic_audit.dashboard`` and found with :mod:`importlib.resources`, so an installed wheel
-needs nothing from the source tree.
+needs nothing from the source tree; :mod:`topic_audit.screens` is registered as a plugin for what the
+templates need beyond Datasette's own context.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from typing import Any
 import yaml
 from datasette.app import Datasette
 from datasette.database import Database
+from datasette.plugins import pm
+
+from topic_audit import screens
 
 DASHBOARD = Path(str(resources.files("topic_audit.dashboard")))
 """Datasette's metadata and templates: ``dashboard/`` in the tree, ``topic_audit/dashboard`` when installed."""
-DATABASE_NAME = "audit"
+DATABASE_NAME = screens.DATABASE_NAME
 
 
 def is_loopback(host: str) -> bool:
@@ -82,6 +86,8 @@ def make_datasette(
         raise FileNotFoundError(
             f"{db} does not exist; start the receiver (or run `topic-audit migrate`) first"
         )
+    if not pm.is_registered(screens):
+        pm.register(screens, name="topic_audit.screens")  # the auditor's screens (filters, a callback's page)
     metadata = load_metadata(directory)
     access = access_config(host, os.environ if environ is None else environ)
     metadata.setdefault("plugins", {}).update(access.pop("plugins"))
