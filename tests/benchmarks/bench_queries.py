@@ -1,5 +1,7 @@
-"""Time every canned query, every dashboard chart query and the main table pages through Datasette on a
-large log (in process, the same settings as `topic-audit explore`, including its 1 s SQL time limit).
+"""Time every canned query, every dashboard chart query, the main table pages and the auditor's screens
+(the HTML pages; beside each, the same page with Datasette's own templates, in the same run) through
+Datasette on a large log (in process, the same settings as `topic-audit explore`, including its 1 s SQL
+time limit).
 
 Usage: python -m tests.benchmarks.bench_queries DB   (make one with: python -m tests.benchmarks.logs DB 1000000 30)
 """
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import sqlite3
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
         "SELECT topic_id, group_id FROM topics WHERE created_at IS NOT NULL ORDER BY rowid DESC LIMIT 1"
     ).fetchone()
     last = conn.execute("SELECT max(received_at) FROM audit_log").fetchone()[0][:10]
+    entry = conn.execute("SELECT max(id) / 2 FROM audit_log").fetchone()[0]  # one callback, mid-log
     conn.close()
     week = {"from": _days_before(last, 7), "to": "9999"}
     params = {"topic_id": topic, "group_id": group, "id": "123456", **week}
@@ -85,6 +90,12 @@ def cases(db: Path) -> list[tuple[str, str, dict[str, str]]]:
             "/audit/audit_log.json",
             {"group_id": group, "_size": "50"},
         ),
+        # the auditor's screens as a browser gets them (templates, and the plugin's queries for a callback)
+        ("screen: the list audit_log (HTML, key columns)", "/audit/audit_log", {}),
+        ("screen: the list audit_log (HTML, all columns)", "/audit/audit_log", {"_columns": "all"}),
+        ("screen: the list topics (HTML)", "/audit/topics", {}),
+        ("screen: the list deliveries (HTML)", "/audit/deliveries", {}),
+        ("screen: one callback (HTML)", f"/audit/audit_log/{entry}", {}),
     ]
     return out
 
@@ -99,11 +110,12 @@ async def measure(ds: Any, path: str, params: dict[str, str], runs: int = 3) -> 
     times, status, note = [], 0, ""
     for _ in range(runs):
         started = time.perf_counter()
-        response = await ds.client.get(path, params={**params, "_shape": "objects"})
+        json = path.endswith(".json")
+        response = await ds.client.get(path, params={**params, "_shape": "objects"} if json else params)
         times.append(time.perf_counter() - started)
         status = response.status_code
         if status != 200:
-            note = response.json().get("error", "")[:60]
+            note = response.json().get("error", "")[:60] if json else response.text[:60]
     return statistics.median(times), status, note
 
 
@@ -120,6 +132,25 @@ async def main(db: Path) -> None:
         slow += seconds >= 0.1
         print(f"| {label:<52} | {seconds * 1000:.0f} | {status} {note} |")
     print(f"\n{slow} of {len(cases(db))} at or over 100 ms")
+    await compare_screens(db, [c for c in cases(db) if c[0].startswith("screen:")])
+
+
+async def compare_screens(db: Path, screens: list[tuple[str, str, dict[str, str]]]) -> None:
+    """Our screens beside the same pages as Datasette's own templates render them (the metadata alone)."""
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(explore.DASHBOARD / "metadata.yml", folder)
+        (Path(folder) / "templates").mkdir()
+        stock = explore.make_datasette(db, directory=Path(folder))
+        ours = explore.make_datasette(db)
+        for ds in (stock, ours):
+            await ds.invoke_startup()
+        print(f"\n| {'screen (HTML)':<52} | ms, ours | ms, Datasette's own templates | status |")
+        print(f"|{'-' * 54}|---:|---:|---|")
+        for label, path, params in screens:
+            (mine, status, _), (theirs, _, _) = [await measure(ds, path, params) for ds in (ours, stock)]
+            print(
+                f"| {label.removeprefix('screen: '):<52} | {mine * 1000:.0f} | {theirs * 1000:.0f} | {status} |"
+            )
 
 
 if __name__ == "__main__":
