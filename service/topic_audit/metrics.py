@@ -35,6 +35,7 @@ OUTCOME_REASONS: Final = (
     *(("rejected", reason) for reason in REASONS),
     ("error", "internal_error"),
 )
+RESTART_KINDS: Final = ("reload", "crash")
 FORWARD_RESULTS: Final = ("delivered", "http_error", "timeout", "connection_error")
 COMMAND_LABELS: Final = (*models.KNOWN_COMMANDS, "other")
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -148,14 +149,23 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        # With serve's processes (a pid label), the processes running now: the version each one runs.
         build = Gauge(
             "topic_audit_build_info",
-            "Version of the running service; always 1.",
+            "Version of the running service, per process; always 1.",
             ["version"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="liveall",
         )
         build.labels(package_version()).set(1)
+        self.restarts = Counter(
+            "topic_audit_restarts",
+            "Receiver processes replaced, by kind (reload: kill -HUP; crash: one ended unasked).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in RESTART_KINDS:
+            self.restarts.labels(kind)
 
         self._callbacks = {
             (command, outcome, reason): self.callbacks.labels(command, outcome, reason)

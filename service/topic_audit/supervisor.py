@@ -1,0 +1,278 @@
+"""``serve``'s main process: it holds the listening socket and runs the receiver processes.
+
+Why a supervisor: a callback refused while ``serve`` restarts is lost (Tencent does not retry), so no
+restart may close the listening socket or leave it without a process that answers.
+
+- **One socket, kept.** The supervisor binds the socket (or takes the one systemd hands over,
+  :mod:`topic_audit.sockets`) and never closes it while it runs. Every receiver process
+  (:mod:`topic_audit.worker`, a fresh interpreter: it runs the code installed *now*) inherits it and
+  accepts from it; a connection that arrives while no receiver accepts waits in the kernel's queue.
+- **Reload (SIGHUP), in every configuration.** The settings are read again (the environment and the
+  ``--env-file``); if they are invalid, one line says why and nothing else happens. Otherwise a new
+  generation of receivers starts beside the old one; once every new process has said on its pipe that its
+  app has started, the old ones are sent SIGTERM and drain (:mod:`topic_audit.worker`): they stop
+  accepting, finish what is in flight and close kept-alive connections after their next answer. A new
+  process that fails to start is stopped and the old ones keep serving (one line says why).
+- **What exists once stays here, with one owner throughout:** the Litestream child (and the checkpoints'
+  publication, :mod:`topic_audit.replica`) and the checkpoint timer (:mod:`topic_audit.checkpointer`;
+  the receivers run with theirs off). Each receiver's delivery process takes ``<db>.forwarder.lock``
+  before it delivers (:mod:`topic_audit.delivery`), so exactly one delivers at any time, also while two
+  generations overlap. Settings these read (the database, the address, the replica, the checkpoint
+  files) take effect at the next start; a reload that changes them says so.
+- **SIGTERM/SIGINT:** every receiver drains and commits, then the last checkpoint is signed, Litestream is
+  stopped, and ``serve`` exits 0. A receiver that ends unasked is started again (``kind="crash"``).
+- **Metrics:** every process writes to one ``PROMETHEUS_MULTIPROC_DIR`` (``/metrics`` of any receiver
+  merges them); the files of ended processes' live gauges are removed, so that
+  ``topic_audit_build_info{version,pid}`` lists the processes running now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from prometheus_client import multiprocess
+
+from topic_audit import sockets
+from topic_audit.checkpointer import Checkpointer
+from topic_audit.metrics import Metrics
+from topic_audit.settings import WORKER_SETTINGS, Settings, SettingsError
+from topic_audit.worker import LISTEN_FD, READY_FD, SERVER, THREADS
+
+log = logging.getLogger("topic_audit.serve")
+
+READY_SECONDS = 60.0
+"""Longest a new receiver may take to start before the reload gives up on it."""
+DRAIN_SECONDS = 45.0
+"""Longest a draining receiver may take before it is killed."""
+RESPAWN_SECONDS = 1.0
+OWNED_HERE = (
+    "host",
+    "port",
+    "db",
+    "replica_url",
+    "replica_endpoint",
+    "litestream",
+    "checkpoint_file",
+    "signing_key",
+)
+"""Settings of what the supervisor holds; a reload keeps them (they change at the next start)."""
+
+
+@dataclass
+class Receiver:
+    """One receiver process (with granian: one process group serving ``expected`` workers)."""
+
+    process: subprocess.Popen[bytes]
+    ready_fd: int
+    expected: int
+    pids: set[int] = field(default_factory=set)
+    versions: set[str] = field(default_factory=set)
+    buffer: bytes = b""
+    drain_deadline: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return len(self.pids) >= self.expected
+
+    def read(self) -> None:
+        chunk = os.read(self.ready_fd, 4096)
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            _, pid, version = line.decode().split(" ", 2)
+            self.pids.add(int(pid))
+            self.versions.add(version)
+
+    def kill(self) -> None:
+        """SIGKILL to its whole process group (granian's workers too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def ended(self, metrics_dir: str) -> None:
+        os.close(self.ready_fd)
+        for pid in {*self.pids, self.process.pid}:
+            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
+class Supervisor:
+    def __init__(
+        self,
+        sock: socket.socket,
+        settings: Settings,
+        load: Callable[[], Settings],
+        server: str,
+        workers: int,
+        metrics: Metrics,
+        metrics_dir: str,
+    ) -> None:
+        self.sock, self.settings, self.load = sock, settings, load
+        self.server, self.workers, self.metrics, self.metrics_dir = server, workers, metrics, metrics_dir
+        self.current: list[Receiver] = []
+        self.draining: list[Receiver] = []
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.checkpointer = Checkpointer(settings)
+
+    # -- the main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(handled, lambda signum, _frame: self.signals.put(signum))
+        self.current = self._generation(self.settings)
+        failed = self._wait_ready(self.current)
+        if failed:
+            self._stop_all(self.current)
+            log.error("serve could not start: %s", failed)
+            return 1
+        self.checkpointer.start()
+        self._announce("serving")
+        sockets.notify("READY=1")
+        while True:
+            try:
+                signum: int | None = self.signals.get(timeout=0.25)
+            except queue.Empty:
+                signum = None
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                break
+            if signum == signal.SIGHUP:
+                self.reload()
+            self._reap()
+        sockets.notify("STOPPING=1")
+        clean = self._stop_all(self.current + self.draining)
+        self.checkpointer.stop()  # the last checkpoint covers everything answered
+        return 0 if clean else 1
+
+    def reload(self) -> None:
+        sockets.notify("RELOADING=1")
+        try:
+            settings = self.load()
+        except SettingsError as exc:
+            log.error("reload refused: %s; the running processes keep serving", exc)
+            sockets.notify("READY=1")
+            return
+        changed = [name for name in OWNED_HERE if getattr(settings, name) != getattr(self.settings, name)]
+        if changed:
+            log.warning("reload: %s take effect at the next start", ", ".join(changed))
+        settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
+        fresh = self._generation(settings)
+        failed = self._wait_ready(fresh)
+        if failed:
+            self._stop_all(fresh)
+            log.error("reload failed: %s; the running processes keep serving", failed)
+            sockets.notify("READY=1")
+            return
+        old, self.current, self.settings = self.current, fresh, settings
+        self.checkpointer.interval = settings.checkpoint_seconds
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for receiver in old:
+            receiver.drain_deadline = deadline
+            receiver.process.send_signal(signal.SIGTERM)
+        self.draining += old
+        self.metrics.restarts.labels("reload").inc()
+        self._announce("reloaded", old)
+        sockets.notify("READY=1")
+
+    # -- receivers ---------------------------------------------------------------------------------
+    def _generation(self, settings: Settings) -> list[Receiver]:
+        if self.server == "granian":  # granian runs its own workers in one process group
+            return [self._spawn(settings, self.workers)]
+        return [self._spawn(settings, 1) for _ in range(self.workers)]
+
+    def _spawn(self, settings: Settings, expected: int) -> Receiver:
+        read, write = os.pipe()
+        env = {
+            **os.environ,
+            WORKER_SETTINGS: replace(settings, checkpoint_seconds=0).for_workers(),
+            LISTEN_FD: str(self.sock.fileno()),
+            READY_FD: str(write),
+            SERVER: self.server,
+            THREADS: str(expected),
+        }
+        env.pop("TOPIC_AUDIT_TOKEN", None)
+        if settings.token is not None:
+            env["TOPIC_AUDIT_TOKEN"] = settings.token
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "topic_audit.worker"],
+                env=env,
+                pass_fds=(self.sock.fileno(), write),
+                process_group=0,  # signals to serve's group (a terminal's ^C, a hangup) are serve's to pass on
+            )
+        finally:
+            os.close(write)
+        return Receiver(process, read, expected)
+
+    def _wait_ready(self, receivers: list[Receiver]) -> str | None:
+        """None once every receiver has started; otherwise why not."""
+        deadline = time.monotonic() + READY_SECONDS
+        while not all(r.ready for r in receivers):
+            for receiver in receivers:
+                if receiver.process.poll() is not None and not receiver.ready:
+                    return f"receiver process {receiver.process.pid} ended (exit code {receiver.process.returncode}) before it was ready (its lines above say why)"
+            if time.monotonic() > deadline:
+                return f"a receiver process did not start within {READY_SECONDS:g} s"
+            waiting = [r.ready_fd for r in receivers if not r.ready]
+            readable, _, _ = select.select(waiting, [], [], 0.2)
+            for receiver in receivers:
+                if receiver.ready_fd in readable:
+                    receiver.read()
+        return None
+
+    def _reap(self) -> None:
+        for receiver in list(self.draining):
+            if receiver.process.poll() is None:
+                if receiver.drain_deadline is not None and time.monotonic() > receiver.drain_deadline:
+                    log.warning("receiver process %s still draining; killing it", receiver.process.pid)
+                    receiver.kill()
+                continue
+            self.draining.remove(receiver)
+            receiver.ended(self.metrics_dir)
+        for index, receiver in enumerate(self.current):
+            if receiver.process.poll() is None:
+                continue
+            log.error(
+                "receiver process %s ended unasked (exit code %s); starting another",
+                receiver.process.pid,
+                receiver.process.returncode,
+            )
+            receiver.ended(self.metrics_dir)
+            time.sleep(RESPAWN_SECONDS)
+            self.current[index] = self._spawn(self.settings, receiver.expected)
+            self.metrics.restarts.labels("crash").inc()
+
+    def _stop_all(self, receivers: list[Receiver]) -> bool:
+        """SIGTERM to every receiver, and wait for them to drain; False when one had to be killed."""
+        for receiver in receivers:
+            if receiver.process.poll() is None:
+                receiver.process.send_signal(signal.SIGTERM)
+        clean = True
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for receiver in receivers:
+            try:
+                receiver.process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.error("receiver process %s did not stop in time; killing it", receiver.process.pid)
+                receiver.kill()
+                receiver.process.wait()
+                clean = False
+            receiver.ended(self.metrics_dir)
+        return clean
+
+    def _announce(self, what: str, old: list[Receiver] | None = None) -> None:
+        pids = sorted(pid for r in self.current for pid in r.pids)
+        versions = sorted({v for r in self.current for v in r.versions})
+        message = (
+            f"{what}: receiver processes {', '.join(map(str, pids))} answer (version {', '.join(versions)})"
+        )
+        if old:
+            message += f"; {', '.join(str(pid) for r in old for pid in sorted(r.pids))} drain"
+        log.info("%s", message)

@@ -1,0 +1,300 @@
+"""Restarts and upgrades refuse no callback: real ``serve`` processes under steady load, reloaded with
+SIGHUP, upgraded (a new version installed between reloads), stopped with SIGTERM, and socket-activated
+with a socket held by the test as systemd holds it.
+
+The upgrade is a distribution's metadata installed ahead of the tree's on ``PYTHONPATH``
+(``topic_audit-<version>.dist-info``), replaced by the next version's between two reloads, as pip
+replaces it: what ``importlib.metadata`` reports, and so ``topic_audit_build_info``, is the installed one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from benchmarks.restarts import APP_ID, TOKEN, Load, environment, start_serve, wait_ready
+from conftest import free_port, require_tool
+from prometheus_client.parser import text_string_to_metric_families
+from topic_audit import envfile, samples, sockets
+
+pytestmark = pytest.mark.slow
+
+
+def receivers(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def wait_replaced(serve: subprocess.Popen[bytes], old: set[int], timeout: float = 60) -> set[int]:
+    """The receivers that replaced ``old`` once every old one has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = receivers(serve.pid)
+        if now and not now & old and not any(alive(pid) for pid in old):
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"receivers {old} not replaced: {receivers(serve.pid)}")
+
+
+def metric(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def versions(url: str) -> dict[int, str]:
+    """pid -> version, from topic_audit_build_info."""
+    return {int(dict(k)["pid"]): dict(k)["version"] for k in metric(url, "topic_audit_build_info")}
+
+
+def post(url: str, topic: str, **kwargs: object) -> httpx.Response:
+    body = samples.sample("after-create", TopicId=topic)
+    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+    return httpx.post(f"{url}/callback?{query}", json=body, **kwargs)  # type: ignore[arg-type]
+
+
+def verify(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "topic_audit.cli", "verify", "--db", str(db)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def stop(serve: subprocess.Popen[bytes], log: Path) -> None:
+    serve.send_signal(signal.SIGTERM)
+    try:
+        assert serve.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def install_version(site: Path, version: str) -> None:
+    for old in site.glob("topic_audit-*.dist-info"):
+        shutil.rmtree(old)
+    info = site / f"topic_audit-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: topic-audit\nVersion: {version}\n")
+
+
+def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_version(site, "7.0.0")
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    env = environment(db, port, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(env, log)
+    try:
+        wait_ready(url)
+        first = receivers(serve.pid)
+        assert set(versions(url).values()) == {"7.0.0"}
+        load = Load(url, 200)
+        thread = load.start()
+        time.sleep(2)
+        serve.send_signal(signal.SIGHUP)
+        second = wait_replaced(serve, first)
+        assert versions(url) == dict.fromkeys({serve.pid, *second}, "7.0.0")
+        install_version(site, "7.1.0")  # the upgrade, installed while the old version serves
+        time.sleep(1)
+        serve.send_signal(signal.SIGHUP)
+        third = wait_replaced(serve, second)
+        time.sleep(2)  # the new processes answer
+        load.stop(thread)
+
+        # serve itself keeps the version it started with; every receiver runs the one installed now
+        assert versions(url) == {serve.pid: "7.0.0", **dict.fromkeys(third, "7.1.0")}
+        assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 2
+        assert len(load.results) > 1000
+        assert load.failed == [], load.failed[:5]
+        assert load.slowest < 2.0
+    finally:
+        stop(serve, log)
+    assert load.missing_from(db) == []
+    verify(db)
+
+
+def test_sigterm_under_load_exits_0_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(environment(db, port), log)
+    try:
+        wait_ready(url)
+        load = Load(url, 200)
+        thread = load.start()
+        time.sleep(2)
+    finally:
+        stop(serve, log)
+    load.stop(thread)
+    answered = [r for r in load.results if r.status == 200]
+    assert len(answered) > 200
+    assert load.missing_from(db) == []
+    verify(db)
+    assert "Traceback" not in log.read_text()
+
+
+def test_socket_activation_answers_what_arrives_while_stopped(tmp_path: Path) -> None:
+    held = socket.socket()  # as systemd holds topic-audit.socket
+    held.bind(("127.0.0.1", 0))
+    held.listen(2048)
+    port = held.getsockname()[1]
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    env = environment(db, 1)  # the port in the environment is not the one served: the socket is
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(env, log, held)
+    try:
+        wait_ready(url)
+        assert post(url, "before-stop").status_code == 200
+        load = Load(url, 100)
+        thread = load.start()
+        time.sleep(1)
+        stop(serve, log)
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(post(url, "while-stopped", timeout=60)))
+        waiting.start()
+        time.sleep(1.5)
+        assert waiting.is_alive() and not answers  # queued in the socket, not refused
+        serve = start_serve(env, log, held)
+        waiting.join(60)
+        assert answers and answers[0].status_code == 200, answers
+        time.sleep(1)
+        load.stop(thread)
+    finally:
+        stop(serve, log)
+        held.close()
+    assert load.failed == [], load.failed[:5]
+    assert len(load.results) > 300
+    assert load.missing_from(db) == []
+    assert "while-stopped" not in [r.topic for r in load.results]
+    assert f":{port}/callback" in log.read_text() and "socket handed over by systemd" in log.read_text()
+    verify(db)
+
+
+def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
+    settings = tmp_path / "topic-audit.env"
+    settings.write_text("# serve's settings\nTOPIC_AUDIT_MAX_BODY_BYTES=65536\n")
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(environment(db, port, TOPIC_AUDIT_ENV_FILE=str(settings)), log)
+    big = {**samples.sample("after-create", TopicId="big"), "Introduction": "x" * 3000}
+    query = samples.query(APP_ID, big["CallbackCommand"], TOKEN)
+    try:
+        wait_ready(url)
+        first = receivers(serve.pid)
+        settings.write_text("TOPIC_AUDIT_MAX_BODY_BYTES=10\n")
+        serve.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reload refused" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (line,) = [line for line in log.read_text().splitlines() if "reload refused" in line]
+        assert "TOPIC_AUDIT_MAX_BODY_BYTES must be at least 1024, got 10" in line
+        assert "keep serving" in line
+        time.sleep(1)
+        assert receivers(serve.pid) == first
+        assert post(url, "still-served").status_code == 200
+        assert httpx.post(f"{url}/callback?{query}", json=big).status_code == 200
+
+        settings.write_text("TOPIC_AUDIT_MAX_BODY_BYTES=2048\n")  # a good change takes effect
+        serve.send_signal(signal.SIGHUP)
+        wait_replaced(serve, first)
+        assert httpx.post(f"{url}/callback?{query}", json=big).status_code == 413
+        assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 1
+    finally:
+        stop(serve, log)
+    verify(db)
+
+
+@pytest.mark.parametrize(("server", "workers"), [("uvicorn", "2"), ("granian", "1"), ("granian", "2")])
+def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str) -> None:
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = environment(db, port, TOPIC_AUDIT_SERVER=server, TOPIC_AUDIT_WORKERS=workers)
+    serve = start_serve(env, log)
+    try:
+        wait_ready(url)
+        first = receivers(serve.pid)
+        assert len(first) == (int(workers) if server == "uvicorn" else 1)
+        serve.send_signal(signal.SIGHUP)
+        wait_replaced(serve, first)
+        assert post(url, "after-reload").status_code == 200
+        assert len(versions(url)) == 1 + int(workers)  # serve, and each serving process
+    finally:
+        stop(serve, log)
+    verify(db)
+
+
+def test_a_receiver_that_dies_is_replaced(tmp_path: Path) -> None:
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(environment(db, port), log)
+    try:
+        wait_ready(url)
+        (first,) = receivers(serve.pid)
+        os.kill(first, signal.SIGKILL)
+        wait_replaced(serve, {first})
+        wait_ready(url)
+        assert post(url, "after-crash").status_code == 200
+        assert metric(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
+        assert first not in versions(url)
+    finally:
+        stop(serve, log)
+
+
+def test_the_units_verify(tmp_path: Path) -> None:
+    written = subprocess.run(
+        [sys.executable, "-m", "topic_audit.cli", "units", "--to", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert written.stdout.split() == [
+        str(tmp_path / "topic-audit.socket"),
+        str(tmp_path / "topic-audit.service"),
+    ]
+    service = (tmp_path / "topic-audit.service").read_text()
+    assert f"ExecStart={Path(sys.executable).with_name('topic-audit')} serve" in service
+    for hardening in ("ProtectSystem=strict", "NoNewPrivileges=true", "User=topic-audit", "StateDirectory="):
+        assert hardening in service
+    key = next(line for line in service.splitlines() if "TOPIC_AUDIT_SIGNING_KEY" in line)
+    database = next(line for line in service.splitlines() if "TOPIC_AUDIT_DB=" in line)
+    assert Path(key.split("=", 2)[2]).parent != Path(database.split("=", 2)[2]).parent
+    analyze = require_tool("systemd-analyze")
+    checked = subprocess.run(
+        [analyze, "verify", str(tmp_path / "topic-audit.socket"), str(tmp_path / "topic-audit.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
+def test_only_sockets_meant_for_this_process_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    assert sockets.inherited() is None
+    assert "LISTEN_FDS" not in os.environ  # nothing started later takes them either
+
+
+def test_the_env_file_format() -> None:
+    text = "# comment\n\nexport TOPIC_AUDIT_PORT=8001\nTOPIC_AUDIT_TOKEN=\"a b\"\nTOPIC_AUDIT_DB='x.db'\n"
+    assert envfile.parse(text) == {
+        "TOPIC_AUDIT_PORT": "8001",
+        "TOPIC_AUDIT_TOKEN": "a b",
+        "TOPIC_AUDIT_DB": "x.db",
+    }
+    with pytest.raises(envfile.SettingsError, match="line 1"):
+        envfile.parse("not a setting")
