@@ -5,7 +5,9 @@ context, as a small Datasette plugin (pluggy hooks; :mod:`topic_audit.explore` r
   object's members, for the request headers), ``query_params`` (a query string's parameters),
   ``list_cell`` (a list cell: long text shortened, linked to the field on the row's own page) and
   ``row_link`` (that page's address).
-- ``callback`` on the page of one ``audit_log`` entry: its place in the log (the entries before and
+- The salts of the keyed commitments (``content_keys.salt``) read as NULL through Datasette, whatever
+  the SQL; in the ``audit_log`` list an erased entry's outcome says "erased".
+- ``callback`` on the page of one ``audit_log`` entry: the erasure record that erased it, its place in the log (the entries before and
   after), the topics it is about (with what it did to them in the projection), its delivery attempts
   and its outbox state. Every query reads by primary key or by the ``deliveries.audit_id`` index.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -131,6 +134,7 @@ async def callback_page(db: Any, entry_id: int) -> dict[str, Any]:
     )
     attempts = [dict(r) for r in deliveries.rows]
     return {
+        "erasure": await _erasure(db, entry_id),
         "prev_id": entry_id - 1 if entry_id > 1 else None,
         "next_id": entry_id + 1 if entry_id < entry["last_id"] else None,
         "topics": await _topics(db, topics_of(entry["topic_id"], entry["request_body"]), entry_id),
@@ -138,6 +142,20 @@ async def callback_page(db: Any, entry_id: int) -> dict[str, Any]:
         "more_deliveries": len(attempts) > MAX_DELIVERIES,
         "outbox": [dict(r) for r in outbox.rows],
     }
+
+
+async def _erasure(db: Any, entry_id: int) -> dict[str, Any] | None:
+    """The erasure record that erased this entry's content, or None (also before erasure existed)."""
+    if not await db.table_exists("erased_entries"):
+        return None
+    row = (
+        await db.execute(
+            "SELECT e.id, e.erased_at, e.cause, e.reason FROM erased_entries x "
+            "JOIN erasures e ON e.id = x.erasure_id WHERE x.entry_id = ?",
+            [entry_id],
+        )
+    ).first()
+    return None if row is None else dict(row)
 
 
 async def _topics(db: Any, ids: list[str], entry_id: int) -> list[dict[str, Any]]:
@@ -177,6 +195,36 @@ def prepare_jinja2_environment(env: Any) -> None:
         row_link=row_link,
         list_cell=list_cell,
         tilde_encode=tilde_encode,
+    )
+
+
+def _refuse_salts(action: int, table: str | None, column: str | None, *_: object) -> int:
+    """SQLite authorizer: a read of ``content_keys.salt`` gives NULL (the salts never leave the file)."""
+    if action == sqlite3.SQLITE_READ and table == "content_keys" and column == "salt":
+        return sqlite3.SQLITE_IGNORE
+    return sqlite3.SQLITE_OK
+
+
+@hookimpl
+def prepare_connection(conn: sqlite3.Connection, database: str) -> None:
+    if database == DATABASE_NAME:
+        conn.set_authorizer(_refuse_salts)
+
+
+@hookimpl
+def render_cell(value: object, column: str, table: str | None, database: str, row: Any) -> Markup | None:
+    """In the list, an entry whose content is erased says so beside its outcome (an erased entry's
+    ``request_body_sha256`` is empty; a live one's never is)."""
+    if database != DATABASE_NAME or table != "audit_log" or column != "outcome":
+        return None
+    try:
+        erased = row["request_body_sha256"] == ""
+    except (IndexError, KeyError):
+        return None
+    return (
+        Markup('{} <span class="erased" title="content erased">erased</span>').format(value)
+        if erased
+        else None
     )
 
 
