@@ -176,6 +176,7 @@ def test_durability_and_group_commit_hold_with_the_replica(store: SeaweedFS, tmp
 
 def test_the_writer_keeps_synchronous_full_and_leaves_checkpoints_to_litestream(tmp_path: Path) -> None:
     from litestar.testing import TestClient
+    from topic_audit import jobs
     from topic_audit.app import create_app
     from topic_audit.settings import Settings
 
@@ -184,13 +185,7 @@ def test_the_writer_keeps_synchronous_full_and_leaves_checkpoints_to_litestream(
     )
     with TestClient(create_app(settings)) as client:
         writer = client.app.state.writer
-        pragmas = writer.run(
-            lambda c: (
-                c.execute("PRAGMA synchronous").fetchone()[0],
-                c.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
-                c.execute("PRAGMA journal_mode").fetchone()[0],
-            )
-        ).result(timeout=5)
+        pragmas = writer.submit(jobs.Pragmas()).result(timeout=5)
     assert pragmas == (2, 0, "wal")  # FULL; Litestream checkpoints; WAL
 
 
