@@ -182,6 +182,31 @@ def listening_port(process: subprocess.Popen[Any], log: Path | None = None, seco
     raise RuntimeError(f"process {process.pid} is not listening (exit code {process.poll()}): {text}")
 
 
+Launch = Callable[[], tuple[subprocess.Popen[Any], set[int]]]
+
+
+def start_on_free_ports(
+    launch: Launch, log: Path, tries: int = 5, seconds: float = 60
+) -> subprocess.Popen[Any]:
+    """For a program that cannot be told port 0: ``launch`` starts it on ports it picks (free a moment
+    before); it is ready once it listens on all of them itself. One that exits first (another process
+    took a port meanwhile) is started again on other ports."""
+    for _ in range(tries):
+        process, ports = launch()
+        deadline = time.monotonic() + seconds
+        while process.poll() is None:
+            if ports <= listening_ports(process.pid):
+                return process
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait(10)
+                raise RuntimeError(
+                    f"not listening on {sorted(ports)} after {seconds} s: {log.read_text()[-3000:]}"
+                )
+            time.sleep(0.1)
+    raise RuntimeError(f"exited {tries} times before listening: {log.read_text(errors='replace')[-3000:]}")
+
+
 def wait_for(
     check: Callable[[], object], seconds: float = 20, what: str = "", interval: float = 0.05
 ) -> float:

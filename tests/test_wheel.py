@@ -13,27 +13,19 @@ import shutil
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, free_port
+from conftest import APP_ID, TOKEN, listening_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
 
-def _wait(url: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(log.read_text())
+def _wait(url: str) -> None:
+    wait_for(lambda: httpx.get(url, timeout=1).status_code == 200, 30, url, interval=0.2)
 
 
 def test_the_wheel_installed_elsewhere(tmp_path: Path) -> None:
@@ -72,8 +64,8 @@ def test_the_wheel_installed_elsewhere(tmp_path: Path) -> None:
         "TOPIC_AUDIT_DB": str(elsewhere / "audit.db"),
         "TOPIC_AUDIT_SDKAPPID": APP_ID,
         "TOPIC_AUDIT_TOKEN": TOKEN,
-        "TOPIC_AUDIT_PORT": str(port := free_port()),
-        "TOPIC_AUDIT_EXPLORE_PORT": str(explore_port := free_port()),
+        "TOPIC_AUDIT_PORT": "0",  # the OS picks the ports; read from the processes once they listen
+        "TOPIC_AUDIT_EXPLORE_PORT": "0",
     }
     tool = str(venv / "bin/topic-audit")
 
@@ -119,11 +111,12 @@ def test_the_wheel_installed_elsewhere(tmp_path: Path) -> None:
                 )
             )
     try:
-        _wait(f"http://127.0.0.1:{port}/healthz", logs[0])
+        port, explore_port = (listening_port(p, log) for p, log in zip(processes, logs, strict=True))
+        _wait(f"http://127.0.0.1:{port}/healthz")
         sent = run("send", "--url", f"http://127.0.0.1:{port}/callback")
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert sent.stdout.count("200 Group.Callback") == 4
-        _wait(f"http://127.0.0.1:{explore_port}/-/versions.json", logs[1])
+        _wait(f"http://127.0.0.1:{explore_port}/-/versions.json")
         page = httpx.get(f"http://127.0.0.1:{explore_port}/audit/audit_log", timeout=10)
         assert page.status_code == 200
         assert 'details class="column-help"' in page.text  # the template shipped in the wheel
