@@ -11,15 +11,26 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, alter, free_port, rows
+from conftest import (
+    APP_ID,
+    TOKEN,
+    Server,
+    alter,
+    deliver_concurrently,
+    listening_port,
+    metric,
+    rows,
+    run_cli,
+    wait_for,
+)
 from destination import OK, VETO, Destination
-from prometheus_client.parser import text_string_to_metric_families
 from topic_audit import checks, samples
 
 BEFORE = "Group.CallbackBeforeCreateTopic"
@@ -58,15 +69,6 @@ def deliver(server: Server, name: str, request_time: float | None = None, **chan
     )
 
 
-def wait_for(check: Callable[[], bool], seconds: float = 20, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def table(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
@@ -74,25 +76,6 @@ def table(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, An
         return [dict(r) for r in conn.execute(sql, params)]
     finally:
         conn.close()
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} not exported")
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "topic_audit.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-    )
 
 
 def test_after_callbacks_arrive_byte_identical_and_freshly_signed(
@@ -131,7 +114,7 @@ def test_after_callbacks_arrive_byte_identical_and_freshly_signed(
         lambda: metric(server, "topic_audit_forward_attempts_total", result="delivered") == 4, 5, "metrics"
     )
     server.stop()
-    assert cli("verify", "--db", str(server.db)).returncode == 0
+    assert run_cli("verify", "--db", str(server.db)).returncode == 0
 
 
 @pytest.mark.parametrize("mode", ["veto", "ok"])
@@ -225,7 +208,7 @@ def test_the_retry_schedule_is_followed_recorded_and_replayed(tmp_path: Path, st
         wait_for(lambda: metric(server, "topic_audit_forward_failed_total") == 1, 5, "the exhausted metric")
 
         destination.mode = "ok"
-        replayed = cli("replay", "--db", str(server.db), "--failed")
+        replayed = run_cli("replay", "--db", str(server.db), "--failed")
         assert replayed.returncode == 0 and "queued 1 deliveries" in replayed.stdout, replayed
         wait_for(
             lambda: table(server.db, "SELECT state FROM outbox") == [{"state": "delivered"}], 10, "the replay"
@@ -305,7 +288,7 @@ def test_sigkill_with_hundreds_of_deliveries_pending(tmp_path: Path, stopping: l
         again = Server(server.db, tmp_path / "server.log", env).start()
         stopping.append(again)
         # the outbox named the old destination: point it at the new port the way an operator would
-        moved = cli(
+        moved = run_cli(
             "replay", "--db", str(server.db), "--from-id", "1", "--to-id", "300", "--destination", revived.url
         )
         assert moved.returncode == 0, moved.stderr
@@ -353,7 +336,7 @@ def test_deliveries_is_append_only_and_verify_catches_an_edit(
         deliver(server, "after-create", TopicId=f"@TGS#_g@TOPIC#_v{n}")
     wait_for(lambda: len(table(server.db, "SELECT id FROM deliveries")) == 5, 10, "5 deliveries")
     server.stop()
-    assert cli("checkpoint", "--db", str(server.db)).returncode == 0
+    assert run_cli("checkpoint", "--db", str(server.db)).returncode == 0
     conn = sqlite3.connect(server.db)
     for statement in (
         "UPDATE deliveries SET status_code = 500 WHERE id = 2",
@@ -367,10 +350,10 @@ def test_deliveries_is_append_only_and_verify_catches_an_edit(
             "prev_hash, entry_hash) VALUES (9, 1, 'x', 'after', 1, 'now', 1, 0, 'x', 'x')"
         )
     conn.close()
-    assert cli("verify", "--db", str(server.db)).returncode == 0
+    assert run_cli("verify", "--db", str(server.db)).returncode == 0
 
     alter(server.db, "UPDATE deliveries SET status_code = 500, error = 'http_error' WHERE id = 2")
-    found = cli("verify", "--db", str(server.db), "--json")
+    found = run_cli("verify", "--db", str(server.db), "--json")
     assert found.returncode == 1
     checks_found = {f["check"]: f["message"] for f in json.loads(found.stdout)["findings"]}
     assert "delivery 2" in checks_found["delivery_hash"], checks_found
@@ -385,9 +368,9 @@ def test_a_cut_off_deliveries_tail_is_caught_by_the_checkpoints(
         deliver(server, "after-create", TopicId=f"@TGS#_g@TOPIC#_t{n}")
     wait_for(lambda: len(table(server.db, "SELECT id FROM deliveries")) == 3, 10, "3 deliveries")
     server.stop()
-    assert cli("checkpoint", "--db", str(server.db)).returncode == 0
+    assert run_cli("checkpoint", "--db", str(server.db)).returncode == 0
     alter(server.db, "DELETE FROM deliveries WHERE id = 3")  # the chain alone still holds
-    found = cli("verify", "--db", str(server.db), "--json")
+    found = run_cli("verify", "--db", str(server.db), "--json")
     assert found.returncode == 1
     assert {f["check"] for f in json.loads(found.stdout)["findings"]} == {"checkpoint_deliveries"}
 
@@ -403,12 +386,12 @@ def test_replay_by_id_range_and_destination(
     wait_for(lambda: destination.ids() == {2, 3, 4, 5}, 10, "the first deliveries")
     other = Destination("ok")
     try:
-        result = cli(
+        result = run_cli(
             "replay", "--db", str(server.db), "--from-id", "1", "--to-id", "3", "--destination", other.url
         )
         assert result.returncode == 0 and "queued 2 deliveries" in result.stdout, result
         wait_for(lambda: other.ids() == {2, 3}, 10, "the replay to the other destination")
-        one = cli(
+        one = run_cli(
             "replay", "--db", str(server.db), "--id", "5", env={"TOPIC_AUDIT_FORWARD_URL": destination.url}
         )
         assert one.returncode == 0, one
@@ -418,10 +401,72 @@ def test_replay_by_id_range_and_destination(
         wait_for(lambda: len(table(server.db, replayed)) == 3, 10, "the replays recorded")
         replays = table(server.db, replayed)
         assert sorted((r["audit_id"], r["attempt"]) for r in replays) == [(2, 1), (3, 1), (5, 2)]
-        nothing = cli("replay", "--db", str(server.db), "--id", "1", "--destination", other.url)
+        nothing = run_cli("replay", "--db", str(server.db), "--id", "1", "--destination", other.url)
         assert "nothing to replay" in nothing.stdout
     finally:
         other.stop()
+
+
+def delivery_processes(serve: int) -> list[int]:
+    """The delivery processes below ``serve`` (its workers' children, with ``--workers``)."""
+    parents: dict[int, int] = {}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"topic_audit.delivery" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == serve:
+                return True
+        return False
+
+    return [pid for pid in found if below(pid)]
+
+
+def test_with_two_workers_each_callback_is_attempted_once_per_destination_per_round(
+    tmp_path: Path, stopping: list[Server]
+) -> None:
+    """Each worker of ``serve --workers 2`` has its delivery process; the one holding the forwarder lock
+    delivers, so no callback reaches a destination twice in one round (nor is recorded twice)."""
+    fast, slow = Destination("ok"), Destination("slow", delay=0.05)  # slow: attempts overlap the looks
+    count = 80
+    try:
+        server = start(tmp_path, fast, slow, workers="2", server="uvicorn")
+        stopping.append(server)
+        assert server.process is not None
+        pid = server.process.pid
+        wait_for(lambda: len(delivery_processes(pid)) == 2, 20, "a delivery process per worker")
+        children = sorted(delivery_processes(pid))
+
+        answers = deliver_concurrently(server.url, count, "@TGS#_g@TOPIC#_w")
+        assert [a.status_code for a in answers] == [200] * count
+        settled = "SELECT count(*) AS n FROM outbox WHERE state = 'delivered'"
+        wait_for(lambda: table(server.db, settled)[0]["n"] == 2 * count, 30, "the first round")
+        urls = {"TOPIC_AUDIT_FORWARD_URL": f"{fast.url} {slow.url}"}
+        replayed = run_cli(
+            "replay", "--db", str(server.db), "--from-id", "1", "--to-id", str(count), env=urls
+        )
+        assert replayed.returncode == 0 and f"queued {2 * count} deliveries" in replayed.stdout, replayed
+        wait_for(lambda: table(server.db, settled)[0]["n"] == 2 * count, 30, "the replayed round")
+        assert sorted(delivery_processes(pid)) == children  # the same two: neither died and was replaced
+        server.stop()  # the delivery processes record what they attempted, and nothing is sent afterwards
+    finally:
+        fast.stop()
+        slow.stop()
+    ids = set(range(1, count + 1))
+    for destination in (fast, slow):
+        sent = Counter((r.audit_id, r.headers["x-topic-audit-attempt"]) for r in destination.received)
+        assert sent == {(n, attempt): 1 for n in ids for attempt in ("1", "2")}  # once a round, no more
+    recorded = table(server.db, "SELECT audit_id, destination, replay, attempt FROM deliveries")
+    rounds = Counter((r["audit_id"], r["destination"], r["replay"]) for r in recorded)
+    assert rounds == {(n, d.url, replay): 1 for n in ids for d in (fast, slow) for replay in (0, 1)}
+    assert {(r["replay"], r["attempt"]) for r in recorded} == {(0, 1), (1, 2)}
 
 
 @pytest.mark.parametrize(
@@ -444,7 +489,7 @@ def test_bad_forwarding_settings_are_refused_at_start_up(
         "TOPIC_AUDIT_FORWARD_URL": "http://127.0.0.1:9/cb",
         variable: value,
     }
-    result = cli("serve", env=env)
+    result = run_cli("serve", env=env)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(error) == 1 and message in error[0], result.stderr
@@ -452,16 +497,17 @@ def test_bad_forwarding_settings_are_refused_at_start_up(
 
 
 def test_the_demo_sink_checks_signatures_and_can_veto(tmp_path: Path) -> None:
-    port = free_port()
     log = tmp_path / "sink.log"
-    env = {**os.environ, "TOPIC_AUDIT_TOKEN": TOKEN, "TOPIC_AUDIT_SINK_PORT": str(port)}
+    env = {**os.environ, "TOPIC_AUDIT_TOKEN": TOKEN, "TOPIC_AUDIT_SINK_PORT": "0"}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "topic_audit.cli", "sink", "--veto"], env=env, stdout=out, stderr=out
         )
     try:
+        port = listening_port(process, log)  # bound by the sink itself
         url = f"http://127.0.0.1:{port}/callback"
         wait_for(lambda: _answers(url), 10, "the sink")
+        assert f"sink on http://127.0.0.1:{port}/ " in log.read_text()  # it says where it listens
         before = httpx.post(
             f"{url}?{samples.query(APP_ID, BEFORE, TOKEN)}", json=samples.sample("before-create")
         )
@@ -510,6 +556,6 @@ def test_the_outbox_is_rebuilt_from_the_log_and_the_deliveries(
         "TOPIC_AUDIT_FORWARD_URL": f"{flapping.url} {failing.url}",
         "TOPIC_AUDIT_FORWARD_RETRY_SCHEDULE": "0,0,1",
     }
-    rebuilt = cli("rebuild-outbox", "--db", str(server.db), env=env)
+    rebuilt = run_cli("rebuild-outbox", "--db", str(server.db), env=env)
     assert rebuilt.returncode == 0 and "12 rows" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
     assert table(server.db, state) == before

@@ -1,4 +1,5 @@
-"""Forwarding: topic-audit as an audited proxy in front of the app's own callback handler.
+"""Forwarding: topic-audit as an audited proxy in front of the app's own callback handler; the receiver's
+side of it.
 
 Tencent sends every callback of an app to one URL. When topic-audit holds it, the app's handler gets
 every callback that passed the app-id and signature checks:
@@ -9,158 +10,33 @@ every callback that passed the app-id and signature checks:
 - **Everything else**: the outbox rows are queued in the transaction that appends the log row
   (:class:`topic_audit.writer.Forward`), and the delivery process (:mod:`topic_audit.delivery`, a child
   of ``serve`` with its own interpreter, so that delivering never takes CPU from the answers) delivers
-  them in the background.
+  them in the background. :class:`DeliveryProcess` starts it, wakes it, restarts it if it dies and
+  applies its metric reports.
 
-Every attempt is re-signed (``RequestTime`` now, ``Sign`` recomputed) when a token is configured, so the
-app's own freshness check passes on retries; the body is the bytes received.
+Sending and re-signing, which both sides do, are :mod:`topic_audit.sending`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
-from urllib.parse import urlsplit
-
-import aiohttp
-import msgspec
-from yarl import URL
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
 
 from topic_audit import checks, models, outbox
-from topic_audit.metrics import Metrics, package_version
-from topic_audit.settings import Settings
+from topic_audit.metrics import Metrics
+from topic_audit.sending import Sender, content_type, destination_label, tencent_answer
+from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.writer import Forward
 
-PER_DESTINATION = 32
-"""Most attempts in flight to one destination at once."""
-RESPONSE_READ_LIMIT = 16384
+log = logging.getLogger(__name__)
 
-
-def destination_label(url: str) -> str:
-    """The ``destination`` label: ``host:port``."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.hostname}:{port}"
-
-
-def resign(query_string: str, token: str | None, now: float) -> str:
-    """The query as received, with ``RequestTime`` set to ``now`` and ``Sign`` recomputed (in place, or
-    appended when absent). Unchanged without a token."""
-    if token is None:
-        return query_string
-    request_time = str(int(now))
-    fresh = {"RequestTime": request_time, "Sign": checks.sign(token, request_time)}
-    parts = []
-    for part in query_string.split("&"):
-        name = part.split("=", 1)[0]
-        if name in ("RequestTime", "Sign"):
-            if name not in fresh:  # repeated: the first one is the signed one
-                continue
-            part = f"{name}={fresh.pop(name)}"
-        if part:
-            parts.append(part)
-    parts += [f"{name}={value}" for name, value in fresh.items()]
-    return "&".join(parts)
-
-
-def target(destination: str, query: str) -> str:
-    return f"{destination}{'&' if '?' in destination else '?'}{query}" if query else destination
-
-
-def content_type(headers: tuple[tuple[str, str], ...] | str) -> str | None:
-    """The request's Content-Type, from its headers or from the recorded ``request_headers`` JSON."""
-    if isinstance(headers, str):
-        try:
-            value = msgspec.json.decode(headers).get("content-type")
-        except (msgspec.DecodeError, AttributeError):
-            return None
-        return value if isinstance(value, str) else None
-    return next((v for k, v in headers if k == "content-type"), None)
-
-
-def tencent_answer(status: int | None, body: bytes) -> bool:
-    """The app answered a Before-callback as Tencent expects: 200 and a JSON object with ``ActionStatus``
-    and ``ErrorCode``."""
-    if status != 200:
-        return False
-    try:
-        document = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return False
-    return isinstance(document, dict) and "ActionStatus" in document and "ErrorCode" in document
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """What one attempt got: an HTTP answer, or an error without one."""
-
-    status_code: int | None
-    error: str | None
-    detail: str | None
-    body: bytes
-    seconds: float
-
-    def text(self) -> str | None:
-        """The answer as stored in ``deliveries.response_body`` (bounded)."""
-        return self.body[: outbox.RESPONSE_LIMIT].decode("utf-8", "replace") if self.body else None
-
-
-class Sender:
-    """Posts callbacks to destinations: re-signed, byte-identical, never following redirects."""
-
-    def __init__(self, token: str | None) -> None:
-        self.token = token
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        # aiohttp rather than httpx here: httpcore checks every pooled connection's socket on each
-        # request, which at 32 connections cost more CPU than the delivery itself (README, Performance).
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_DESTINATION + 1),
-            skip_auto_headers=("Content-Type",),  # sent only when the request had one
-            headers={"user-agent": f"topic-audit/{package_version()}"},
-            auto_decompress=False,
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def send(
-        self,
-        destination: str,
-        query_string: str,
-        body: bytes,
-        kind_of_content: str | None,
-        headers: dict[str, str],
-        timeout: float,
-    ) -> Sent:
-        assert self._session is not None
-        url = URL(target(destination, resign(query_string, self.token, time.time())), encoded=True)
-        if kind_of_content is not None:
-            headers["content-type"] = kind_of_content
-        started = time.perf_counter()
-        status: int | None = None
-        answer = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._session.post(
-                    url, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    status = response.status
-                    while len(answer) < RESPONSE_READ_LIMIT:
-                        chunk = await response.content.read(RESPONSE_READ_LIMIT - len(answer))
-                        if not chunk:
-                            break
-                        answer += chunk
-        except TimeoutError:
-            return Sent(status, "timeout", f"no complete answer within {timeout:g} s", b"", _since(started))
-        except (aiohttp.ClientError, OSError) as exc:
-            return Sent(status, "connection_error", _describe(exc), b"", _since(started))
-        seconds = _since(started)
-        if not 200 <= status < 300:
-            return Sent(status, "http_error", f"HTTP {status}", bytes(answer), seconds)
-        return Sent(status, None, None, bytes(answer), seconds)
+RESTART_SECONDS = 1.0
+"""How long after the delivery process ended unasked another is started."""
 
 
 class Forwarder:
@@ -168,8 +44,6 @@ class Forwarder:
     delivery process."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        from topic_audit.delivery import DeliveryProcess
-
         self.settings = settings
         self.metrics = metrics
         self.destinations = settings.forward_url
@@ -236,10 +110,90 @@ class Forwarder:
         return (sent.body if relayed else None), attempt
 
 
-def _since(started: float) -> float:
-    return time.perf_counter() - started
+class DeliveryProcess:
+    """Starts the delivery process, restarts it if it dies, wakes it, applies its reports, stops it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, name="delivery-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def wake(self) -> None:
+        process = self._process
+        if process is None or process.stdin is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, ValueError, OSError):
+            os.write(process.stdin.fileno(), b"\x01")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None:
+            if process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()  # end of file: the child stops
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the delivery process did not stop in %g s; killing it", timeout)
+                process.kill()
+                process.wait(5)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+        if self._process is not process and self._process is not None:  # restarted meanwhile
+            self._process.kill()
+            self._process.wait(5)
+
+    def _spawn(self) -> None:
+        env = {**os.environ, WORKER_SETTINGS: self.settings.for_workers()}
+        env.pop("TOPIC_AUDIT_TOKEN", None)
+        if self.settings.token is not None:
+            env["TOPIC_AUDIT_TOKEN"] = self.settings.token
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "topic_audit.delivery"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert self._process.stdin is not None
+        os.set_blocking(self._process.stdin.fileno(), False)
+
+    def _supervise(self) -> None:
+        """Apply the child's reports; when it ends unasked, start another."""
+        while True:
+            process = self._process
+            assert process is not None and process.stdout is not None
+            for line in process.stdout:
+                try:
+                    apply(self.metrics, line)
+                except (ValueError, KeyError, TypeError):
+                    log.warning("unreadable report from the delivery process: %r", line[:200])
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            log.error(
+                "the delivery process ended (exit code %s); starting another in %g s", code, RESTART_SECONDS
+            )
+            if self._stopping.wait(RESTART_SECONDS):
+                return
+            self._spawn()
 
 
-def _describe(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+def apply(metrics: Metrics, line: bytes) -> None:
+    """A report line from the delivery process (:meth:`topic_audit.deliverer.Report.line`), applied to
+    ``serve``'s metrics."""
+    report = json.loads(line)
+    for label, result, seconds in report["attempts"]:
+        metrics.attempted(label, "after", result, seconds)
+    for label, count in report["exhausted"].items():
+        metrics.forward_failed.labels(label).inc(count)
+    for label, (pending, age) in report["backlog"].items():
+        metrics.forward_pending.labels(label).set(pending)
+        metrics.forward_oldest_pending.labels(label).set(age)

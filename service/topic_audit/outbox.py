@@ -23,8 +23,7 @@ from typing import Any, Final
 
 import msgspec
 
-from topic_audit import chain
-from topic_audit.metrics import REASONS
+from topic_audit import chain, database
 
 COLUMNS: Final = (
     "id",
@@ -47,9 +46,25 @@ RESPONSE_LIMIT: Final = 2048
 """Characters of a destination's answer kept in ``deliveries.response_body``."""
 ERRORS: Final = ("http_error", "timeout", "connection_error")
 
-NOT_FORWARDED: Final = frozenset(REASONS[: REASONS.index("signature_invalid") + 1])
-"""Rejections before (or by) the app-id and signature checks (``REASONS`` lists the checks in the
-contract's order): never forwarded."""
+NOT_FORWARDED: Final = frozenset(
+    {
+        "method_not_allowed",
+        "request_timeout",
+        "body_too_large",
+        "app_id_missing",
+        "app_id_mismatch",
+        "signature_missing",
+        "request_time_skewed",
+        "signature_invalid",
+    }
+)
+"""The rejections that are never forwarded: those of the checks up to and including the signature (the
+contract: "every request that passed the app-id and signature checks, whatever its outcome after them;
+never one rejected by those checks, never a non-POST"). In the receiver this is
+:attr:`topic_audit.checks.Decision.authenticated`; here it picks the forwardable entries of the log
+(:data:`FORWARDABLE`). A rejection after the signature (``malformed_json``, ``command_mismatch``,
+``invalid_payload``) is forwarded: the app's handler decides about it. ``tests/test_outbox.py`` holds
+the two to each other for every reason the checks give."""
 
 _Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
 _encoder = msgspec.json.Encoder()
@@ -207,15 +222,8 @@ def record(
     conn: sqlite3.Connection, attempts: Sequence[Attempt], schedule: Sequence[int], now: str
 ) -> list[Attempt]:
     """:func:`record_in` in a transaction of its own (``conn`` in autocommit mode)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        exhausted = record_in(conn, attempts, schedule, now)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return exhausted
+    with database.transaction(conn):
+        return record_in(conn, attempts, schedule, now)
 
 
 def record_in(
@@ -279,8 +287,7 @@ def replay(
 ) -> int:
     """Queue deliveries again (``replay`` = 1), in one transaction: the failed ones, or every forwardable
     entry with ``ids[0] <= id <= ids[1]``, to each of ``destinations``. Returns how many were queued."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with database.transaction(conn):
         pairs: list[tuple[int, str, str]] = []
         for destination in destinations:
             if failed_only:
@@ -299,11 +306,6 @@ def replay(
                 )
             pairs += [(row[0], destination, now) for row in found]
         queue(conn, pairs, 0, replay=1)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return len(pairs)
 
 
@@ -312,8 +314,7 @@ def rebuild(conn: sqlite3.Connection, destinations: Sequence[str], schedule: Seq
     entry and each of ``destinations`` (and every destination its deliveries name), ``delivered`` when
     an attempt succeeded, ``failed`` when the attempts reached the schedule's length, else ``pending``
     and due now. Replay rounds are not told apart (``step`` counts every attempt). Returns the rows."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with database.transaction(conn):
         conn.execute("DELETE FROM outbox")
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (destination TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM temp.wanted")
@@ -346,42 +347,7 @@ def rebuild(conn: sqlite3.Connection, destinations: Sequence[str], schedule: Seq
             {"steps": len(schedule), "now": now},
         )
         count = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return count
-
-
-def verify_chain(
-    conn: sqlite3.Connection, after: tuple[int, str] = (0, chain.GENESIS)
-) -> tuple[list[tuple[str, int | None, str]], int, str]:
-    """Recompute the deliveries chain from the delivery after ``after`` (its id and entry_hash, already
-    verified): (findings as (check, id, message), deliveries checked, head hash)."""
-    found: dict[str, tuple[str, int | None, str]] = {}
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
-        return [], 0, after[1]
-    (expected, prev), count = (after[0] + 1, after[1]), 0
-    query = f"SELECT {', '.join(SORTED)}, entry_hash FROM deliveries WHERE id > ? ORDER BY id"
-    at_id, at_prev = SORTED.index("id"), SORTED.index("prev_hash")
-    for row in conn.execute(query, (after[0],)):
-        count += 1
-        entry_id = row[at_id]
-        if entry_id != expected:
-            found.setdefault(
-                "ids", ("delivery_ids", expected, f"expected delivery {expected}, found {entry_id}")
-            )
-        if row[at_prev] != prev:
-            found.setdefault(
-                "chain", ("delivery_chain", entry_id, "prev_hash is not the previous delivery's")
-            )
-        if hashlib.sha256(canonical(row[:-1])).hexdigest() != row[-1]:
-            found.setdefault(
-                "hash", ("delivery_hash", entry_id, "entry_hash does not match the delivery's canonical form")
-            )
-        prev, expected = row[-1], entry_id + 1
-    return list(found.values()), count, prev
 
 
 def now_iso() -> str:

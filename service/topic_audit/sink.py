@@ -65,5 +65,12 @@ def handler_for(token: str | None, veto: bool, out: TextIO) -> type[BaseHTTPRequ
 
 
 def serve(host: str, port: int, token: str | None, veto: bool, out: TextIO = sys.stdout) -> None:
+    """Serve until interrupted; says where on stderr once it listens (the port it got, for port 0)."""
     with ThreadingHTTPServer((host, port), handler_for(token, veto, out)) as server:
+        url = f"http://{host}:{server.server_address[1]}"
+        print(
+            f"sink on {url}/ (forward with TOPIC_AUDIT_FORWARD_URL={url}/callback)",
+            file=sys.stderr,
+            flush=True,
+        )
         server.serve_forever()

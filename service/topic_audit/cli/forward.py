@@ -164,7 +164,7 @@ def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedul
     show_default=True,
     envvar="TOPIC_AUDIT_SINK_PORT",
     show_envvar=True,
-    help="Port to listen on.",
+    help="Port to listen on (0: one the system picks, said on start-up).",
 )
 @click.option(
     "--veto",
@@ -178,9 +178,5 @@ def sink(host: str, port: int, veto: bool) -> None:
     OK (checking the re-computed Sign when TOPIC_AUDIT_TOKEN is set)."""
     from topic_audit import sink as demo
 
-    click.echo(
-        f"sink on http://{host}:{port}/ (forward with TOPIC_AUDIT_FORWARD_URL=http://{host}:{port}/callback)",
-        err=True,
-    )
     with contextlib.suppress(KeyboardInterrupt):
         demo.serve(host, port, os.environ.get("TOPIC_AUDIT_TOKEN") or None, veto)
