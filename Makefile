@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_SDKAPPID ?= 1400000000
 DEMO_TOKEN ?= demo-token-not-for-production
 
-.PHONY: run test install lint bench bench-queries clean
+.PHONY: run test test-fast install lint bench bench-queries clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The inner loop: every test but those marked slow (a few minutes here; `make test` runs them all).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 # The benchmark suite (not part of `make test`; takes a while): prints the tables quoted in the README.
 bench: $(STAMP)
