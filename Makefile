@@ -55,6 +55,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check service tests dashboard grafana
 	$(BIN)/ruff format --check service tests dashboard grafana
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
