@@ -2,7 +2,8 @@
 
 A :class:`Checker` holds one resumable object per kind of check (:class:`~.findings.Check`): the entries'
 hash chain (:mod:`.entries`), the deliveries' chain (:mod:`.deliveries`) and the signed checkpoints
-(:mod:`.checkpoints`: file, table, and what each line signs). Each reports :class:`Finding` objects, the
+(:mod:`.checkpoints`: file, table, and what each line signs) and the Merkle tree their notes sign
+(:mod:`.tree`: recomputed, and each note consistent with the last one seen). Each reports :class:`Finding` objects, the
 first of each kind in log order, and remembers how far it got:
 
 - ``verify`` makes a fresh checker and calls :meth:`Checker.advance` once: everything, from the start;
@@ -39,6 +40,7 @@ from topic_audit.integrity.checkpoints import Checkpoints
 from topic_audit.integrity.deliveries import Deliveries
 from topic_audit.integrity.entries import ChainRunner, Entries
 from topic_audit.integrity.findings import Check, Finding, Snapshot, first_bad_id
+from topic_audit.integrity.tree import Tree
 
 
 class Checker:
@@ -52,7 +54,8 @@ class Checker:
         self.entries = Entries(run) if run is not None else Entries()
         self.deliveries = Deliveries()
         self.checkpoints = Checkpoints(pinned_key)
-        self.checks: tuple[Check, ...] = (self.entries, self.deliveries, self.checkpoints)
+        self.tree = Tree()
+        self.checks: tuple[Check, ...] = (self.entries, self.deliveries, self.checkpoints, self.tree)
         """A new check is added here, and nowhere else: ``verify`` and ``watch`` then run it."""
 
     @contextmanager
