@@ -12,8 +12,9 @@ from typing import Any, Protocol
 @dataclass(frozen=True, slots=True)
 class Finding:
     check: str
-    """``ids``, ``body``, ``chain``, ``hash``, ``delivery_*``, ``checkpoint_*`` (and, from ``verify``
-    alone, ``projection`` and ``replay``)."""
+    """``ids``, ``body``, ``chain``, ``hash``, ``delivery_*``, ``checkpoint_*`` (among them the tree's
+    ``checkpoint_note``, ``checkpoint_tree`` and ``checkpoint_consistency``), ``tree_hashes`` (and, from
+    ``verify`` alone, ``projection`` and ``replay``)."""
     entry_id: int | None
     """The first audit_log entry that may be bad, or None where the finding is not about one entry (a
     delivery names its id in the message)."""
