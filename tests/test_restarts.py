@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import httpx
 import pytest
 from benchmarks.restarts import APP_ID, TOKEN, Load, environment, start_serve, wait_ready
 from conftest import free_port, require_tool
+from destination import Destination
 from prometheus_client.parser import text_string_to_metric_families
 from topic_audit import envfile, samples, sockets
 
@@ -235,6 +237,35 @@ def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str
         assert len(versions(url)) == 1 + int(workers)  # serve, and each serving process
     finally:
         stop(serve, log)
+    verify(db)
+
+
+def test_every_callback_is_still_forwarded_across_a_reload(tmp_path: Path) -> None:
+    app = Destination()  # the app's own handler
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve(environment(db, port, TOPIC_AUDIT_FORWARD_URL=app.url), log)
+    try:
+        wait_ready(url)
+        first = receivers(serve.pid)
+        load = Load(url, 50)
+        thread = load.start()
+        time.sleep(1)
+        serve.send_signal(signal.SIGHUP)
+        wait_replaced(serve, first)
+        time.sleep(1)
+        load.stop(thread)
+        assert load.failed == [], load.failed[:5]
+        conn = sqlite3.connect(db)
+        forwarded = {row[0] for row in conn.execute("SELECT id FROM audit_log WHERE status_code = 200")}
+        conn.close()
+        deadline = time.monotonic() + 30  # one delivery process delivers at a time: the new one takes over
+        while not forwarded <= app.ids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert forwarded <= app.ids()
+    finally:
+        stop(serve, log)
+        app.stop()
     verify(db)
 
 
