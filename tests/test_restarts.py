@@ -9,6 +9,7 @@ replaces it: what ``importlib.metadata`` reports, and so ``topic_audit_build_inf
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -192,7 +193,10 @@ def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
     settings.write_text("# serve's settings\nTOPIC_AUDIT_MAX_BODY_BYTES=65536\n")
     db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
     url = f"http://127.0.0.1:{port}"
-    serve = start_serve(environment(db, port, TOPIC_AUDIT_ENV_FILE=str(settings)), log)
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what Type=notify listens on
+    systemd.bind(str(tmp_path / "notify"))
+    env = environment(db, port, TOPIC_AUDIT_ENV_FILE=str(settings), NOTIFY_SOCKET=str(tmp_path / "notify"))
+    serve = start_serve(env, log)
     big = {**samples.sample("after-create", TopicId="big"), "Introduction": "x" * 3000}
     query = samples.query(APP_ID, big["CallbackCommand"], TOKEN)
     try:
@@ -218,6 +222,13 @@ def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
         assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 1
     finally:
         stop(serve, log)
+    systemd.setblocking(False)
+    told = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            told.append(systemd.recv(4096).decode().split("\n")[0])
+    systemd.close()
+    assert told == ["READY=1", "RELOADING=1", "READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
     verify(db)
 
 
