@@ -69,7 +69,8 @@ def test_an_edited_entry_rehashed_breaks_the_signed_roots(copy: Path) -> None:
     conn.close()
     found = findings(copy)
     assert (
-        "checkpoint 2: its note's root is not the tree of the log's first 300 entries" in found["checkpoint_tree"]
+        "checkpoint 2: its note's root is not the tree of the log's first 300 entries"
+        in found["checkpoint_tree"]
     )
     assert "entries 101..300" in found["checkpoint_tree"]
 
