@@ -56,6 +56,8 @@ READY_SECONDS = 60.0
 DRAIN_SECONDS = 45.0
 """Longest a draining receiver may take before it is killed."""
 RESPAWN_SECONDS = 1.0
+WARM_SECONDS = 1.0
+"""How long both generations accept before the old one drains (its kept-alive clients then move over)."""
 OWNED_HERE = (
     "host",
     "port",
@@ -170,6 +172,7 @@ class Supervisor:
             log.error("reload failed: %s; the running processes keep serving", failed)
             sockets.notify("READY=1")
             return
+        time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
         old, self.current, self.settings = self.current, fresh, settings
         self.checkpointer.interval = settings.checkpoint_seconds
         deadline = time.monotonic() + DRAIN_SECONDS
