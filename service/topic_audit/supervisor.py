@@ -10,8 +10,9 @@ restart may close the listening socket or leave it without a process that answer
 - **Reload (SIGHUP), in every configuration.** The settings are read again (the environment and the
   ``--env-file``); if they are invalid, one line says why and nothing else happens. Otherwise a new
   generation of receivers starts beside the old one; once every new process has said on its pipe that its
-  app has started, the old ones are sent SIGTERM and drain (:mod:`topic_audit.worker`): they stop
-  accepting, finish what is in flight and close kept-alive connections after their next answer. A new
+  app has started (and a second more, to warm up), the old ones are sent SIGTERM and drain
+  (:mod:`topic_audit.worker`): they stop accepting, finish what is in flight and close kept-alive
+  connections after their next answer. A new
   process that fails to start is stopped and the old ones keep serving (one line says why).
 - **What exists once stays here, with one owner throughout:** the Litestream child (and the checkpoints'
   publication, :mod:`topic_audit.replica`) and the checkpoint timer (:mod:`topic_audit.checkpointer`;
