@@ -63,7 +63,8 @@ def test_every_metric_is_in_the_metrics_table() -> None:
     table = README.split("## Metrics", 1)[1].split("##", 1)[0]
     documented = set(re.findall(r"^\| `(topic_audit_[a-z_]+)`", table, re.MULTILINE))
     # prometheus_client reports counters without their _total suffix
-    assert {n.removesuffix("_total") for n in documented} == names
+    # (and a gauge that mirrors a count kept in the database keeps the counter's name: erased entries)
+    assert {n.removesuffix("_total") for n in documented} == {n.removesuffix("_total") for n in names}
 
 
 def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings, tmp_path: Path) -> None:

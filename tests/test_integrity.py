@@ -112,14 +112,16 @@ def _lines(change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> Ca
 
 
 def _rewrite_chain_from(entry: int) -> Case:
-    """Entry ``entry`` altered and every hash after it recomputed: consistent, but not the chain signed."""
+    """Entry ``entry``'s evidence altered and every hash after it recomputed: consistent, but not the chain
+    signed. (Its content would not do: since keyed commitments, the hash covers the commitment, and the
+    commitment's salt is in the file, so a rewriter recomputes both -- the same case.)"""
 
     def rewrite(folder: Path) -> None:
         conn = sqlite3.connect(folder / "audit.db")
         conn.row_factory = sqlite3.Row
         rows = [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
         conn.close()
-        rows[entry - 1]["client_ip"] = "198.51.100.66"
+        rows[entry - 1]["elapsed_ms"] = 999.0
         prev = chain.GENESIS
         for row in rows:
             row["prev_hash"] = prev
@@ -127,8 +129,8 @@ def _rewrite_chain_from(entry: int) -> Case:
         alter(folder / "audit.db")  # the append-only triggers dropped
         conn = sqlite3.connect(folder / "audit.db")
         conn.executemany(
-            "UPDATE audit_log SET client_ip = ?, prev_hash = ?, entry_hash = ? WHERE id = ?",
-            [(r["client_ip"], r["prev_hash"], r["entry_hash"], r["id"]) for r in rows],
+            "UPDATE audit_log SET elapsed_ms = ?, prev_hash = ?, entry_hash = ? WHERE id = ?",
+            [(r["elapsed_ms"], r["prev_hash"], r["entry_hash"], r["id"]) for r in rows],
         )
         conn.commit()
         conn.close()
@@ -153,13 +155,18 @@ def _edit_table_row(folder: Path) -> None:
 
 
 CASES: dict[str, tuple[Case, set[tuple[str, int | None]]]] = {
-    "edited entry": (_sql("UPDATE audit_log SET detail = 'edited' WHERE id = 30"), {("hash", 30)}),
+    # Content is committed to through its salt: an edit is a "content" finding; evidence is hashed.
+    "edited entry": (_sql("UPDATE audit_log SET detail = 'edited' WHERE id = 30"), {("content", 30)}),
+    "edited evidence": (_sql("UPDATE audit_log SET elapsed_ms = 999.0 WHERE id = 30"), {("hash", 30)}),
     "deleted entry": (_sql("DELETE FROM audit_log WHERE id = 30"), {("ids", 30), ("chain", 31)}),
-    "entry moved below id 1": (_sql("UPDATE audit_log SET id = -5 WHERE id = 1"), {("ids", 1), ("hash", -5)}),
+    "entry moved below id 1": (
+        _sql("UPDATE audit_log SET id = -5 WHERE id = 1"),
+        {("ids", 1), ("hash", -5), ("content", -5)},  # its salt is the salt of entry 1
+    ),
     "cut prefix": (_sql("DELETE FROM audit_log WHERE id <= 10"), {("ids", 1), ("chain", 11)}),
     "cut prefix, renumbered": (
         _sql("DELETE FROM audit_log WHERE id <= 10", "UPDATE audit_log SET id = id - 10"),
-        {("chain", 1), ("hash", 1), ("checkpoint_prefix", 1)},
+        {("chain", 1), ("hash", 1), ("content", 1), ("checkpoint_prefix", 1)},
     ),
     "cut tail": (_sql("DELETE FROM audit_log WHERE id > 50"), {("checkpoint_prefix", 51)}),
     "chain rewritten from entry 30": (_rewrite_chain_from(30), {("checkpoint_prefix", 21)}),

@@ -67,7 +67,7 @@ def test_an_old_entry_altered_behind_the_triggers_is_found_by_the_sweep(copy: Pa
     alter(copy, "UPDATE audit_log SET client_ip = '10.0.0.9' WHERE id = 2100")
     found = rounds_until_found(watch, ENTRIES // SWEEP + 1)
     assert found <= ENTRIES // SWEEP + 1  # the stated bound: entries ÷ sweep rounds
-    assert {f.check for f in watch.findings.values()} == {"hash"}
+    assert {f.check for f in watch.findings.values()} == {"content"}  # client_ip: under the entry's salt
     assert watch.metrics.findings._value.get() == 1
 
 
@@ -168,4 +168,4 @@ def test_the_command_serves_its_metrics_and_exits_1_on_a_finding(copy: Path) -> 
         text=True,
         timeout=60,
     )
-    assert one.returncode == 1 and "integrity finding hash: entry 7" in one.stderr, one.stderr
+    assert one.returncode == 1 and "integrity finding content: entry 7" in one.stderr, one.stderr

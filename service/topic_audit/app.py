@@ -32,7 +32,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from topic_audit import chain, checks, jobs, models, outbox
+from topic_audit import chain, checks, jobs, models, outbox, retention
 from topic_audit.checkpoints import Signer
 from topic_audit.forward import Forwarder
 from topic_audit.metrics import Metrics
@@ -382,7 +382,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         migrate(settings.db)
         writer = AuditWriter(
-            settings.db, settings.max_batch, observer=metrics, autocheckpoint=settings.replica_url is None
+            settings.db,
+            settings.max_batch,
+            observer=metrics,
+            autocheckpoint=settings.replica_url is None,
+            store_bodies=settings.store_bodies,
         )
         writer.start()
         counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
@@ -394,12 +398,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         app.state.forwarder = forwarder
         ticker, last = _start_checkpoints(settings, writer)
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
+        forgetting = retention.start(settings, metrics, writer, lambda: iso_now(time.time()))
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
         gc.freeze()
         try:
             yield
         finally:
             sweeper.cancel()
+            for task in forgetting:
+                task.cancel()
             if forwarder is not None:
                 await forwarder.stop()
             if ticker is not None:

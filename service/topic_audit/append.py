@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from topic_audit import chain, database, models, outbox, projection, rollups
+from topic_audit import chain, content, database, erasure, models, outbox, projection, rollups
 
 Row = dict[str, Any]
 """A log row: every column of ``audit_log`` but ``id`` and the chain links (:data:`chain.COLUMNS`)."""
@@ -85,8 +85,17 @@ _COUNT = (
 )
 
 
-def commit(conn: sqlite3.Connection, appends: Sequence[Append], records: Sequence[Record] = ()) -> Appended:
-    """Append ``appends`` and record ``records`` in one transaction on ``conn`` (autocommit mode)."""
+def commit(
+    conn: sqlite3.Connection,
+    appends: Sequence[Append],
+    records: Sequence[Record] = (),
+    store_bodies: str = "all",
+) -> Appended:
+    """Append ``appends`` and record ``records`` in one transaction on ``conn`` (autocommit mode).
+
+    Every row commits to its content under a salt of its own (:func:`topic_audit.content.seal`). With
+    ``store_bodies="topics"``, a row outside the topic family that is not to be forwarded is stored
+    without its content, under a ``policy`` erasure record written in the same transaction."""
     done = Appended()
     with database.transaction(conn):
         head_id, head_hash = database.head(conn)  # under the write lock: the chain stays contiguous
@@ -94,6 +103,7 @@ def commit(conn: sqlite3.Connection, appends: Sequence[Append], records: Sequenc
         for request in appends:
             entry_id, row = group.add(request)
             row["id"], row["prev_hash"] = entry_id, head_hash
+            group.seal(entry_id, row, store_bodies == "all" or _kept(request))
             row["entry_hash"] = head_hash = chain.entry_hash(row)
             done.rows.append(row)
             done.committed.append(Committed(entry_id, row["outcome"], row["duplicate_of"], head_hash))
@@ -105,6 +115,13 @@ def commit(conn: sqlite3.Connection, appends: Sequence[Append], records: Sequenc
             found = dict(conn.execute(_COUNT, (group.delta["active"], group.delta["deleted"])).fetchall())
             done.counts = found["active"], found["deleted"]
     return done
+
+
+def _kept(request: Append) -> bool:
+    """Under ``store_bodies="topics"``: the topic family keeps its content, and so does a callback to be
+    forwarded (until its deliveries are done: :func:`topic_audit.retention.policy_sweep`)."""
+    forwarded = request.forward is not None and bool(request.forward.destinations)
+    return forwarded or request.row.get("callback_command") in models.TOPIC_COMMANDS
 
 
 class _Group:
@@ -120,6 +137,8 @@ class _Group:
         self.delta = {"active": 0, "deleted": 0}
         self.queued: dict[float, list[tuple[int, str, str]]] = {}
         self.before: list[outbox.Attempt] = []
+        self.salts: list[tuple[int, bytes]] = []
+        self.unkept: list[int] = []
 
     def add(self, request: Append) -> tuple[int, Row]:
         """The next id and the stored row of ``request`` (a copy), projected; its forwarding noted."""
@@ -144,12 +163,22 @@ class _Group:
                         delta[now] += 1
         return entry_id, row
 
+    def seal(self, entry_id: int, row: Row, keep: bool) -> None:
+        salt = content.seal(row, keep)
+        if salt is not None:
+            self.salts.append((entry_id, salt))
+        else:
+            self.unkept.append(entry_id)
+
     def flush(self, rows: list[Row]) -> None:
         """Write the changed topics, the rows, their rollups and what they queue for forwarding."""
         conn = self.conn
         self.store.flush()
         if rows:
             conn.executemany(_INSERT, rows)
+            conn.executemany("INSERT INTO content_keys (entry_id, salt) VALUES (?, ?)", self.salts)
+            if self.unkept:
+                erasure.record_policy(conn, self.unkept, rows[-1]["received_at"])
             rollups.add(conn, rows)
         for delay, triples in self.queued.items():
             outbox.queue(conn, triples, delay)

@@ -13,6 +13,10 @@ job                       what the writer does                            result
 :class:`Checkpoint`       signs the head into the checkpoint file and     the checkpoint (a dict), or
                           table (:func:`checkpoints.make_checkpoint`)     None when a recent one stands
 :class:`Pragmas`          reads the connection's durability pragmas       :class:`database.Durability`
+:class:`Erase`            one erasure record and its entries' content     (entries erased, whether an
+                          (:func:`erasure.erase_batch`), for retention    index held them)
+:class:`Purge`            one step of :func:`erasure.purge` (zero free    True once the step is done
+                          pages, a merge step, truncate the WAL)
 ========================  ==============================================  =============================
 
 Appending rows and recording delivery attempts are not jobs: they share the groups' transactions
@@ -29,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
-from topic_audit import database, outbox, projection
+from topic_audit import database, erasure, outbox, projection
 from topic_audit.checkpoints import Signer, make_checkpoint
 
 T = TypeVar("T")
@@ -73,6 +77,26 @@ class Pragmas(Job[database.Durability]):
     """What the write connection promises about a commit."""
 
 
+@dataclass(frozen=True, slots=True)
+class Erase(Job["tuple[int, bool]"]):
+    """Erase the content of entries ``ids`` under one record (``serve``'s retention and body policy run
+    on the writer, between groups: no second writer waits for the lock)."""
+
+    ids: tuple[int, ...]
+    cause: str
+    reason: str
+    now: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purge(Job[bool]):
+    """One step of purging what SQLite keeps of erased values: ``wipe`` (free pages), ``merge`` (of
+    ``table``), ``truncate`` (the WAL)."""
+
+    step: str
+    table: str = ""
+
+
 class Runner:
     """Runs jobs on the writer's connection, in the writer's thread; keeps the signing keys it loaded."""
 
@@ -97,6 +121,8 @@ class Runner:
             return self._checkpoint(conn, job)
         if isinstance(job, Pragmas):
             return database.durability(conn)
+        if isinstance(job, Erase | Purge):
+            return _forget(conn, job)
         raise TypeError(f"the writer has no job {type(job).__name__}")
 
     def _checkpoint(self, conn: sqlite3.Connection, job: Checkpoint) -> dict[str, Any] | None:
@@ -108,6 +134,23 @@ class Runner:
         if signer is None:
             signer = self._signers[job.key_path] = Signer.load_or_create(job.key_path)[0]
         return make_checkpoint(conn, signer, job.file, outbox.now_iso())
+
+
+def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
+    was = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
+    conn.execute("PRAGMA secure_delete=ON")  # what an erasure frees is overwritten with zeros
+    try:
+        if isinstance(job, Erase):
+            done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now)
+            return (0, False) if done is None else (done.entries, done.indexed)
+        if job.step == "wipe":
+            erasure.wipe_freelist(conn)
+            return True
+        if job.step == "merge":
+            return erasure.merge_step(conn, job.table, 64)
+        return erasure.truncate_wal(conn)
+    finally:
+        conn.execute(f"PRAGMA secure_delete={was}")
 
 
 def _age_seconds(iso: str) -> float:

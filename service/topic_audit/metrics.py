@@ -36,6 +36,7 @@ OUTCOME_REASONS: Final = (
     ("error", "internal_error"),
 )
 RESTART_KINDS: Final = ("reload", "crash")
+ERASURE_CAUSES: Final = ("request", "retention", "policy")
 FORWARD_RESULTS: Final = ("delivered", "http_error", "timeout", "connection_error")
 COMMAND_LABELS: Final = (*models.KNOWN_COMMANDS, "other")
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -166,6 +167,30 @@ class Metrics:
         )
         for kind in RESTART_KINDS:
             self.restarts.labels(kind)
+        # Read from the erasures records (topic-audit erase runs in a process of its own): a gauge that
+        # only grows, exposed under the counter's name the dashboards and alerts use.
+        self.erased_entries = Gauge(
+            "topic_audit_erased_entries_total",
+            "Log entries whose content was erased, by cause (request, retention, policy), from the erasures "
+            "records; never decreases.",
+            ["cause"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        for cause in ERASURE_CAUSES:
+            self.erased_entries.labels(cause)
+        self.retention = Gauge(
+            "topic_audit_retention_seconds",
+            "The retention period serve enforces (TOPIC_AUDIT_RETENTION_DAYS), in seconds; 0 when content is kept.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.oldest_content_age = Gauge(
+            "topic_audit_oldest_content_age_seconds",
+            "Age of the oldest log entry whose content is still kept (0 when none is).",
+            registry=r,
+            multiprocess_mode="max",
+        )
 
         self._callbacks = {
             (command, outcome, reason): self.callbacks.labels(command, outcome, reason)
@@ -213,6 +238,12 @@ class Metrics:
 
     def batch_failed(self, count: int) -> None:
         self.append_errors.inc(count)
+
+    def privacy_counted(self, erased: dict[str, int], oldest_content_age: float) -> None:
+        """What the erasures records say (:func:`topic_audit.retention.counts`)."""
+        for cause in ERASURE_CAUSES:
+            self.erased_entries.labels(cause).set(erased.get(cause, 0))
+        self.oldest_content_age.set(max(oldest_content_age, 0.0))
 
     def topics_counted(self, active: int, deleted: int) -> None:
         self._topics["active"].set(active)

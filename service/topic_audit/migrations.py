@@ -350,6 +350,123 @@ def m013_transparency_log(db: Database) -> None:
     db.execute("ALTER TABLE checkpoints ADD COLUMN note TEXT")
 
 
+@migrations()
+def m014_forgetting(db: Database) -> None:
+    """Retention and erasure (SPEC "Retention and erasure"): keyed commitments and erasure records.
+
+    - ``audit_log.content_commitment`` (in ``chain.LATER``): new entries' hash covers it instead of their
+      content; ``content_keys`` holds each entry's salt until its content is erased.
+    - ``erasures``: append-only and chained like ``deliveries``, one row per erasure; its head is signed in
+      every checkpoint. ``erased_entries``: which record erased each entry, and the evidence the
+      projection needs to replay it (``topic_audit.erasure``).
+    - The append-only triggers of ``audit_log``, ``deliveries`` and ``content_keys`` allow exactly one
+      change: an erasure, i.e. content columns set to their erased values, evidence untouched, for an
+      entry listed in ``erased_entries``.
+    """
+    from topic_audit import content  # the one list of content columns
+
+    db.execute("ALTER TABLE audit_log ADD COLUMN content_commitment TEXT")
+    db.execute(
+        "CREATE TABLE content_keys (entry_id INTEGER PRIMARY KEY REFERENCES audit_log(id), salt BLOB NOT NULL)"
+    )
+    db.execute(
+        """
+        CREATE TABLE erasures (
+            id INTEGER PRIMARY KEY,
+            erased_at TEXT NOT NULL,
+            cause TEXT NOT NULL CHECK (cause IN ('request', 'retention', 'policy')),
+            reason TEXT NOT NULL,
+            selector_digest TEXT,
+            first_id INTEGER NOT NULL,
+            last_id INTEGER NOT NULL,
+            entries INTEGER NOT NULL,
+            entries_digest TEXT NOT NULL,
+            evidence_digest TEXT NOT NULL,
+            deliveries_upto INTEGER NOT NULL,
+            prev_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE erased_entries (
+            entry_id INTEGER PRIMARY KEY REFERENCES audit_log(id),
+            erasure_id INTEGER NOT NULL REFERENCES erasures(id),
+            effects TEXT
+        )
+        """
+    )
+    db["erased_entries"].create_index(["erasure_id"])  # type: ignore[union-attr]
+    for table in ("erasures", "erased_entries"):
+        for action in ("UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
+            )
+    db.execute(
+        "CREATE TRIGGER erasures_append_only BEFORE INSERT ON erasures "
+        "WHEN NEW.id IS NOT (SELECT coalesce(max(id), 0) FROM erasures) + 1 "
+        "BEGIN SELECT RAISE(ABORT, 'erasures is append-only: ids must continue the log'); END"
+    )
+    listed = "EXISTS (SELECT 1 FROM erased_entries WHERE entry_id = {})"
+    evidence = " AND ".join(
+        f"NEW.{c} IS OLD.{c}" for c in _columns(db, "audit_log") if c not in content.CONTENT
+    )
+    blanked = " AND ".join(f"NEW.{c} IS {_sql(content.ERASED[c])}" for c in content.CONTENT)
+    db.execute("DROP TRIGGER audit_log_no_update")
+    db.execute(
+        "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
+        f"WHEN NOT ({evidence} AND {blanked} AND {listed.format('NEW.id')}) "
+        "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused (only a recorded erasure may "
+        "blank content)'); END"
+    )
+    kept = " AND ".join(
+        f"NEW.{c} IS OLD.{c}" for c in _columns(db, "deliveries") if c not in ("response_body", "detail")
+    )
+    db.execute("DROP TRIGGER deliveries_no_update")
+    db.execute(
+        "CREATE TRIGGER deliveries_no_update BEFORE UPDATE ON deliveries "
+        f"WHEN NOT ({kept} AND NEW.response_body IS NULL AND NEW.detail IS NULL "
+        f"AND {listed.format('NEW.audit_id')}) "
+        "BEGIN SELECT RAISE(ABORT, 'deliveries is append-only: UPDATE refused'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER content_keys_no_update BEFORE UPDATE ON content_keys "
+        "BEGIN SELECT RAISE(ABORT, 'content_keys: UPDATE refused'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER content_keys_no_delete BEFORE DELETE ON content_keys "
+        f"WHEN NOT {listed.format('OLD.entry_id')} "
+        "BEGIN SELECT RAISE(ABORT, 'content_keys: only an erasure deletes a salt'); END"
+    )
+    db.execute("ALTER TABLE checkpoints ADD COLUMN erasures_size INTEGER")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN erasures_head TEXT")
+
+
+def _columns(db: Database, table: str) -> list[str]:
+    return [row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()]
+
+
+def _sql(value: str | None) -> str:
+    return "NULL" if value is None else f"'{value}'"
+
+
+@migrations()
+def m015_entry_page_indexes(db: Database) -> None:
+    """What Datasette's page of one entry counts (rows of other tables pointing at it), in indexes: only
+    duplicates enter the first, only deleted topics the last; a topic's created and updated ids are
+    written with the topic (measured in ``make bench-queries``)."""
+    db.execute(
+        "CREATE INDEX idx_audit_log_duplicate_of ON audit_log (duplicate_of) WHERE duplicate_of IS NOT NULL"
+    )
+    db["topics"].create_index(["created_entry_id"])  # type: ignore[union-attr]
+    db["topics"].create_index(["updated_entry_id"])  # type: ignore[union-attr]
+    db.execute(
+        "CREATE INDEX idx_topics_deleted_entry_id ON topics (deleted_entry_id) WHERE deleted_entry_id IS NOT NULL"
+    )
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -413,11 +413,7 @@ def _replay(
     where, params = ("", (after_id,)) if share is None else (f" AND {share.where}", (after_id, *share.params))
     # NOT INDEXED: one pass in id order. The outcome index would need the accepted entries sorted by
     # id afterwards (seconds on a million entries before the first row).
-    rows = conn.execute(
-        "SELECT id, received_at, callback_command, request_body, request_body_sha256, topic_id "
-        f"FROM audit_log NOT INDEXED WHERE outcome = 'accepted' AND id > ?{where} ORDER BY id",
-        params,
-    )
+    rows = conn.execute(_replayed(conn, where), params)
     for count, (entry_id, at, command, body, sha, recorded_topic) in enumerate(rows, 1):
         if progress is not None and not count % 5000:
             progress(entry_id)
@@ -437,6 +433,22 @@ def _replay(
         store.write(effect, sha, entry_id)
         last_id = entry_id
     return store, mismatches, last_id
+
+
+def _replayed(conn: sqlite3.Connection, where: str) -> str:
+    """The query of a replay: an erased entry is replayed from its recorded effects, with
+    ``erased:<id>`` as its body hash (:mod:`topic_audit.redaction`)."""
+    erasures = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erased_entries'").fetchone()
+    if erasures is None:  # a log from before erasure existed
+        body, sha, joined = "request_body", "request_body_sha256", ""
+    else:
+        body = "coalesce(e.effects, request_body)"
+        sha = "CASE WHEN e.entry_id IS NULL THEN request_body_sha256 ELSE 'erased:' || a.id END"
+        joined = " LEFT JOIN erased_entries e ON e.entry_id = a.id"
+    return (
+        f"SELECT a.id, received_at, callback_command, {body}, {sha}, topic_id FROM audit_log a NOT INDEXED"
+        f"{joined} WHERE outcome = 'accepted' AND a.id > ?{where} ORDER BY a.id"
+    )
 
 
 def parse_event(command: str, body: str | bytes) -> models.TopicEvent:

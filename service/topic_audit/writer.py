@@ -96,8 +96,11 @@ class AuditWriter:
         index_search: bool = True,
         autocheckpoint: bool = True,
         checkpointer: bool | None = None,
+        store_bodies: str = "all",
     ) -> None:
         self.path = path
+        self.store_bodies = store_bodies
+        """``topics``: rows outside the topic family keep evidence only (:func:`topic_audit.append.commit`)."""
         self.autocheckpoint = autocheckpoint
         self.max_batch = max_batch
         self.observer = observer
@@ -239,7 +242,7 @@ class AuditWriter:
         started = time.perf_counter()
         appends = [r for w in batch if isinstance(r := w.request, Append)]
         records = [r for w in batch if isinstance(r := w.request, Record)]
-        done = commit(conn, appends, records)
+        done = commit(conn, appends, records, self.store_bodies)
         if self.observer is not None and appends:
             try:
                 self.observer.batch_committed(done.rows, time.perf_counter() - started, done.committed[-1].id)

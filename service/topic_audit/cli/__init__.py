@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from topic_audit.cli import audit, forward, offbox, proofs, send, serve, units
+from topic_audit.cli import audit, forward, offbox, privacy, proofs, send, serve, units
 from topic_audit.cli.options import CONTEXT
 
 
@@ -38,5 +38,7 @@ for command in (
     offbox.watch,
     proofs.prove,
     proofs.check_receipt,
+    privacy.erase,
+    privacy.retain,
 ):
     main.add_command(command)

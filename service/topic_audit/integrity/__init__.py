@@ -39,6 +39,7 @@ from topic_audit import checkpoints as signed
 from topic_audit.integrity.checkpoints import Checkpoints
 from topic_audit.integrity.deliveries import Deliveries
 from topic_audit.integrity.entries import ChainRunner, Entries
+from topic_audit.integrity.erasures import Erasures
 from topic_audit.integrity.findings import Check, Finding, Snapshot, first_bad_id
 from topic_audit.integrity.tree import Tree
 
@@ -55,7 +56,14 @@ class Checker:
         self.deliveries = Deliveries()
         self.checkpoints = Checkpoints(pinned_key)
         self.tree = Tree()
-        self.checks: tuple[Check, ...] = (self.entries, self.deliveries, self.checkpoints, self.tree)
+        self.erasures = Erasures()
+        self.checks: tuple[Check, ...] = (
+            self.entries,
+            self.deliveries,
+            self.erasures,
+            self.checkpoints,
+            self.tree,
+        )
         """A new check is added here, and nowhere else: ``verify`` and ``watch`` then run it."""
 
     @contextmanager

@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Protocol
 
-from topic_audit import chain
+from topic_audit import chain, content
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
 
 Progress = Callable[[int], None]
@@ -22,11 +22,18 @@ FRESH: Start = (1, chain.GENESIS, None)
 # exactly the bytes received) and the stored hash. Python encodes the canonical form with the same
 # encoder the writer used, so whatever a row holds (a BLOB or a float where none belongs), it is hashed
 # by the definition itself.
-_READ = (
-    f"SELECT {', '.join(chain.SORTED)}, CAST(request_body AS BLOB), entry_hash FROM audit_log "
-    "WHERE id > ? AND id <= ? ORDER BY id"
+_COLUMNS = f"{', '.join('a.' + c for c in chain.SORTED)}, CAST(a.request_body AS BLOB), a.entry_hash"
+_READ = f"SELECT {_COLUMNS}, 0, NULL FROM audit_log a WHERE a.id > ? AND a.id <= ? ORDER BY a.id"
+_READ_ERASABLE = (
+    f"SELECT {_COLUMNS}, e.entry_id IS NOT NULL, k.salt FROM audit_log a "
+    "LEFT JOIN erased_entries e ON e.entry_id = a.id LEFT JOIN content_keys k ON k.entry_id = a.id "
+    "WHERE a.id > ? AND a.id <= ? ORDER BY a.id"
 )
-_ID, _PREV, _BODY_SHA = (chain.SORTED.index(c) for c in ("id", "prev_hash", "request_body_sha256"))
+"""With keyed commitments (m014): whether each entry is erased, and its salt."""
+_ID, _PREV, _BODY_SHA, _COMMITMENT = (
+    chain.SORTED.index(c) for c in ("id", "prev_hash", "request_body_sha256", "content_commitment")
+)
+_CONTENT = tuple((name, chain.SORTED.index(name)) for name in content.CONTENT if name != "request_body")
 ALL = (-(2**63), 2**63 - 1)
 PROGRESS_EVERY = 10_000
 
@@ -48,17 +55,24 @@ def verify_chain(
     width = len(chain.SORTED)
     expected_id, prev_hash, before_prev = start or _start(conn, ids[0])
     count = 0
+    erasable = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erased_entries'").fetchone()
     # Row by row, not fetchmany: a batch of 10,000 wide rows costs more than the rows themselves.
-    for count, row in enumerate(conn.execute(_READ, ids), 1):
+    for count, row in enumerate(conn.execute(_READ_ERASABLE if erasable else _READ, ids), 1):
         entry_id, row_prev, body, row_hash = row[_ID], row[_PREV], row[width], row[width + 1]
+        erased, salt, committed = row[width + 2], row[width + 3], row[_COMMITMENT] is not None
         if entry_id != expected_id:
             note(
                 "ids",
                 expected_id,
                 f"expected id {expected_id}, found {entry_id}: entries missing or inserted",
             )
-        if sha256(body).hexdigest() != row[_BODY_SHA]:
-            note("body", entry_id, "request_body does not match request_body_sha256")
+        if erased:
+            _check_erased(note, entry_id, row, body, salt)
+        else:
+            if sha256(body or b"").hexdigest() != row[_BODY_SHA]:
+                note("body", entry_id, "request_body does not match request_body_sha256")
+            if committed:
+                _check_commitment(note, entry_id, row, body, salt)
         if row_prev != prev_hash:
             if row_prev == before_prev:  # links past the previous entry: that one was inserted
                 note(
@@ -68,7 +82,9 @@ def verify_chain(
                 )
             else:
                 note("chain", entry_id, "prev_hash is not the previous entry's entry_hash")
-        if sha256(canonical(row[:width])).hexdigest() != row_hash:
+        # An erased entry from before keyed commitments hashed its content: its evidence is checked
+        # against the erasure record that committed to it instead (integrity.erasures).
+        if (committed or not erased) and sha256(canonical(row[:width])).hexdigest() != row_hash:
             note("hash", entry_id, "entry_hash does not match the entry's canonical form")
         before_prev, prev_hash, expected_id = prev_hash, row_hash, entry_id + 1
         if progress is not None and not count % PROGRESS_EVERY:
@@ -76,6 +92,28 @@ def verify_chain(
     if progress is not None:
         progress(count % PROGRESS_EVERY)
     return note.findings(), count, prev_hash
+
+
+def _content(row: tuple[object, ...], body: object) -> dict[str, object]:
+    values = {name: row[index] for name, index in _CONTENT}
+    values["request_body"] = body
+    return values
+
+
+def _check_erased(note: Notes, entry_id: int, row: tuple[object, ...], body: object, salt: object) -> None:
+    if not content.is_erased(_content(row, body)):
+        note("erasure", entry_id, "an erased entry still holds content")
+    elif salt is not None:
+        note("erasure", entry_id, "an erased entry still has the salt of its commitment")
+
+
+def _check_commitment(
+    note: Notes, entry_id: int, row: tuple[object, ...], body: object, salt: object
+) -> None:
+    if not isinstance(salt, bytes):
+        note("content", entry_id, "content removed without a recorded erasure (its salt is gone)")
+    elif content.commitment(salt, _content(row, body)) != row[_COMMITMENT]:
+        note("content", entry_id, "content does not match its commitment")
 
 
 def _start(conn: sqlite3.Connection, after: int) -> Start:

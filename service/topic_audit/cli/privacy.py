@@ -1,0 +1,170 @@
+"""``erase`` and ``retain``: forgetting the content of log entries on purpose, with a record of it."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from topic_audit import erasure, migrations, subjects
+from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
+from topic_audit.settings import Settings
+
+_SELECTORS = (
+    ("account", "USERID", "every entry whose body holds this account in any *_Account field"),
+    ("ip", "ADDR", "every entry whose ClientIP (the end user's address) is this"),
+    ("topic", "TOPICID", "every entry naming this topic (its events, and destroys that list it)"),
+    ("id", "N", "the entry with this id"),
+)
+
+
+def _now() -> str:
+    from topic_audit.app import iso_now
+
+    return iso_now(time.time())
+
+
+def _selector_key(signing_key: Path | None, db: Path) -> bytes:
+    """The key of the selectors' digests, derived from the checkpoint signing key (kept off the
+    database's disk): the database alone cannot confirm whose data a record erased."""
+    from topic_audit.checkpoints import Signer
+
+    signer, _ = Signer.load_or_create(Settings(db=db, signing_key=signing_key).signing_key_path)
+    return erasure.selector_key(signer.key)
+
+
+def _open(db: Path) -> sqlite3.Connection:
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    migrations.migrate(db)
+    return erasure.connect(db)
+
+
+def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) -> None:
+    if dry_run:
+        shown = ", ".join(map(str, ids[:20])) + (" …" if len(ids) > 20 else "")
+        click.echo(f"dry run: would erase {len(ids)} entries{f' ({shown})' if ids else ''}; --yes to erase")
+        return
+    for record in outcome.records:
+        click.echo(
+            f"erasure {record.id}: {record.entries} entries ({record.first_id}..{record.last_id}), "
+            f"record {record.entry_hash}"
+        )
+    click.echo(f"erased {outcome.entries} entries ({what}); no copy remains in the database files")
+
+
+@click.command(context_settings=CONTEXT)
+@db_option
+@signing_key_option
+@click.option("--account", envvar="TOPIC_AUDIT_ERASE_ACCOUNT", show_envvar=True, help=_SELECTORS[0][2] + ".")
+@click.option("--ip", envvar="TOPIC_AUDIT_ERASE_IP", show_envvar=True, help=_SELECTORS[1][2] + ".")
+@click.option("--topic", envvar="TOPIC_AUDIT_ERASE_TOPIC", show_envvar=True, help=_SELECTORS[2][2] + ".")
+@click.option(
+    "--id",
+    "entry_id",
+    type=int,
+    envvar="TOPIC_AUDIT_ERASE_ID",
+    show_envvar=True,
+    help="The entry with this id.",
+)
+@click.option(
+    "--from-id",
+    type=int,
+    envvar="TOPIC_AUDIT_ERASE_FROM_ID",
+    show_envvar=True,
+    help="Entries from this id (with --to-id).",
+)
+@click.option(
+    "--to-id",
+    type=int,
+    envvar="TOPIC_AUDIT_ERASE_TO_ID",
+    show_envvar=True,
+    help="Entries up to this id (with --from-id).",
+)
+@click.option(
+    "--reason",
+    envvar="TOPIC_AUDIT_ERASE_REASON",
+    show_envvar=True,
+    help="Why (recorded in erasures): required.",
+)
+@click.option(
+    "--yes",
+    is_flag=True,
+    envvar="TOPIC_AUDIT_ERASE_YES",
+    show_envvar=True,
+    help="Erase; without it, a dry run.",
+)
+def erase(
+    db: Path,
+    signing_key: Path | None,
+    account: str | None,
+    ip: str | None,
+    topic: str | None,
+    entry_id: int | None,
+    from_id: int | None,
+    to_id: int | None,
+    reason: str | None,
+    yes: bool,
+) -> None:
+    """Erase the content of the entries one selector picks (a data subject's request): bodies, query
+    strings, headers, answers and everything copied from them, keeping the evidence (ids, times, outcome)
+    and a chained record in `erasures`. Safe while `serve` runs. Returns once no copy remains in the
+    database files. Nothing matched: exit 0 with "0 entries"."""
+    chosen = [
+        (kind, str(value))
+        for kind, value in (("account", account), ("ip", ip), ("topic", topic), ("id", entry_id))
+        if value is not None
+    ]
+    if from_id is not None or to_id is not None:
+        if from_id is None or to_id is None or from_id > to_id:
+            raise click.UsageError("--from-id and --to-id go together, FROM <= TO")
+        chosen.append(("range", f"{from_id}-{to_id}"))
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --account, --ip, --topic, --id, --from-id/--to-id")
+    if not reason or not reason.strip():
+        raise click.UsageError("--reason is required (it is recorded with the erasure)")
+    kind, value = chosen[0]
+    try:
+        selector = subjects.Selector(kind, value)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    conn = _open(db)
+    try:
+        ids = list(subjects.select(conn, selector))
+        outcome = erasure.Outcome([])
+        if yes and ids:
+            digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value)
+            outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now())
+    finally:
+        conn.close()
+    _report(outcome, f"--{kind}", not yes, ids)
+
+
+@click.command(context_settings=CONTEXT)
+@db_option
+@click.option(
+    "--older-than",
+    envvar="TOPIC_AUDIT_RETAIN_OLDER_THAN",
+    show_envvar=True,
+    required=True,
+    help="Erase the content of entries received longer ago than this: 90d, 12h, 30m, 2s.",
+)
+def retain(db: Path, older_than: str) -> None:
+    """Erase the content of entries older than --older-than now (what `serve` does every hour with
+    TOPIC_AUDIT_RETENTION_DAYS), in records of at most 500 entries."""
+    try:
+        age = subjects.parse_duration(older_than)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    conn = _open(db)
+    try:
+        outcome = erasure.retain(conn, age, _now())
+    finally:
+        conn.close()
+    click.echo(
+        f"retention: erased {outcome.entries} entries older than {older_than} in {len(outcome.records)} records"
+    )
+    sys.stdout.flush()

@@ -1,0 +1,112 @@
+"""The ``erasures`` records: their chain, and that each says exactly what it erased.
+
+Every record is chained like the deliveries (contiguous ids, ``prev_hash``, ``entry_hash`` over its
+canonical form) and its head is signed in every checkpoint. Each record must match the entries listed
+under it in ``erased_entries`` — their number, first and last id and the digest of their ids — and the
+evidence of those entries and of their delivery attempts must still be what it committed to
+(``evidence_digest``): an erasure applied to more or fewer entries than recorded, a record edited or
+removed, or evidence changed behind an erasure, is a finding. What an erased entry itself must look like
+(content blank, no salt) is checked with the chain (:mod:`.entries`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from topic_audit import chain, erasure
+from topic_audit.integrity.findings import Finding, Notes, Snapshot
+
+_READ = f"SELECT {', '.join(erasure.COLUMNS)} FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
+_LISTED = (
+    "SELECT count(*), min(entry_id), max(entry_id), group_concat(entry_id) FROM "
+    "(SELECT entry_id FROM erased_entries WHERE erasure_id = ? ORDER BY entry_id)"
+)
+
+
+def chain_range(
+    conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
+) -> tuple[list[Finding], int, str]:
+    """The records with ``ids[0] < id <= ids[1]``: (findings, records, last hash)."""
+    note = Notes()
+    if after is None:
+        row = conn.execute("SELECT entry_hash FROM erasures WHERE id = ?", (ids[0],)).fetchone()
+        after = row[0] if row is not None else chain.GENESIS
+    expected, prev, count = ids[0] + 1, after, 0
+    for values in conn.execute(_READ, ids):
+        count += 1
+        record = dict(zip(erasure.COLUMNS, values, strict=True))
+        number = record["id"]
+        if number != expected:
+            note("erasure_ids", None, f"erasure {expected}: expected erasure {expected}, found {number}")
+        if record["prev_hash"] != prev:
+            note("erasure_chain", None, f"erasure {number}: prev_hash is not the previous record's")
+        if erasure.record_hash(record) != record["entry_hash"]:
+            note("erasure_hash", None, f"erasure {number}: entry_hash does not match the record")
+        _check_listed(conn, record, note)
+        prev, expected = record["entry_hash"], number + 1
+    return note.findings(), count, prev
+
+
+def _check_listed(conn: sqlite3.Connection, record: dict[str, object], note: Notes) -> None:
+    count, first, last, listed = conn.execute(_LISTED, (record["id"],)).fetchone()
+    ids = [int(i) for i in listed.split(",")] if listed else []
+    said = (record["entries"], record["first_id"], record["last_id"], record["entries_digest"])
+    if (count, first, last, erasure.entries_digest(ids)) != said:
+        note(
+            "erasure_entries",
+            first if isinstance(first, int) else None,
+            f"erasure {record['id']} records {record['entries']} entries "
+            f"({record['first_id']}..{record['last_id']}); {count} are listed under it",
+        )
+    elif erasure.evidence_digest(conn, ids, int(str(record["deliveries_upto"]))) != record["evidence_digest"]:
+        note(
+            "erasure_evidence",
+            first,
+            f"erasure {record['id']}: the evidence of its entries or their deliveries changed since",
+        )
+
+
+def orphans(conn: sqlite3.Connection) -> list[Finding]:
+    """Entries listed as erased by a record that does not exist."""
+    row = conn.execute(
+        "SELECT min(entry_id), count(*) FROM erased_entries WHERE erasure_id NOT IN (SELECT id FROM erasures)"
+    ).fetchone()
+    if not row[1]:
+        return []
+    return [Finding("erasure_entries", row[0], f"{row[1]} entries are listed as erased by no record")]
+
+
+class Erasures:
+    def __init__(self) -> None:
+        self.verified: tuple[int, str] = (0, chain.GENESIS)
+        self.appended = 0
+        self.cursor = 0
+
+    def advance(self, snapshot: Snapshot) -> list[Finding]:
+        self.appended = 0
+        if not snapshot.has("erasures"):
+            return []
+        (last_id, last_hash), found = self.verified, orphans(snapshot.conn)
+        if last_id:
+            stored = snapshot.conn.execute(
+                "SELECT entry_hash FROM erasures WHERE id = ?", (last_id,)
+            ).fetchone()
+            if stored is None or stored[0] != last_hash:
+                found.append(
+                    Finding("erasure_chain", None, f"erasure {last_id} is no longer the one verified")
+                )
+        head = snapshot.last_id("erasures")
+        if head > last_id:
+            chained, self.appended, head_hash = chain_range(snapshot.conn, (last_id, head), last_hash)
+            found += chained
+            self.verified = (head, head_hash)
+        return found
+
+    def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
+        limit = min(self.verified[0], snapshot.last_id("erasures")) if snapshot.has("erasures") else 0
+        if not limit:
+            return []
+        start = self.cursor if self.cursor < limit else 0
+        end = min(start + max(budget // erasure.BATCH, 1), limit)
+        self.cursor = end if end < limit else 0
+        return chain_range(snapshot.conn, (start, end))[0]

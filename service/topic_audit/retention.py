@@ -1,0 +1,214 @@
+"""What ``serve`` forgets on its own.
+
+Retention: every hour, the content of entries older than ``TOPIC_AUDIT_RETENTION_DAYS``
+is erased (:func:`topic_audit.erasure.retain`), in records of :data:`BATCH` entries with a pause between
+them, on a connection of its own: each batch holds the write lock for a few milliseconds, so answers
+keep flowing (the writer waits at most one batch for the lock).
+
+The body policy (``TOPIC_AUDIT_STORE_BODIES=topics``): a callback outside the topic family is written
+without its content (:func:`topic_audit.erasure.record_policy`), unless it is to be forwarded; then its
+content stays until every delivery of it is delivered or failed for good, and :func:`policy_sweep`
+(every minute) erases it -- and, the first time, the content of such callbacks written before the policy.
+
+Several receiver processes (``--workers``, a reload's old and new generation) may each run the timer:
+a run takes an exclusive lock on ``<db>.retention.lock`` first, so only one runs at a time, and the
+others skip that hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, TypeVar
+
+from topic_audit import erasure, jobs, models, subjects
+from topic_audit.metrics import Metrics
+from topic_audit.settings import Settings
+from topic_audit.writer import AuditWriter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BATCH: Final = 25
+"""Entries per retention record (one short transaction each) while ``serve`` answers."""
+PAUSE_SECONDS: Final = 0.05
+"""Between two batches: the writer's groups go first."""
+EVERY_SECONDS: Final = 3600.0
+FIRST_AFTER_SECONDS: Final = 5.0
+
+
+@contextlib.contextmanager
+def _exclusive(db: Path) -> Iterator[bool]:
+    with open(f"{db}.retention.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+SWEEP_SECONDS: Final = 60.0
+_NOT_TOPICS: Final = ", ".join(f"'{c}'" for c in models.TOPIC_COMMANDS)
+_SWEPT: Final = (
+    "SELECT a.id, EXISTS (SELECT 1 FROM outbox o WHERE o.audit_id = a.id AND o.state = 'pending') "
+    f"FROM audit_log a WHERE a.id > ? AND (a.callback_command IS NULL OR a.callback_command NOT IN ({_NOT_TOPICS})) "
+    "AND NOT EXISTS (SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id LIMIT 5000"
+)
+
+
+def _read(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+
+
+def _older(db: Path, days: float) -> list[int]:
+    conn = _read(db)
+    try:
+        return list(subjects.select(conn, subjects.Selector("older", subjects.horizon(timedelta(days=days)))))
+    finally:
+        conn.close()
+
+
+def _swept(db: Path, after: int) -> list[tuple[int, int]]:
+    conn = _read(db)
+    try:
+        return [(int(i), int(p)) for i, p in conn.execute(_SWEPT, (after,)).fetchall()]
+    finally:
+        conn.close()
+
+
+class OnTheWriter:
+    """Erasures run as jobs of ``serve``'s writer (:class:`topic_audit.jobs.Erase`), a batch at a time
+    with a pause between them: the groups of rows never wait for a second writer's lock."""
+
+    def __init__(self, writer: AuditWriter, now: Callable[[], str]) -> None:
+        self.writer, self.now = writer, now
+
+    async def _run(self, job: jobs.Job[T]) -> T:
+        return await asyncio.wrap_future(self.writer.submit(job))
+
+    async def erase(self, ids: list[int], cause: str, reason: str) -> int:
+        total, indexed = 0, False
+        for start in range(0, len(ids), BATCH):
+            erased, held = await self._run(
+                jobs.Erase(tuple(ids[start : start + BATCH]), cause, reason, self.now())
+            )
+            total, indexed = total + erased, indexed or held
+            await asyncio.sleep(PAUSE_SECONDS)
+        if total:
+            await self.purge(indexed)
+        return total
+
+    async def purge(self, merge: bool) -> None:
+        await self._run(jobs.Purge("wipe"))
+        for table in erasure.INDEXES if merge else ():
+            while not await self._run(jobs.Purge("merge", table)):
+                await asyncio.sleep(PAUSE_SECONDS)
+        for _ in range(200):
+            if await self._run(jobs.Purge("truncate")):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the WAL could not be truncated: a reader kept an older snapshot")
+
+    async def retain(self, db: Path, days: float) -> int:
+        """One retention run (unless another process is running one): the entries erased."""
+        with _exclusive(db) as mine:
+            if not mine:
+                return 0
+            ids = await asyncio.to_thread(_older, db, days)
+            before = subjects.horizon(timedelta(days=days))
+            return await self.erase(
+                ids, "retention", f"retention: older than {days:g} days (received before {before})"
+            )
+
+    async def sweep(self, db: Path, after: int) -> int:
+        """Erase the content of callbacks outside the topic family after entry ``after`` whose deliveries
+        are all done; returns the id below which nothing is left to sweep (the next call's ``after``)."""
+        with _exclusive(db) as mine:
+            while mine:
+                found = await asyncio.to_thread(_swept, db, after)
+                if not found:
+                    break
+                await self.erase([i for i, pending in found if not pending], "policy", erasure.POLICY_REASON)
+                waiting = [i for i, pending in found if pending]
+                if waiting:
+                    return waiting[0] - 1
+                after = found[-1][0]
+        return after
+
+
+def counts(db: Path) -> tuple[dict[str, int], float]:
+    """Entries erased by cause (from the records) and the age of the oldest content still kept (0: none),
+    for ``topic_audit_erased_entries_total`` and ``topic_audit_oldest_content_age_seconds``."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
+            return {}, 0.0
+        erased = dict(conn.execute("SELECT cause, sum(entries) FROM erasures GROUP BY cause").fetchall())
+        oldest = conn.execute(
+            "SELECT received_at FROM audit_log a WHERE NOT EXISTS "
+            "(SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    if oldest is None:
+        return erased, 0.0
+    at = datetime.fromisoformat(str(oldest[0]).replace("Z", "+00:00"))
+    return erased, (datetime.now(UTC) - at).total_seconds()
+
+
+async def report(db: Path, counted: Callable[[dict[str, int], float], None], every: float = 15.0) -> None:
+    """Keep the privacy metrics current (cancelled on shutdown)."""
+    while True:
+        try:
+            counted(*await asyncio.to_thread(counts, db))
+        except Exception:
+            log.exception("could not read the erasure counts; will retry")
+        await asyncio.sleep(every)
+
+
+async def every_hour(on: OnTheWriter, db: Path, days: float) -> None:
+    """The retention timer of ``serve`` (cancelled on shutdown; a failed run is logged and retried)."""
+    await asyncio.sleep(FIRST_AFTER_SECONDS)
+    while True:
+        try:
+            erased = await on.retain(db, days)
+            if erased:
+                log.info("retention: erased the content of %d entries older than %g days", erased, days)
+        except Exception:
+            log.exception("retention run failed; will retry in an hour")
+        await asyncio.sleep(EVERY_SECONDS)
+
+
+async def policy_every_minute(on: OnTheWriter, db: Path) -> None:
+    """The body policy's sweep (forwarded callbacks outside the topic family, once delivered)."""
+    after = 0
+    while True:
+        try:
+            after = await on.sweep(db, after)
+        except Exception:
+            log.exception("body policy sweep failed; will retry")
+        await asyncio.sleep(SWEEP_SECONDS)
+
+
+def start(
+    settings: Settings, metrics: Metrics, writer: AuditWriter, now: Callable[[], str]
+) -> list[asyncio.Task[None]]:
+    """The tasks of ``serve`` that forget on their own, and keep the privacy metrics current."""
+    metrics.retention.set((settings.retention_days or 0) * 86400)
+    db, on = settings.db, OnTheWriter(writer, now)
+    tasks = [asyncio.create_task(report(db, metrics.privacy_counted), name="privacy-metrics")]
+    if settings.retention_days:
+        tasks.append(asyncio.create_task(every_hour(on, db, settings.retention_days), name="retention"))
+    if settings.store_bodies == "topics":
+        tasks.append(asyncio.create_task(policy_every_minute(on, db), name="body-policy"))
+    return tasks

@@ -1,0 +1,103 @@
+"""How long erasing one data subject takes on a large log, phase by phase, and what it reclaims.
+
+    python -m tests.benchmarks.bench_erase LOG [--copy]
+
+LOG is a generated log (``python -m tests.benchmarks.logs LOG 1000000 30``). A subject's callbacks are
+appended to it (40 messages and topic events naming one account), indexed, then erased the way
+``topic-audit erase --account`` does, each phase timed: finding the entries (one pass over the bodies),
+the erasure records (one transaction per 500 entries), and the purge (merging the full-text indexes,
+zeroing free pages, truncating the WAL). Prints the table quoted in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from topic_audit import append, checks, erasure, models, samples, search, subjects
+from topic_audit.app import build_row, iso_now
+from topic_audit.database import connect
+from topic_audit.settings import Settings
+
+SUBJECT = "bench_subject_7"
+APP_ID, TOKEN = "1400000001", "bench-token"
+
+
+def _subject_rows(count: int) -> list[append.Append]:
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
+    out = []
+    for i in range(count):
+        if i % 2:
+            body = {
+                "CallbackCommand": "Group.CallbackAfterSendMsg",
+                "GroupId": "@TGS#_bench",
+                "From_Account": SUBJECT,
+                "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": f"private note {i}"}}],
+            }
+        else:
+            body = samples.sample(
+                "after-create",
+                TopicId=f"@TGS#_bench@TOPIC#_{i}",
+                Operator_Account=SUBJECT,
+                Owner_Account=SUBJECT,
+            )
+        raw = json.dumps(body).encode()
+        query = samples.query(APP_ID, body["CallbackCommand"], TOKEN) + "&ClientIP=203.0.113.9"
+        request = checks.RawRequest("POST", "/callback", query, {}, raw, "127.0.0.1")
+        decision = checks.decide(request, settings, time.time())
+        answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+        out.append(append.Append(build_row(request, decision, time.time(), 0.001, answer), decision.event))
+    return out
+
+
+def sizes(db: Path) -> dict[str, int]:
+    return {
+        s or "db": Path(f"{db}{s}").stat().st_size if Path(f"{db}{s}").exists() else 0 for s in ("", "-wal")
+    }
+
+
+def main(db: Path) -> None:
+    conn = connect(db)
+    append.commit(conn, _subject_rows(40))
+    search.index_everything(conn)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    conn.close()
+    before = sizes(db)
+    conn = erasure.connect(db)
+    started = time.perf_counter()
+    ids = list(subjects.select(conn, subjects.Selector("account", SUBJECT)))
+    found = time.perf_counter()
+    records = []
+    for start in range(0, len(ids), erasure.BATCH):
+        batch = erasure.erase_batch(
+            conn, ids[start : start + erasure.BATCH], "request", "bench", None, iso_now(time.time())
+        )
+        assert batch is not None
+        records.append(batch)
+    erased = time.perf_counter()
+    free_before = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    erasure.purge(conn, merge=any(r.indexed for r in records))
+    purged = time.perf_counter()
+    free_after = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    after = sizes(db)
+    print(f"log of {total:,} entries; erase --account: {len(ids)} entries in {len(records)} records")
+    print("| phase | seconds |\n|---|---:|")
+    print(f"| find the entries (one pass over the bodies) | {found - started:.2f} |")
+    print(f"| erase (records, content, indexes, projection) | {erased - found:.2f} |")
+    print(
+        f"| purge (merge the full-text indexes, zero free pages, truncate the WAL) | {purged - erased:.2f} |"
+    )
+    print(f"| total | {purged - started:.2f} |")
+    print(
+        f"files before: db {before['db']:,} B, wal {before['-wal']:,} B; after: db {after['db']:,} B, "
+        f"wal {after['-wal']:,} B; free pages {free_before:,} -> {free_after:,} ({page} B each, zeroed)"
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,329 @@
+"""Erasure: a data subject's values leave every database file, the evidence and the chain stay, and
+``verify`` still passes. Forgetting is proven by scanning the raw bytes of the database, ``-wal`` and
+``-shm`` files, never by querying."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import APP_ID, TOKEN, Post, Server, rows, topics
+from topic_audit import erasure, samples, search
+from topic_audit.erasure import connect
+
+SUBJECT = "erin_subject_42"
+OTHER = "leckie"
+SUBJECT_IP = "203.0.113.77"
+# FTS5 stores a term after the prefix it shares with the term before it: the scan looks for the part of
+# the term no other word in the test shares, so that a term left in an index segment is found.
+SECRET = "zqxjkvrendezvous"
+SECRET_TAIL = SECRET[3:].encode()
+
+
+def message(sender: str, text: str, to: str = OTHER) -> dict[str, Any]:
+    return {
+        "CallbackCommand": "Group.CallbackAfterSendMsg",
+        "GroupId": "@TGS#_erasure",
+        "Type": "Community",
+        "From_Account": sender,
+        "Operator_Account": sender,
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+        "MemberList": [{"Member_Account": to}],
+    }
+
+
+def file_bytes(db: Path) -> dict[str, bytes]:
+    found = {}
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{db}{suffix}")
+        found[path.name] = path.read_bytes() if path.exists() else b""
+    return found
+
+
+def holding(db: Path, needle: bytes) -> list[str]:
+    """The database files whose raw bytes contain ``needle``."""
+    return [name for name, data in file_bytes(db).items() if needle in data]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "topic_audit.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def findings(db: Path) -> list[dict[str, Any]]:
+    """What ``topic-audit verify --json`` finds in the log at ``db``."""
+    done = cli("verify", "--db", str(db), "--json")
+    assert done.stdout.startswith("{"), done.stderr
+    found: list[dict[str, Any]] = json.loads(done.stdout)["findings"]
+    assert (done.returncode == 0) == (not found), done.stdout + done.stderr
+    return found
+
+
+def send(url: str, body: dict[str, Any], client_ip: str = "198.51.100.1") -> httpx.Response:
+    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN) + f"&ClientIP={client_ip}"
+    return httpx.post(f"{url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
+
+
+def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_path: Path) -> None:
+    db = server.db
+    bodies = [
+        message(SUBJECT, f"meet me, the {SECRET} place"),
+        samples.sample(
+            "after-create", TopicId="@TGS#_erasure@TOPIC#_1", Operator_Account=SUBJECT, Owner_Account=SUBJECT
+        ),
+        samples.sample(
+            "info-changed", TopicId="@TGS#_erasure@TOPIC#_1", Operator_Account=OTHER, Name="kept name"
+        ),
+        message(OTHER, "nothing personal here"),
+    ]
+    for i, body in enumerate(bodies):
+        ip = SUBJECT_IP if i == 0 else "198.51.100.1"
+        assert send(server.url, body, ip).status_code == 200
+    erased_bodies = [r for r in rows(db) if SUBJECT in (r["request_body"] or "")]
+    assert [r["id"] for r in erased_bodies] == [1, 2]
+    sha_hex = [r["request_body_sha256"].encode() for r in erased_bodies]
+    sha_raw = [bytes.fromhex(r["request_body_sha256"]) for r in erased_bodies]
+    # Every needle is there before: the scan can find what it looks for.
+    conn = connect(db)
+    search.index_everything(conn)
+    conn.close()
+    for needle in (SUBJECT.encode(), SUBJECT_IP.encode(), SECRET_TAIL, *sha_hex):
+        assert holding(db, needle), needle
+
+    env = {**server.env}
+    dry = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "data subject request #7", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would erase 2 entries" in dry.stdout
+    assert holding(db, SUBJECT.encode())  # a dry run changes nothing
+
+    done = cli(
+        "erase",
+        "--db",
+        str(db),
+        "--account",
+        SUBJECT,
+        "--reason",
+        "data subject request #7",
+        "--yes",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "erased 2 entries" in done.stdout
+    # serve kept answering and recording during and after the erasure
+    assert send(server.url, message(OTHER, "after the erasure")).status_code == 200
+
+    for needle in (SUBJECT.encode(), SUBJECT_IP.encode(), SECRET_TAIL, *sha_hex, *sha_raw):
+        assert holding(db, needle) == [], needle
+    assert holding(db, OTHER.encode())  # other accounts remain
+    assert holding(db, b"kept name")
+
+    after = {r["id"]: r for r in rows(db)}
+    assert after[1]["request_body"] is None and after[1]["query_string"] == ""
+    assert after[1]["callback_command"] == "Group.CallbackAfterSendMsg"  # evidence stays
+    assert after[3]["request_body"] is not None
+    topic = topics(db)["@TGS#_erasure@TOPIC#_1"]
+    assert (
+        topic["owner_account"] == "" and topic["name"] == "kept name" and topic["operator_account"] == OTHER
+    )
+
+    report = cli("verify", "--db", str(db), "--json", env=env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    rebuilt = cli("rebuild-projection", "--db", str(db), env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert topics(db)["@TGS#_erasure@TOPIC#_1"] == topic
+    assert cli("verify", "--db", str(db), env=env).returncode == 0
+
+
+def test_fts_terms_linger_until_merged(post: Post, db_path: Path) -> None:
+    """The control for the raw scans: a row deleted from FTS5 the ordinary way leaves its terms in the
+    file, so the scan would find an erasure that skipped :func:`erasure.purge`."""
+    for i in range(30):
+        post(message(OTHER, f"filler {i} words {i * 7}"))
+    post(message(SUBJECT, f"the {SECRET} word"))
+    conn = connect(db_path)
+    search.index_everything(conn)
+    target = conn.execute("SELECT id FROM audit_log WHERE instr(request_body, ?)", (SECRET,)).fetchone()[0]
+    batch = erasure.erase_batch(conn, [target], "request", "control", None, "2026-12-02T00:00:00.000Z")
+    assert batch is not None
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert holding(db_path, SECRET_TAIL) == ["audit.db"]  # still in an index segment
+    erasure.purge(conn)
+    conn.close()
+    assert holding(db_path, SECRET_TAIL) == []
+
+
+def test_commitment_hides_the_content_and_the_chain_still_verifies(post: Post, db_path: Path) -> None:
+    for i in range(6):
+        post(message(SUBJECT if i % 2 else OTHER, f"text {i}"))
+    conn = connect(db_path)
+    erased = erasure.erase(conn, [2, 4], "request", "test", None, "2026-12-02T00:00:00.000Z")
+    conn.close()
+    assert erased.entries == 2
+    after = {r["id"]: r for r in rows(db_path)}
+    assert all(r["content_commitment"] for r in after.values())
+    conn = sqlite3.connect(db_path)
+    salts = {i for (i,) in conn.execute("SELECT entry_id FROM content_keys")}
+    conn.close()
+    assert salts == {1, 3, 5, 6}
+    assert findings(db_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, message_part",
+    [
+        (["--account", SUBJECT], "--reason is required"),
+        (["--reason", "x"], "exactly one of"),
+        (["--account", SUBJECT, "--ip", SUBJECT_IP, "--reason", "x"], "exactly one of"),
+        (["--from-id", "5", "--reason", "x"], "--from-id and --to-id go together"),
+        (["--nickname", "x", "--reason", "x"], "No such option"),
+    ],
+)
+def test_erase_refuses_bad_input(args: list[str], message_part: str, db_path: Path, post: Post) -> None:
+    post(message(OTHER, "x"))
+    done = cli("erase", "--db", str(db_path), *args)
+    assert done.returncode == 2
+    assert message_part in done.stderr
+
+
+def test_erase_matching_nothing_says_0_entries(db_path: Path, post: Post) -> None:
+    post(message(OTHER, "x"))
+    done = cli("erase", "--db", str(db_path), "--account", "nobody", "--reason", "x", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "erased 0 entries" in done.stdout
+
+
+def test_retain_parses_durations(db_path: Path, post: Post) -> None:
+    post(message(OTHER, "x"))
+    bad = cli("retain", "--db", str(db_path), "--older-than", "ninety days")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+    done = cli("retain", "--db", str(db_path), "--older-than", "1d")
+    assert done.returncode == 0 and "erased 0 entries" in done.stdout
+    done = cli("retain", "--db", str(db_path), "--older-than", "0s")
+    assert done.returncode == 0 and "erased 1 entries" in done.stdout, done.stdout
+    assert findings(db_path) == []
+
+
+def forge(db: Path, *statements: str) -> None:
+    """Change a log as someone with write access to the file would: past every trigger."""
+    conn = sqlite3.connect(db)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+BLANK = (
+    "query_string = '', client_ip = NULL, request_headers = '', request_body = NULL, "
+    "request_body_sha256 = '', response_body = '', detail = NULL"
+)
+
+
+@pytest.fixture
+def erased_log(post: Post, db_path: Path, client: Any) -> Path:
+    """Ten entries, 3 and 4 erased by record 1, 7 by record 2."""
+    for i in range(10):
+        post(message(SUBJECT if i in (2, 3, 6) else OTHER, f"text {i}"))
+    conn = connect(db_path)
+    erasure.erase(conn, [3, 4], "request", "first", None, "2026-12-02T00:00:00.000Z")
+    erasure.erase(conn, [7], "request", "second", None, "2026-12-02T00:00:01.000Z")
+    conn.close()
+    return db_path
+
+
+@pytest.mark.parametrize(
+    "statements, check, entry_id",
+    [
+        ([f"UPDATE audit_log SET {BLANK} WHERE id = 5"], "body", 5),
+        (["DELETE FROM content_keys WHERE entry_id = 5"], "content", 5),
+        (["UPDATE audit_log SET detail = 'edited' WHERE id = 5"], "content", 5),
+        (["UPDATE erasures SET reason = 'edited' WHERE id = 1"], "erasure_hash", None),
+        (["DELETE FROM erasures WHERE id = 2"], "erasure_entries", 7),
+        (
+            [
+                f"UPDATE audit_log SET {BLANK} WHERE id = 5",
+                "DELETE FROM content_keys WHERE entry_id = 5",
+                "INSERT INTO erased_entries (entry_id, erasure_id) VALUES (5, 1)",
+            ],
+            "erasure_entries",
+            3,
+        ),
+        (["DELETE FROM erased_entries WHERE entry_id = 4"], "content", 4),
+        (["UPDATE audit_log SET outcome = 'rejected' WHERE id = 3"], "hash", 3),
+        (["UPDATE audit_log SET request_body = 'back' WHERE id = 3"], "erasure", 3),
+    ],
+    ids=[
+        "content-blanked-without-record",
+        "salt-deleted-without-record",
+        "content-edited",
+        "record-edited",
+        "record-deleted",
+        "erasure-applied-to-more-than-recorded",
+        "entry-unlisted-from-its-record",
+        "evidence-of-an-erased-entry-changed",
+        "content-put-back-into-an-erased-entry",
+    ],
+)
+def test_tampering_around_erasures_is_found(
+    erased_log: Path, statements: list[str], check: str, entry_id: int | None
+) -> None:
+    assert findings(erased_log) == []
+    forge(erased_log, *statements)
+    found = findings(erased_log)
+    assert (check, entry_id) in [(f["check"], f["entry_id"]) for f in found], found
+
+
+def test_an_erase_killed_halfway_leaves_complete_records_and_can_be_finished(tmp_path: Path) -> None:
+    from benchmarks.logs import generate_log
+
+    db = tmp_path / "audit.db"
+    generate_log(db, 6000, seed=3)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "topic_audit.cli",
+            "erase",
+            "--db",
+            str(db),
+            "--from-id",
+            "1",
+            "--to-id",
+            "6000",
+            "--reason",
+            "killed halfway",
+            "--yes",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(db, timeout=5)
+        recorded = conn.execute("SELECT count(*) FROM erasures").fetchone()[0]
+        conn.close()
+        if recorded >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    conn = sqlite3.connect(db)
+    records, listed = conn.execute("SELECT count(*), coalesce(sum(entries), 0) FROM erasures").fetchone()
+    erased = conn.execute("SELECT count(*) FROM erased_entries").fetchone()[0]
+    conn.close()
+    assert 2 <= records < 12 and listed == erased  # every record complete, and no entry erased without one
+    assert findings(db) == []
+    done = cli("erase", "--db", str(db), "--from-id", "1", "--to-id", "6000", "--reason", "finish", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert f"erased {6000 - erased} entries" in done.stdout
+    assert findings(db) == []
