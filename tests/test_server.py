@@ -52,7 +52,8 @@ def test_verify_finds_a_forged_row(server: Server) -> None:
     conn.close()
     result = run_cli("verify", "--db", str(server.db))
     assert result.returncode == 1
-    assert "FAIL content: entry 3" in result.stdout  # client_ip is content: under the entry's keyed commitment
+    # client_ip is content: the entry's keyed commitment stands for it
+    assert "FAIL content: entry 3" in result.stdout
 
 
 def test_the_token_appears_nowhere(server: Server) -> None:
