@@ -346,3 +346,31 @@ def require_tool(name: str, package: str | None = None) -> str:
     if path is None:
         unavailable(f"{name} is not installed (apt-get install {package or name})")
     return path
+
+
+SLOW_ELSEWHERE: dict[str, set[str] | None] = {
+    "test_forward.py": None,  # None: every test of the module
+    "test_crash.py": None,
+    "test_restarts.py": None,
+    "test_browser.py": None,
+    "test_rebuild.py": {
+        "test_rebuild_restores_exactly_what_the_log_gives",
+        "test_rebuilding_beside_a_running_receiver",
+    },
+    "test_explore.py": {"test_write_sql_is_refused"},
+    "test_chain.py": {
+        "test_fast_canonical_form_equals_the_reference",
+        "test_fast_query_parsing_matches_the_standard_library",
+        "test_received_at_matches_datetime",
+    },
+}
+"""Tests of more than a few seconds (``--durations``) in modules that do not mark them ``slow`` themselves
+yet; a module's own ``pytestmark``/``@pytest.mark.slow`` is the better place, and this list shrinks as they
+move there."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = SLOW_ELSEWHERE.get(item.path.name, set())
+        if names is None or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)

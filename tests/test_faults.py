@@ -32,6 +32,8 @@ from topic_audit import samples
 
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
+
 
 def assert_fault_episode(server: Server, inject: Callable[[], None], clear: Callable[[], None]) -> None:
     """Deliver before, during and after a fault; check answers, readiness, metrics, log and chain."""

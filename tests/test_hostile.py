@@ -18,6 +18,8 @@ from topic_audit import models, samples
 from topic_audit.app import create_app
 from topic_audit.settings import Settings
 
+pytestmark = pytest.mark.slow  # thousands of generated requests (make test-fast leaves them out)
+
 ALLOWED = {200, 400, 401, 403, 405, 408, 413}
 
 json_values = st.recursive(

@@ -15,6 +15,8 @@ import pytest
 from conftest import APP_ID, TOKEN, Server, deliver_concurrently, metric_in, rows, run_cli, topics, wait_for
 from topic_audit import samples
 
+pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
+
 
 def test_200_concurrent_deliveries(server: Server) -> None:
     responses = deliver_concurrently(server.url, 200, "conc")

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from topic_audit import samples
 
+pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
+
 Key = ec.EllipticCurvePrivateKey
 
 
