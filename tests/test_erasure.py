@@ -327,3 +327,19 @@ def test_an_erase_killed_halfway_leaves_complete_records_and_can_be_finished(tmp
     assert done.returncode == 0, done.stderr
     assert f"erased {6000 - erased} entries" in done.stdout
     assert findings(db) == []
+
+
+def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(erased_log: Path) -> None:
+    signed = cli("checkpoint", "--db", str(erased_log))
+    assert signed.returncode == 0, signed.stderr
+    conn = sqlite3.connect(erased_log)
+    conn.row_factory = sqlite3.Row
+    record = dict(conn.execute("SELECT * FROM erasures WHERE id = 2").fetchone())
+    conn.close()
+    record["reason"] = "nothing to see"
+    forge(
+        erased_log,
+        f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{erasure.record_hash(record)}' WHERE id = 2",
+    )
+    found = findings(erased_log)
+    assert [f["check"] for f in found] == ["checkpoint_erasures"], found

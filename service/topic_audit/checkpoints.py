@@ -34,13 +34,15 @@ STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest",
 DELIVERY_FIELDS: Final = ("deliveries_size", "deliveries_head")
 """The head of the ``deliveries`` chain (forwarding), in every checkpoint signed since it exists; a
 statement holds them when the checkpoint does."""
+ERASURE_FIELDS: Final = ("erasures_size", "erasures_head")
+"""The head of the ``erasures`` chain, in every checkpoint signed since erasure exists."""
 NOTE_FIELDS: Final = ("note",)
 """The signed tree head (a C2SP signed note), in every checkpoint signed since the tree exists."""
-FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS, *NOTE_FIELDS)
+FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS, *NOTE_FIELDS, *ERASURE_FIELDS)
 
 
 def statement_bytes(checkpoint: dict[str, Any]) -> bytes:
-    optional = (*DELIVERY_FIELDS, *NOTE_FIELDS)
+    optional = (*DELIVERY_FIELDS, *NOTE_FIELDS, *ERASURE_FIELDS)
     fields = [*STATEMENT_FIELDS, *(f for f in optional if checkpoint.get(f) is not None)]
     return json.dumps({k: checkpoint[k] for k in fields}, sort_keys=True, separators=(",", ":")).encode()
 
@@ -120,6 +122,9 @@ def make_checkpoint(
                 note.Checkpoint(origin, size, tree.root(conn, size)).text(), origin, signer.key
             ),
         }
+        erased = conn.execute("SELECT id, entry_hash FROM erasures ORDER BY id DESC LIMIT 1").fetchone()
+        checkpoint["erasures_size"] = erased[0] if erased is not None else 0
+        checkpoint["erasures_head"] = erased[1] if erased is not None else chain.GENESIS
         signed = statement_bytes(checkpoint)
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
         checkpoint["signature"] = signer.key.sign(signed).hex()

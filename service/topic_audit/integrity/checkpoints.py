@@ -96,26 +96,37 @@ def log_prefix(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes
     return True
 
 
-def deliveries_head(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes) -> bool:
-    """Since forwarding exists, the line signs the head of ``deliveries`` too: removed is told from altered."""
-    if not cp.get("deliveries_size"):
+def _signed_head(table: str, what: str, check: str) -> LineCheck:
+    """Since ``table`` exists, a line signs its head too (``<table>_size``, ``<table>_head``): rows
+    removed are told from rows altered."""
+
+    def signed_head(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes) -> bool:
+        if not cp.get(f"{table}_size"):
+            return True
+        size, stored = int(cp[f"{table}_size"]), snapshot.last_id(table)
+        if size > stored:
+            message = (
+                f"checkpoint {lines.number} covers {size} {what} but {table} has {stored}: {what} removed"
+            )
+            note(check, None, message)
+            return True
+        row = snapshot.conn.execute(f"SELECT entry_hash FROM {table} WHERE id = ?", (size,)).fetchone()
+        if row is None or row[0] != cp[f"{table}_head"]:
+            note(
+                check,
+                None,
+                f"checkpoint {lines.number}: {table} {size} is not the signed head; {table} was altered",
+            )
         return True
-    size, delivered = int(cp["deliveries_size"]), snapshot.last_id("deliveries")
-    if size > delivered:
-        message = (
-            f"checkpoint {lines.number} covers {size} deliveries but deliveries has {delivered}: "
-            "deliveries removed"
-        )
-        note("checkpoint_deliveries", None, message)
-        return True
-    row = snapshot.conn.execute("SELECT entry_hash FROM deliveries WHERE id = ?", (size,)).fetchone()
-    if row is None or row[0] != cp["deliveries_head"]:
-        message = f"checkpoint {lines.number}: delivery {size} is not the signed head; deliveries was altered"
-        note("checkpoint_deliveries", None, message)
-    return True
+
+    return signed_head
 
 
-LINE_CHECKS: tuple[LineCheck, ...] = (log_prefix, deliveries_head)
+deliveries_head = _signed_head("deliveries", "deliveries", "checkpoint_deliveries")
+erasures_head = _signed_head("erasures", "erasure records", "checkpoint_erasures")
+
+
+LINE_CHECKS: tuple[LineCheck, ...] = (log_prefix, deliveries_head, erasures_head)
 
 
 class Checkpoints:
