@@ -19,6 +19,7 @@ import pytest
 from benchmarks.logs import generate_log
 from conftest import free_port, require_tool
 from test_explore import deliver_some
+from topic_audit import erasure
 from topic_audit.writer import connect
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -45,6 +46,7 @@ def datasette_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Url]:
     generate_log(db, 3000, seed=5)
     conn = connect(db)
     deliver_some(conn)
+    erasure.erase_batch(conn, [2980], "request", "data subject's request", None, "2026-11-26T09:00:00.000Z")
     conn.close()
     port = free_port()
     env = {**os.environ, "TOPIC_AUDIT_DB": str(db), "TOPIC_AUDIT_EXPLORE_PORT": str(port)}
@@ -217,9 +219,12 @@ def test_facets_search_and_sorting_by_clicking(browser: object, datasette_url: s
 
 def test_every_column_and_every_field_one_click_away(browser: object, datasette_url: str) -> None:
     page, errors = open_page(browser, f"{datasette_url}/audit/audit_log", viewport=LAPTOP)
-    page.locator("p.columns-switch a", has_text="all 27 columns").click()  # type: ignore[attr-defined]
+    conn = sqlite3.connect(datasette_url.db)  # type: ignore[attr-defined]
+    stored = len(conn.execute("PRAGMA table_info(audit_log)").fetchall())
+    conn.close()
+    page.locator("p.columns-switch a", has_text=f"all {stored} columns").click()  # type: ignore[attr-defined]
     page.wait_for_url("**_columns=all**")  # type: ignore[attr-defined]
-    assert page.locator("table.rows-and-columns th").count() == 27  # type: ignore[attr-defined]
+    assert page.locator("table.rows-and-columns th").count() == stored  # type: ignore[attr-defined]
     assert whole_rows_on_screen(page) >= 5  # long values are shortened, rows stay one line
     body = page.locator("td.col-request_body a.shortened").first  # type: ignore[attr-defined]
     body.click()
@@ -292,4 +297,19 @@ def test_the_page_of_a_rejected_callback(browser: object, datasette_url: str) ->
     assert "Not passed on" in page.inner_text("body")  # type: ignore[attr-defined]
     page.locator("a[rel=next]").click()  # type: ignore[attr-defined]
     page.wait_for_url(f"**/audit/audit_log/{entry + 1}")  # type: ignore[attr-defined]
+    assert errors == []
+
+
+def test_an_erased_callback(browser: object, datasette_url: str) -> None:
+    page, errors = open_page(
+        browser, f"{datasette_url}/audit/audit_log?id__gte=2975&id__lte=2985", viewport=LAPTOP
+    )
+    marked = page.locator("td.col-outcome span.erased")  # type: ignore[attr-defined]
+    assert marked.count() == 1
+    marked.locator("xpath=../..").locator("td.col-id a").click()
+    page.wait_for_url("**/audit/audit_log/2980")  # type: ignore[attr-defined]
+    page.screenshot(path=str(ARTIFACTS / "callback-erased.png"), full_page=True)  # type: ignore[attr-defined]
+    banner = page.locator("p.erased-banner")  # type: ignore[attr-defined]
+    assert banner.is_visible() and "erasure 1" in banner.inner_text() and "request" in banner.inner_text()
+    assert overflowing(page) == []
     assert errors == []
