@@ -358,6 +358,11 @@ SLOW_ELSEWHERE: dict[str, set[str] | None] = {
         "test_rebuilding_beside_a_running_receiver",
     },
     "test_explore.py": {"test_write_sql_is_refused"},
+    "test_retention.py": {
+        "test_serve_runs_retention_while_answering",
+        "test_retention_behind_fires_in_prometheus",
+    },
+    "test_erasure.py": {"test_an_erase_killed_halfway_leaves_complete_records_and_can_be_finished"},
     "test_chain.py": {
         "test_fast_canonical_form_equals_the_reference",
         "test_fast_query_parsing_matches_the_standard_library",
