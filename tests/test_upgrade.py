@@ -123,8 +123,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         server.stop()  # signs a last checkpoint over everything
         destination.stop()
-    assert run_cli("verify", "--db", str(folder / "audit.db")).returncode == 0
-    return folder / "audit.db"
+    db = folder / "audit.db"
+    assert run_cli("verify", "--db", str(db)).returncode == 0
+    outcomes = set(json.loads(_scalar(db, "SELECT json_group_array(DISTINCT outcome) FROM audit_log")))
+    assert {"accepted", "duplicate", "ignored", "rejected"} <= outcomes, outcomes
+    for table in ("deliveries", "checkpoints", "topics WHERE deleted_entry_id IS NOT NULL"):
+        assert _scalar(db, f"SELECT count(*) FROM {table}") > 0, f"the reference log has no rows in {table}"
+    return db
 
 
 def _scalar(db: Path, sql: str) -> Any:
