@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from topic_audit import erasure, samples, search
+from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
 SUBJECT = "erin_subject_42"
@@ -288,6 +290,7 @@ def test_an_erase_killed_halfway_leaves_complete_records_and_can_be_finished(tmp
 
     db = tmp_path / "audit.db"
     generate_log(db, 6000, seed=3)
+    Signer.load_or_create(tmp_path / "checkpoint-signing.key")  # erase keys its selector digests with it
     process = subprocess.Popen(
         [
             sys.executable,
@@ -343,3 +346,11 @@ def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(er
     )
     found = findings(erased_log)
     assert [f["check"] for f in found] == ["checkpoint_erasures"], found
+
+
+def test_erase_says_when_the_replica_forgets(db_path: Path, post: Post) -> None:
+    post(message(SUBJECT, "x"))
+    env = {**os.environ, "TOPIC_AUDIT_REPLICA_URL": "s3://bucket/prefix"}
+    done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "x", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "the off-box replica keeps older snapshots holding these values until" in done.stdout

@@ -296,3 +296,33 @@ def test_a_replica_that_falls_behind_alerts_and_never_fails_an_answer(
     print(f"\nReplica behind fired {fired:.1f} s after the store stopped answering")
     assert load.failed == 0 and len(load.acknowledged) > 100
     assert "the replica is" in server.log.read_text() and "the replica caught up" in server.log.read_text()
+
+
+def test_a_restore_after_an_erasure_holds_no_erased_value(store: SeaweedFS, tmp_path: Path) -> None:
+    """erase while serve replicates; once the replica has caught up, the latest copy restored elsewhere
+    holds no erased value (older snapshots in the store keep them until their retention expires)."""
+    from test_erasure import SUBJECT, holding, message, send
+
+    db = tmp_path / "audit.db"
+    env = replica_env(store, "erased")
+    server = Server(db, tmp_path / "server.log", env).start()
+    try:
+        for i in range(5):
+            assert send(server.url, message(SUBJECT if i % 2 else "leckie", f"text {i}")).status_code == 200
+        erased = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "drill", "--yes", env=env)
+        assert erased.returncode == 0, erased.stdout + erased.stderr
+        assert "erased 2 entries" in erased.stdout and "off-box replica keeps older snapshots" in erased.stdout
+        # Litestream holds the WAL open, so erase says whether it could truncate it (README, Privacy)
+        assert send(server.url, message("leckie", "after")).status_code == 200
+        wait_for(lambda: metric(server, "topic_audit_replica_lag_seconds") == 0, 30, "the replica to catch up")
+        time.sleep(1)  # a sync interval past the last change
+    finally:
+        server.stop()
+    restored = tmp_path / "restored" / "audit.db"
+    restored.parent.mkdir()
+    result = cli("restore", "--to", str(restored), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(rows(restored)) == 6
+    assert holding(restored, SUBJECT.encode()) == [] and holding(restored, b"leckie")
+    checked = cli("verify", "--db", str(restored), "--json", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -275,6 +275,8 @@ FORWARDABLE = (
     "AND outcome != 'error' AND coalesce(callback_command, '') NOT LIKE '%.CallbackBefore%'"
 )
 """The log entries whose after-deliveries the outbox holds (Before-callbacks are never retried)."""
+_NOT_ERASED = "id NOT IN (SELECT entry_id FROM erased_entries)"
+"""Not erased: nothing of an erased entry is left to send."""
 
 
 def replay(
@@ -291,7 +293,8 @@ def replay(
         pairs: list[tuple[int, str, str]] = []
         for destination in destinations:
             if failed_only:
-                where = "state = 'failed' AND destination = ?"
+                # an erased entry's delivery ended as 'erased': there is nothing left to send
+                where = "state = 'failed' AND coalesce(last_error, '') != 'erased' AND destination = ?"
                 params: list[object] = [destination]
                 if ids is not None:
                     where += " AND audit_id BETWEEN ? AND ?"
@@ -301,7 +304,8 @@ def replay(
                 assert ids is not None
                 found = conn.execute(
                     f"{FORWARDABLE} AND id BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE "
-                    "o.audit_id = audit_log.id AND o.destination = ? AND o.state = 'pending')",
+                    "o.audit_id = audit_log.id AND o.destination = ? AND o.state = 'pending') "
+                    f"AND {_NOT_ERASED}",
                     (*ids, destination),
                 )
             pairs += [(row[0], destination, now) for row in found]

@@ -47,6 +47,14 @@ litestream_log = logging.getLogger("topic_audit.litestream")
 SYNC_INTERVAL = "500ms"
 """How often Litestream ships what it has seen to the store."""
 MONITOR_INTERVAL = "100ms"
+SNAPSHOT_INTERVAL = "1h"
+SNAPSHOT_RETENTION = "24h"
+"""Litestream takes a snapshot every hour and deletes older snapshots and their changes after a day,
+checking every hour: a value erased from the database is gone from the store within
+:data:`KEEPS_ERASED_SECONDS` (``topic-audit erase`` says when)."""
+KEEPS_ERASED_SECONDS = (24 + 1 + 1) * 3600
+"""The snapshot retention, the snapshot interval (the newest snapshot taken before the erasure), and
+Litestream's retention check interval."""
 """How often Litestream looks at the WAL for new transactions. With SYNC_INTERVAL, what the store lacks
 when the machine dies: about 0.6 s of callbacks, plus an upload (README, Disaster recovery)."""
 MONITOR_SECONDS = 1.0
@@ -164,6 +172,7 @@ def config(db: Path, target: Target) -> str:
             os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
     document = {
+        "snapshot": {"interval": SNAPSHOT_INTERVAL, "retention": SNAPSHOT_RETENTION},
         "dbs": [
             {
                 "path": str(db.resolve()),
@@ -171,7 +180,7 @@ def config(db: Path, target: Target) -> str:
                 "monitor-interval": MONITOR_INTERVAL,
                 "replica": replica,
             }
-        ]
+        ],
     }
     return json.dumps(document, indent=2)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -32,7 +34,10 @@ def _selector_key(signing_key: Path | None, db: Path) -> bytes:
     database's disk): the database alone cannot confirm whose data a record erased."""
     from topic_audit.checkpoints import Signer
 
-    signer, _ = Signer.load_or_create(Settings(db=db, signing_key=signing_key).signing_key_path)
+    path = Settings(db=db, signing_key=signing_key).signing_key_path
+    if not path.exists():
+        raise click.ClickException(f"the checkpoint signing key {path} does not exist (--signing-key)")
+    signer, _ = Signer.load_or_create(path)
     return erasure.selector_key(signer.key)
 
 
@@ -53,7 +58,22 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) 
             f"erasure {record.id}: {record.entries} entries ({record.first_id}..{record.last_id}), "
             f"record {record.entry_hash}"
         )
-    click.echo(f"erased {outcome.entries} entries ({what}); no copy remains in the database files")
+    if outcome.purged:
+        click.echo(f"erased {outcome.entries} entries ({what}); no copy remains in the database files")
+    else:
+        click.echo(
+            f"erased {outcome.entries} entries ({what}); NOT YET PURGED: the full-text indexes did not settle or a "
+            "reader (Litestream) kept the WAL, so freed copies may remain in the files until SQLite reuses them; "
+            "run the same erase again later to purge"
+        )
+    if outcome.entries and os.environ.get("TOPIC_AUDIT_REPLICA_URL"):
+        from topic_audit.replica import KEEPS_ERASED_SECONDS
+
+        until = datetime.now(UTC) + timedelta(seconds=KEEPS_ERASED_SECONDS)
+        click.echo(
+            f"the off-box replica keeps older snapshots holding these values until {until:%Y-%m-%dT%H:%MZ} at the "
+            "latest (Litestream's snapshot retention); backups of the database keep them as long as they are kept"
+        )
 
 
 @click.command(context_settings=CONTEXT)
