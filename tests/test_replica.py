@@ -311,10 +311,14 @@ def test_a_restore_after_an_erasure_holds_no_erased_value(store: SeaweedFS, tmp_
             assert send(server.url, message(SUBJECT if i % 2 else "leckie", f"text {i}")).status_code == 200
         erased = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "drill", "--yes", env=env)
         assert erased.returncode == 0, erased.stdout + erased.stderr
-        assert "erased 2 entries" in erased.stdout and "off-box replica keeps older snapshots" in erased.stdout
+        assert (
+            "erased 2 entries" in erased.stdout and "off-box replica keeps older snapshots" in erased.stdout
+        )
         # Litestream holds the WAL open, so erase says whether it could truncate it (README, Privacy)
         assert send(server.url, message("leckie", "after")).status_code == 200
-        wait_for(lambda: metric(server, "topic_audit_replica_lag_seconds") == 0, 30, "the replica to catch up")
+        wait_for(
+            lambda: metric(server, "topic_audit_replica_lag_seconds") == 0, 30, "the replica to catch up"
+        )
         time.sleep(1)  # a sync interval past the last change
     finally:
         server.stop()
