@@ -100,6 +100,8 @@ def accounts(body: str | bytes | None) -> Iterator[str]:
             for key, value in item.items():
                 if isinstance(key, str) and key.endswith("_Account") and isinstance(value, str):
                     yield value
+                elif isinstance(key, str) and key.endswith("_Account") and isinstance(value, list):
+                    yield from (v for v in value if isinstance(v, str))  # a list of accounts
                 elif isinstance(value, dict | list):
                     stack.append(value)
         elif isinstance(item, list):
