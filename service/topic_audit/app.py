@@ -349,6 +349,7 @@ def metrics_endpoint(state: State) -> Response[bytes]:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         merged = CollectorRegistry()
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(state.metrics.erased_entries)  # read from the database: the same in every process
         return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
     body = generate_latest(state.metrics.registry) + generate_latest(REGISTRY)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -7,10 +7,13 @@ Each app has its own registry (tests build many apps in one process).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from topic_audit import models
 
@@ -52,6 +55,25 @@ def package_version() -> str:
         return version("topic-audit")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
         return "0+unknown"
+
+
+class ErasedEntries(Collector):
+    """``topic_audit_erased_entries_total{cause}``: entries whose content was erased, as the ``erasures``
+    records say (refreshed by :func:`topic_audit.retention.report`)."""
+
+    def __init__(self) -> None:
+        self.erased: dict[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "topic_audit_erased_entries",
+            "Log entries whose content was erased, by cause (request, retention, policy), from the erasures "
+            "records.",
+            labels=["cause"],
+        )
+        for cause in ERASURE_CAUSES:
+            family.add_metric([cause], float(self.erased.get(cause, 0)))
+        yield family
 
 
 class Metrics:
@@ -167,18 +189,10 @@ class Metrics:
         )
         for kind in RESTART_KINDS:
             self.restarts.labels(kind)
-        # Read from the erasures records (topic-audit erase runs in a process of its own): a gauge that
-        # only grows, exposed under the counter's name the dashboards and alerts use.
-        self.erased_entries = Gauge(
-            "topic_audit_erased_entries_total",
-            "Log entries whose content was erased, by cause (request, retention, policy), from the erasures "
-            "records; never decreases.",
-            ["cause"],
-            registry=r,
-            multiprocess_mode="max",
-        )
-        for cause in ERASURE_CAUSES:
-            self.erased_entries.labels(cause)
+        # Read from the erasures records (topic-audit erase runs in a process of its own), so every
+        # process reports the same exact count: a collector, not a per-process counter to be summed.
+        self.erased_entries = ErasedEntries()
+        r.register(self.erased_entries)
         self.retention = Gauge(
             "topic_audit_retention_seconds",
             "The retention period serve enforces (TOPIC_AUDIT_RETENTION_DAYS), in seconds; 0 when content is kept.",
@@ -241,8 +255,7 @@ class Metrics:
 
     def privacy_counted(self, erased: dict[str, int], oldest_content_age: float) -> None:
         """What the erasures records say (:func:`topic_audit.retention.counts`)."""
-        for cause in ERASURE_CAUSES:
-            self.erased_entries.labels(cause).set(erased.get(cause, 0))
+        self.erased_entries.erased = dict(erased)
         self.oldest_content_age.set(max(oldest_content_age, 0.0))
 
     def topics_counted(self, active: int, deleted: int) -> None:
