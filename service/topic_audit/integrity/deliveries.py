@@ -58,42 +58,57 @@ def chain_range(
 
 class Deliveries:
     """The deliveries chain, resumed from the last verified delivery (remembered: deliveries removed or
-    rewritten behind it are found at once), and a rolling sweep over what earlier rounds verified."""
+    rewritten behind it are found at once), and a rolling sweep over what earlier rounds verified.
+
+    Another chained table (``erasures``) is checked the same way by a subclass that names its table, its
+    findings and its range check."""
+
+    table, noun, prefix = "deliveries", "delivery", "delivery"
+    rows_per_budget = 1
+    """Rows swept per unit of the sweep's budget (entries): 1 for deliveries."""
 
     def __init__(self) -> None:
         self.verified: tuple[int, str] = (0, chain.GENESIS)
-        """The last delivery verified (id, entry_hash)."""
+        """The last row verified (id, entry_hash)."""
         self.appended = 0
-        """Deliveries checked by the last :meth:`advance`."""
+        """Rows checked by the last :meth:`advance`."""
         self.cursor = 0
+
+    def check_range(
+        self, conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
+    ) -> tuple[list[Finding], int, str]:
+        return chain_range(conn, ids, after)
+
+    def extra(self, conn: sqlite3.Connection) -> list[Finding]:
+        """Findings about the table as a whole, every round (none for deliveries)."""
+        return []
 
     def advance(self, snapshot: Snapshot) -> list[Finding]:
         self.appended = 0
-        if not snapshot.has("deliveries"):
+        if not snapshot.has(self.table):
             return []
         conn, (last_id, last_hash) = snapshot.conn, self.verified
-        head = snapshot.last_id("deliveries")
+        head = snapshot.last_id(self.table)
         if head < last_id:
-            message = f"deliveries has {head}; {last_id} were verified: deliveries removed"
-            return [Finding("delivery_ids", None, message)]
-        found = []
+            message = f"{self.table} has {head}; {last_id} were verified: {self.table} removed"
+            return [Finding(f"{self.prefix}_ids", None, message)]
+        found = self.extra(conn)
         if last_id:
-            stored = conn.execute("SELECT entry_hash FROM deliveries WHERE id = ?", (last_id,)).fetchone()
+            stored = conn.execute(f"SELECT entry_hash FROM {self.table} WHERE id = ?", (last_id,)).fetchone()
             if stored is None or stored[0] != last_hash:
-                found.append(
-                    Finding("delivery_chain", None, f"delivery {last_id} is no longer the one verified")
-                )
+                message = f"{self.noun} {last_id} is no longer the one verified"
+                found.append(Finding(f"{self.prefix}_chain", None, message))
         if head > last_id:
-            chained, self.appended, head_hash = chain_range(conn, (last_id, head), last_hash)
+            chained, self.appended, head_hash = self.check_range(conn, (last_id, head), last_hash)
             found += chained
             self.verified = (head, head_hash)
         return found
 
     def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
-        limit = min(self.verified[0], snapshot.last_id("deliveries"))
+        limit = min(self.verified[0], snapshot.last_id(self.table)) if snapshot.has(self.table) else 0
         if not limit:
             return []
         start = self.cursor if self.cursor < limit else 0
-        end = min(start + budget, limit)
+        end = min(start + max(budget // self.rows_per_budget, 1), limit)
         self.cursor = end if end < limit else 0
-        return chain_range(snapshot.conn, (start, end))[0]
+        return self.check_range(snapshot.conn, (start, end))[0]

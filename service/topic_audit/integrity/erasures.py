@@ -14,7 +14,8 @@ from __future__ import annotations
 import sqlite3
 
 from topic_audit import chain, erasure
-from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.integrity.deliveries import Deliveries
+from topic_audit.integrity.findings import Finding, Notes
 
 _READ = f"SELECT {', '.join(erasure.COLUMNS)} FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
 _LISTED = (
@@ -76,37 +77,17 @@ def orphans(conn: sqlite3.Connection) -> list[Finding]:
     return [Finding("erasure_entries", row[0], f"{row[1]} entries are listed as erased by no record")]
 
 
-class Erasures:
-    def __init__(self) -> None:
-        self.verified: tuple[int, str] = (0, chain.GENESIS)
-        self.appended = 0
-        self.cursor = 0
+class Erasures(Deliveries):
+    """The erasure records, resumed and swept as the deliveries are (a record covers up to
+    :data:`topic_audit.erasure.BATCH` entries, so the sweep takes fewer of them)."""
 
-    def advance(self, snapshot: Snapshot) -> list[Finding]:
-        self.appended = 0
-        if not snapshot.has("erasures"):
-            return []
-        (last_id, last_hash), found = self.verified, orphans(snapshot.conn)
-        if last_id:
-            stored = snapshot.conn.execute(
-                "SELECT entry_hash FROM erasures WHERE id = ?", (last_id,)
-            ).fetchone()
-            if stored is None or stored[0] != last_hash:
-                found.append(
-                    Finding("erasure_chain", None, f"erasure {last_id} is no longer the one verified")
-                )
-        head = snapshot.last_id("erasures")
-        if head > last_id:
-            chained, self.appended, head_hash = chain_range(snapshot.conn, (last_id, head), last_hash)
-            found += chained
-            self.verified = (head, head_hash)
-        return found
+    table, noun, prefix = "erasures", "erasure", "erasure"
+    rows_per_budget = erasure.BATCH
 
-    def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
-        limit = min(self.verified[0], snapshot.last_id("erasures")) if snapshot.has("erasures") else 0
-        if not limit:
-            return []
-        start = self.cursor if self.cursor < limit else 0
-        end = min(start + max(budget // erasure.BATCH, 1), limit)
-        self.cursor = end if end < limit else 0
-        return chain_range(snapshot.conn, (start, end))[0]
+    def check_range(
+        self, conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
+    ) -> tuple[list[Finding], int, str]:
+        return chain_range(conn, ids, after)
+
+    def extra(self, conn: sqlite3.Connection) -> list[Finding]:
+        return orphans(conn)
