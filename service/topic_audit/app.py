@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -38,7 +39,8 @@ from topic_audit.forward import Forwarder
 from topic_audit.metrics import Metrics
 from topic_audit.migrations import migrate
 from topic_audit.settings import WORKER_SETTINGS, Settings
-from topic_audit.writer import AppendError, AuditWriter, Forward
+from topic_audit.writer import AppendError, AuditWriter, Forward, Writer
+from topic_audit.writer_client import WRITER_SOCKET, RemoteWriter
 
 log = logging.getLogger("topic_audit")
 
@@ -270,7 +272,7 @@ def make_callback_handler(
             if forwarder is not None:
                 forward = forwarder.forward_for(decision)
         row = build_row(request, decision, received, time.perf_counter() - started, answer)
-        writer: AuditWriter = scope["app"].state.writer
+        writer: Writer = scope["app"].state.writer
         status = decision.status_code
         try:
             await writer.append(row, decision.event, forward)
@@ -327,7 +329,7 @@ def healthz() -> Response[bytes]:
 @get("/readyz")
 async def readyz(state: State) -> Response[bytes]:
     """The database takes a durable write now (the heartbeat row, committed by the writer)."""
-    writer: AuditWriter = state.writer
+    writer: Writer = state.writer
     try:
         await asyncio.wait_for(asyncio.wrap_future(writer.probe()), timeout=2.0)
     except Exception as exc:
@@ -355,6 +357,8 @@ def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+READY_SECONDS = 30.0
+"""Longest a receiver waits at start for the writer process to listen."""
 GIL_SWITCH_SECONDS = 0.0005
 """The writer thread takes the GIL back after every SQLite call; with Python's default 5 ms interval it
 waits up to that long each time the event loop is busy. Measured at 32 connections: p99 median 76 ms
@@ -371,25 +375,36 @@ def from_environment() -> Litestar:
     settings = Settings.from_workers_json(
         os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
     )
-    return create_app(settings)
+    socket = os.environ.get(WRITER_SOCKET)
+    return create_app(settings, writer_socket=None if socket is None else Path(socket))
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
-    """The receiver for ``settings``: migrates the database and owns its writer for its lifetime."""
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, writer_socket: Path | None = None
+) -> Litestar:
+    """The receiver for ``settings``. With ``writer_socket``, the writer process listening there commits
+    its rows (``serve``: :mod:`topic_audit.writer_process`); without, it migrates the database and owns
+    a writer thread for its lifetime."""
     metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
-        migrate(settings.db)
-        writer = AuditWriter(
-            settings.db,
-            settings.max_batch,
-            observer=metrics,
-            autocheckpoint=settings.replica_url is None,
-            store_bodies=settings.store_bodies,
-        )
-        writer.start()
+        writer: Writer
+        if writer_socket is not None:
+            writer = RemoteWriter(writer_socket, refused=metrics.batch_failed)
+            writer.start()
+            await writer.connect(READY_SECONDS)
+        else:
+            migrate(settings.db)
+            writer = AuditWriter(
+                settings.db,
+                settings.max_batch,
+                observer=metrics,
+                autocheckpoint=settings.replica_url is None,
+                store_bodies=settings.store_bodies,
+            )
+            writer.start()
         counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
         metrics.set_initial(*counts)
         app.state.writer = writer
@@ -449,7 +464,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
 
 
 def _start_checkpoints(
-    settings: Settings, writer: AuditWriter
+    settings: Settings, writer: Writer
 ) -> tuple[asyncio.Task[None] | None, jobs.Checkpoint | None]:
     """Sign a checkpoint every ``checkpoint_seconds`` on the writer thread (a consistent head); returns
     the ticking task and the job for a last checkpoint at shutdown."""

@@ -30,7 +30,7 @@ from typing import Final, TypeVar
 from topic_audit import erasure, jobs, models, subjects
 from topic_audit.metrics import Metrics
 from topic_audit.settings import Settings
-from topic_audit.writer import AuditWriter
+from topic_audit.writer import Writer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,7 +90,7 @@ class OnTheWriter:
     """Erasures run as jobs of ``serve``'s writer (:class:`topic_audit.jobs.Erase`), a batch at a time
     with a pause between them: the groups of rows never wait for a second writer's lock."""
 
-    def __init__(self, writer: AuditWriter, now: Callable[[], str]) -> None:
+    def __init__(self, writer: Writer, now: Callable[[], str]) -> None:
         self.writer, self.now = writer, now
 
     async def _run(self, job: jobs.Job[T]) -> T:
@@ -211,7 +211,7 @@ async def policy_every_minute(on: OnTheWriter, db: Path) -> None:
 
 
 def start(
-    settings: Settings, metrics: Metrics, writer: AuditWriter, now: Callable[[], str]
+    settings: Settings, metrics: Metrics, writer: Writer, now: Callable[[], str]
 ) -> list[asyncio.Task[None]]:
     """The tasks of ``serve`` that forget on their own, and keep the privacy metrics current."""
     metrics.retention.set((settings.retention_days or 0) * 86400)

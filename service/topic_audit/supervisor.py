@@ -20,7 +20,14 @@ restart may close the listening socket or leave it without a process that answer
   before it delivers (:mod:`topic_audit.delivery`), so exactly one delivers at any time, also while two
   generations overlap. Settings these read (the database, the address, the replica, the checkpoint
   files) take effect at the next start; a reload that changes them says so.
-- **SIGTERM/SIGINT:** every receiver drains and commits, then the last checkpoint is signed, Litestream is
+- **One writer process** (:mod:`topic_audit.writer_process`) commits for every receiver: it starts
+  first, listens on a Unix socket in a folder of ``serve``'s own (0700), and the receivers feed it
+  (:class:`topic_audit.writer_client.RemoteWriter`). A writer that ends unasked is started again at
+  once on the same socket (``kind="crash"``); meanwhile the receivers answer 503 for what it did not
+  commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
+  SQLite's lock in turn: one contiguous chain) for the new generation; the old writer stops once the
+  receivers it served have drained.
+- **SIGTERM/SIGINT:** every receiver drains and commits, then the writer stops, then the last checkpoint is signed, Litestream is
   stopped, and ``serve`` exits 0. A receiver that ends unasked is started again (``kind="crash"``).
 - **Metrics:** every process writes to one ``PROMETHEUS_MULTIPROC_DIR`` (``/metrics`` of any receiver
   merges them); the files of ended processes' live gauges are removed, so that
@@ -34,10 +41,12 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,6 +58,7 @@ from topic_audit.checkpointer import Checkpointer
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, SettingsError
 from topic_audit.worker import LISTEN_FD, READY_FD, SERVER, THREADS
+from topic_audit.writer_client import WRITER_SOCKET
 
 log = logging.getLogger("topic_audit.serve")
 
@@ -83,6 +93,8 @@ class Receiver:
     versions: set[str] = field(default_factory=set)
     buffer: bytes = b""
     drain_deadline: float | None = None
+    socket: str = ""
+    """The writer process's socket (a writer's own; the one a receiver feeds)."""
 
     @property
     def ready(self) -> bool:
@@ -125,15 +137,30 @@ class Supervisor:
         self.draining: list[Receiver] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpointer = Checkpointer(settings)
+        self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
+        self.generation = 0
+        self.writer: Receiver | None = None
+        self.retiring: list[Receiver] = []
+        """Writers of earlier generations, stopped once no receiver of theirs is left."""
 
     # -- the main loop -----------------------------------------------------------------------------
     def run(self) -> int:
         for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(handled, lambda signum, _frame: self.signals.put(signum))
-        self.current = self._generation(self.settings)
-        failed = self._wait_ready(self.current)
+        try:
+            return self._serve()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _serve(self) -> int:
+        self.writer = self._start_writer(self.settings)
+        failed = self._wait_ready([self.writer])
+        if not failed:
+            self.current = self._generation(self.settings)
+            failed = self._wait_ready(self.current)
         if failed:
             self._stop_all(self.current)
+            self._stop_all([self.writer])
             log.error("serve could not start: %s", failed)
             return 1
         self.checkpointer.start()
@@ -151,6 +178,8 @@ class Supervisor:
             self._reap()
         sockets.notify("STOPPING=1")
         clean = self._stop_all(self.current + self.draining)
+        writers = [*self.retiring, *([self.writer] if self.writer is not None else [])]
+        clean = self._stop_all(writers) and clean  # once every receiver has committed
         self.checkpointer.stop()  # the last checkpoint covers everything answered
         return 0 if clean else 1
 
@@ -166,15 +195,21 @@ class Supervisor:
         if changed:
             log.warning("reload: %s take effect at the next start", ", ".join(changed))
         settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
-        fresh = self._generation(settings)
-        failed = self._wait_ready(fresh)
+        writer = self._start_writer(settings)
+        failed = self._wait_ready([writer])
+        fresh = [] if failed else self._generation(settings, writer)
+        failed = failed or self._wait_ready(fresh)
         if failed:
             self._stop_all(fresh)
+            self._stop_all([writer])
             log.error("reload failed: %s; the running processes keep serving", failed)
             sockets.notify("READY=1")
             return
         time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
         old, self.current, self.settings = self.current, fresh, settings
+        assert self.writer is not None
+        self.retiring.append(self.writer)
+        self.writer = writer
         self.checkpointer.interval = settings.checkpoint_seconds
         deadline = time.monotonic() + DRAIN_SECONDS
         for receiver in old:
@@ -186,12 +221,26 @@ class Supervisor:
         sockets.notify("READY=1")
 
     # -- receivers ---------------------------------------------------------------------------------
-    def _generation(self, settings: Settings) -> list[Receiver]:
+    def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
+        writer = writer or self.writer
+        assert writer is not None
+        socket_path = writer.socket
         if self.server == "granian":  # granian runs its own workers in one process group
-            return [self._spawn(settings, self.workers)]
-        return [self._spawn(settings, 1) for _ in range(self.workers)]
+            return [self._spawn(settings, self.workers, socket_path)]
+        return [self._spawn(settings, 1, socket_path) for _ in range(self.workers)]
 
-    def _spawn(self, settings: Settings, expected: int) -> Receiver:
+    def _start_writer(self, settings: Settings, socket_path: str | None = None) -> Receiver:
+        """The writer process for ``settings`` (on a socket of a new generation, unless given one)."""
+        if socket_path is None:
+            self.generation += 1
+            socket_path = os.path.join(self.folder, f"writer-{self.generation}.sock")
+        writer = self._spawn(settings, 1, socket_path, module="topic_audit.writer_process")
+        writer.socket = socket_path
+        return writer
+
+    def _spawn(
+        self, settings: Settings, expected: int, socket_path: str, module: str = "topic_audit.worker"
+    ) -> Receiver:
         read, write = os.pipe()
         env = {
             **os.environ,
@@ -200,13 +249,14 @@ class Supervisor:
             READY_FD: str(write),
             SERVER: self.server,
             THREADS: str(expected),
+            WRITER_SOCKET: socket_path,
         }
         env.pop("TOPIC_AUDIT_TOKEN", None)
         if settings.token is not None:
             env["TOPIC_AUDIT_TOKEN"] = settings.token
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "topic_audit.worker"],
+                [sys.executable, "-m", module],
                 env=env,
                 pass_fds=(self.sock.fileno(), write),
                 process_group=0,  # signals to serve's group (a terminal's ^C, a hangup) are serve's to pass on
@@ -232,6 +282,18 @@ class Supervisor:
         return None
 
     def _reap(self) -> None:
+        if self.writer is not None and self.writer.process.poll() is not None:
+            log.error(
+                "the writer process %s ended unasked (exit code %s); starting another",
+                self.writer.process.pid,
+                self.writer.process.returncode,
+            )
+            self.writer.ended(self.metrics_dir)
+            self.writer = self._start_writer(self.settings, self.writer.socket)
+            self.metrics.restarts.labels("crash").inc()
+        if self.retiring and not self.draining:  # the receivers they served are gone
+            self._stop_all(self.retiring)
+            self.retiring = []
         for receiver in list(self.draining):
             if receiver.process.poll() is None:
                 if receiver.drain_deadline is not None and time.monotonic() > receiver.drain_deadline:
@@ -250,7 +312,8 @@ class Supervisor:
             )
             receiver.ended(self.metrics_dir)
             time.sleep(RESPAWN_SECONDS)
-            self.current[index] = self._spawn(self.settings, receiver.expected)
+            assert self.writer is not None
+            self.current[index] = self._spawn(self.settings, receiver.expected, self.writer.socket)
             self.metrics.restarts.labels("crash").inc()
 
     def _stop_all(self, receivers: list[Receiver]) -> bool:

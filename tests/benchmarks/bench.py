@@ -296,26 +296,14 @@ def servers_benchmark(folder: Path) -> list[str]:
 
 
 def writer_benchmark(folder: Path) -> list[str]:
-    import random
-
-    from topic_audit import checks, models
-    from topic_audit.app import build_row
-    from topic_audit.settings import Settings
-
-    from tests.benchmarks.logs import _bodies, _request
+    from tests.benchmarks.logs import decided
 
     count = int(setting("WRITER_ROWS", "20000"))
-    settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
     lines = ["| rows per transaction | rows/s (synchronous=FULL) |", "|---:|---:|"]
     for size in (1, 8, 64):
         db = folder / f"writer-{size}.db"
         migrate(db)
-        items = []
-        for body, query in _bodies(random.Random(size), count):
-            request = _request(body, query)
-            decision = checks.decide(request, settings, time.time())
-            answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
-            items.append((build_row(request, decision, time.time(), 0.0005, answer), decision.event))
+        items = decided(count, size)
         conn = writer.connect(db)
         started = time.perf_counter()
         for i in range(0, count, size):

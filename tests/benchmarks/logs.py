@@ -11,6 +11,7 @@ import random
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from topic_audit import checks, models, samples, search, writer
 from topic_audit.app import build_row
@@ -76,6 +77,18 @@ def _bodies(rng: random.Random, n: int) -> list[tuple[bytes, str]]:
         last = (raw_body, samples.query(APP_ID, body["CallbackCommand"], TOKEN, now=now))
         out.append(last)
     return out
+
+
+def decided(count: int, seed: int = 1) -> list[tuple[dict[str, Any], models.TopicEvent | None]]:
+    """``count`` realistic (row, event) pairs, as the receiver would hand them to its writer."""
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
+    items = []
+    for body, query in _bodies(random.Random(seed), count):
+        request = _request(body, query)
+        decision = checks.decide(request, settings, time.time())
+        answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
+        items.append((build_row(request, decision, time.time(), 0.0005, answer), decision.event))
+    return items
 
 
 def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000, span_days: float = 0) -> float:

@@ -1,0 +1,210 @@
+"""A receiver's side of the writer process: :class:`RemoteWriter`, with the writer thread's methods.
+
+Everything happens on the receiver's event loop: a request is encoded (:mod:`topic_audit.ipc`) and
+written to the writer's socket (the frames of one loop iteration in one write), and the answers, read
+as they arrive, resolve the requests' futures. No thread, so no GIL handed back and forth.
+
+If the writer process is gone (killed, or restarting), every request it had not answered fails with
+:class:`~topic_audit.committer.AppendError` (answered 503: it may or may not have been committed; it was
+never acknowledged), and so does every request made while no writer can be reached within
+:data:`CONNECT_SECONDS`. The receiver reconnects as soon as the writer listens again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from topic_audit import ipc, jobs, models
+from topic_audit.append import Committed, Forward
+from topic_audit.committer import AppendError
+
+log = logging.getLogger("topic_audit.writer")
+
+T = TypeVar("T")
+
+WRITER_SOCKET = "TOPIC_AUDIT_WRITER_SOCKET"
+"""The environment variable naming the writer process's socket, for the receivers ``serve`` starts."""
+CONNECT_SECONDS = 1.0
+"""How long a request waits for the writer process to listen (a restarted writer takes ~0.5 s); well
+inside Tencent's 2 s."""
+RETRY_SECONDS = 0.05
+
+
+class _Link(asyncio.Protocol):
+    """The connection to the writer: answers in, resolved against what is waiting."""
+
+    def __init__(self, writer: RemoteWriter) -> None:
+        self.writer = writer
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            bodies = ipc.frames(self.buffer)
+            for body in bodies:
+                self.writer.answered(ipc.reply(body))
+        except ipc.ProtocolError as exc:
+            log.error("the writer process answered what is not an answer (%s)", exc)
+            self.writer.lost()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writer.lost()
+
+
+class RemoteWriter:
+    """The writer process at ``path``, for one event loop (the receiver's)."""
+
+    def __init__(self, path: Path, refused: Callable[[int], None] | None = None) -> None:
+        self.path = path
+        self.refused = refused
+        """Told of rows this side failed (the writer could not be reached, or went away): the writer
+        reports its own."""
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, tuple[str, asyncio.Future[Any] | Future[Any]]] = {}
+        self._transport: asyncio.Transport | None = None
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
+        self._out: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (in the background, and again whenever the connection is lost); on the loop."""
+        self._loop = asyncio.get_running_loop()
+        self._keeper = self._loop.create_task(self._keep_connected(), name="writer-link")
+
+    async def connect(self, timeout: float = CONNECT_SECONDS) -> None:
+        """Wait until connected (:class:`AppendError` after ``timeout``)."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise AppendError(f"the writer process does not listen on {self.path}") from None
+
+    def stop(self) -> None:
+        """Close the connection (what is still waiting fails)."""
+        self._stopping = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        self.lost()
+
+    @property
+    def failing(self) -> bool:
+        return not self._connected.is_set()
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def append(
+        self, row: dict[str, Any], event: models.TopicEvent | None = None, forward: Forward | None = None
+    ) -> Committed:
+        """Send ``row`` to the writer and wait until it is committed."""
+        if not self._connected.is_set():
+            try:
+                await self.connect()
+            except AppendError:
+                self._refuse(1)
+                raise
+        seq = next(self._seq)
+        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = ("", future)
+        self._send(ipc.append_frame(seq, row, event, forward))
+        return await future
+
+    def submit(self, job: jobs.Job[T]) -> Future[T]:
+        """Run ``job`` on the writer, between groups; its result (or exception) in the future."""
+        future: Future[T] = Future()
+        assert self._loop is not None, "start() first"
+        self._loop.call_soon_threadsafe(self._submit, job, future)
+        return future
+
+    def probe(self) -> Future[None]:
+        """A real durable write by the writer (the heartbeat row): readiness."""
+        return self.submit(jobs.Heartbeat())
+
+    def _submit(self, job: jobs.Job[Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        if not self._connected.is_set():
+            future.set_exception(AppendError(f"the writer process does not listen on {self.path}"))
+            return
+        seq = next(self._seq)
+        try:
+            frame = ipc.job_frame(seq, job)
+        except TypeError as exc:
+            future.set_exception(exc)
+            return
+        self._waiting[seq] = (type(job).__name__, future)
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None:
+            self._transport.write(b"".join(out))
+
+    # -- answers -----------------------------------------------------------------------------------
+    def answered(self, reply: ipc.Reply) -> None:
+        found = self._waiting.pop(reply.seq, None)
+        if found is None:
+            return
+        name, future = found
+        if future.done():
+            return
+        if reply.status == ipc.OK:
+            future.set_result(ipc.result(name, reply.value) if name else ipc.committed(reply.value))
+        elif reply.status == ipc.REFUSED:
+            future.set_exception(AppendError(ipc.reason(reply.value)))
+        else:
+            future.set_exception(RuntimeError(ipc.reason(reply.value)))
+
+    def lost(self) -> None:
+        """The connection is gone: what was not answered fails (it was never acknowledged)."""
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
+        self._connected.clear()
+        self._disconnected.set()
+        waiting, self._waiting = self._waiting, {}
+        self._out = []
+        rows = 0
+        for name, future in waiting.values():
+            if not future.done():
+                future.set_exception(AppendError("the writer process went away before it answered"))
+                rows += not name
+        if rows:
+            log.error("the writer process went away; %d requests answered 503", rows)
+            self._refuse(rows)
+
+    def _refuse(self, rows: int) -> None:
+        if self.refused is not None:
+            self.refused(rows)
+
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        said = False
+        while not self._stopping:
+            await self._disconnected.wait()
+            try:
+                transport, _ = await loop.create_unix_connection(lambda: _Link(self), str(self.path))
+            except OSError as exc:
+                if not said:
+                    log.warning("waiting for the writer process on %s (%s)", self.path, exc)
+                    said = True
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            self._transport, said = transport, False
+            self._disconnected.clear()
+            self._connected.set()
