@@ -21,10 +21,11 @@ import threading
 import time
 from pathlib import Path
 
+import conftest
 import httpx
 import pytest
 from benchmarks.restarts import APP_ID, TOKEN, Load, environment, start_serve, wait_ready
-from conftest import free_port, require_tool
+from conftest import deliver_concurrently, free_port, require_tool
 from destination import Destination
 from prometheus_client.parser import text_string_to_metric_families
 from topic_audit import envfile, samples, sockets
@@ -32,8 +33,22 @@ from topic_audit import envfile, samples, sockets
 pytestmark = pytest.mark.slow
 
 
+def children(pid: int, module: str) -> set[int]:
+    """The child processes of ``pid`` running ``python -m <module>``."""
+    found = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if module.encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                found.add(int(child))
+    return found
+
+
 def receivers(pid: int) -> set[int]:
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return children(pid, "topic_audit.worker")
+
+
+def writers(pid: int) -> set[int]:
+    return children(pid, "topic_audit.writer_process")
 
 
 def alive(pid: int) -> bool:
@@ -59,6 +74,17 @@ def metric(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         for s in family.samples
         if s.name == name
     }
+
+
+def writable(pid: int) -> set[str]:
+    """The files process ``pid`` holds open for writing."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            flags = int(Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("flags:")[1].split()[0], 8)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                found.add(os.readlink(fd))
+    return found
 
 
 def versions(url: str) -> dict[int, str]:
@@ -295,6 +321,64 @@ def test_a_receiver_that_dies_is_replaced(tmp_path: Path) -> None:
         assert first not in versions(url)
     finally:
         stop(serve, log)
+
+
+def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(tmp_path: Path) -> None:
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start_serve({**environment(db, port), "TOPIC_AUDIT_WORKERS": "2"}, log)
+    try:
+        wait_ready(url)
+        assert len(receivers(serve.pid)) == 2
+        (writer,) = writers(serve.pid)
+        load = Load(url, rate=200)
+        thread = load.start()
+        time.sleep(1.5)
+        os.kill(writer, signal.SIGKILL)
+        time.sleep(2.0)
+        load.stop(thread)
+        (replacement,) = writers(serve.pid)
+        assert replacement != writer
+        # What was answered OK is in the log; what the dead writer had not answered was refused (503),
+        # never acknowledged; the rest of the load, before and after, went through.
+        assert load.missing_from(db) == []
+        refused = [r for r in load.failed if r.status == 503]
+        assert len(refused) == len(load.failed), [r.error for r in load.failed[:5]]
+        assert len(load.results) - len(refused) > 400
+        assert post(url, "after-writer-crash").status_code == 200
+        assert metric(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
+        errors = metric(url, "topic_audit_audit_append_errors_total")[()]
+        assert errors == len(refused)
+    finally:
+        stop(serve, log)
+    verify(db)
+
+
+def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -> None:
+    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**environment(db, port), "TOPIC_AUDIT_WORKERS": "3"}
+    env |= {"TOPIC_AUDIT_SDKAPPID": conftest.APP_ID, "TOPIC_AUDIT_TOKEN": conftest.TOKEN}
+    serve = start_serve(env, log)
+    try:
+        wait_ready(url)
+        assert len(receivers(serve.pid)) == 3 and len(writers(serve.pid)) == 1
+        answers = deliver_concurrently(url, 300, "fed")
+        assert [a.status_code for a in answers] == [200] * 300
+        # Only the writer process writes the database: no receiver holds it open for writing.
+        (writer,) = writers(serve.pid)
+        assert f"{db}-wal" in writable(writer)
+        for pid in receivers(serve.pid):
+            assert not writable(pid) & {str(db), f"{db}-wal"}
+        # Whichever receiver answers /metrics, it reports the writer's exact figures.
+        for _ in range(6):
+            accepted = metric(url, "topic_audit_callbacks_total")
+            key = (("command", "Group.CallbackAfterCreateTopic"), ("outcome", "accepted"), ("reason", "none"))
+            assert accepted[key] == 300
+            assert metric(url, "topic_audit_log_entries")[()] == 300
+    finally:
+        stop(serve, log)
+    verify(db)
 
 
 def test_the_units_verify(tmp_path: Path) -> None:

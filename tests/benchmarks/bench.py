@@ -314,6 +314,62 @@ def writer_benchmark(folder: Path) -> list[str]:
     return lines
 
 
+def writer_process_benchmark(folder: Path) -> list[str]:
+    """The writer process alone, fed by a synthetic producer over its socket (as the receivers feed it),
+    against the same rows committed in-process at the group sizes it reaches."""
+    import asyncio
+
+    from topic_audit.settings import Settings
+    from topic_audit.writer_client import RemoteWriter
+
+    from tests.benchmarks.logs import decided
+
+    count = int(setting("WRITER_ROWS", "20000"))
+    window = int(setting("WRITER_WINDOW", "512"))
+    items = decided(count, 7)
+    db, sock = folder / "writer-process.db", folder / "writer.sock"
+    read, write = os.pipe()
+    env = {
+        **ENV,
+        "TOPIC_AUDIT_WORKER_SETTINGS": Settings(sdk_app_id=APP_ID, token=TOKEN, db=db).for_workers(),
+        "TOPIC_AUDIT_WRITER_SOCKET": str(sock),
+        "TOPIC_AUDIT_READY_FD": str(write),
+    }
+    process = subprocess.Popen([sys.executable, "-m", "topic_audit.writer_process"], env=env, pass_fds=(write,))
+    os.close(write)
+    with os.fdopen(read, "rb") as ready:
+        ready.readline()
+
+    async def produce() -> float:
+        client = RemoteWriter(sock)
+        client.start()
+        await client.connect(10)
+        gate = asyncio.Semaphore(window)
+
+        async def one(item: tuple[dict[str, object], object]) -> None:
+            async with gate:
+                await client.append(*item)  # type: ignore[arg-type]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(item) for item in items))
+        elapsed = time.perf_counter() - started
+        client.stop()
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(produce())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    conn = sqlite3.connect(db)
+    groups = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    conn.close()
+    return [
+        f"The writer process, fed over its socket ({window} rows in flight, synchronous=FULL): "
+        f"{count / elapsed:.0f} rows/s ({groups} rows committed)"
+    ]
+
+
 def bytes_per_callback(db: Path, label: str = "") -> list[str]:
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -784,7 +840,7 @@ def main() -> None:
         if "servers" in only:
             sections.append(("Servers and workers (audited)", servers_benchmark(folder)))
         if "writer" in only:
-            sections.append(("The writer alone", writer_benchmark(folder)))
+            sections.append(("The writer alone", writer_benchmark(folder) + [""] + writer_process_benchmark(folder)))
         if "memory" in only:
             sections.append(("Memory", memory_benchmark(folder)))
         if "log" in only:
