@@ -335,7 +335,9 @@ def writer_process_benchmark(folder: Path) -> list[str]:
         "TOPIC_AUDIT_WRITER_SOCKET": str(sock),
         "TOPIC_AUDIT_READY_FD": str(write),
     }
-    process = subprocess.Popen([sys.executable, "-m", "topic_audit.writer_process"], env=env, pass_fds=(write,))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "topic_audit.writer_process"], env=env, pass_fds=(write,)
+    )
     os.close(write)
     with os.fdopen(read, "rb") as ready:
         ready.readline()
@@ -840,7 +842,9 @@ def main() -> None:
         if "servers" in only:
             sections.append(("Servers and workers (audited)", servers_benchmark(folder)))
         if "writer" in only:
-            sections.append(("The writer alone", writer_benchmark(folder) + [""] + writer_process_benchmark(folder)))
+            sections.append(
+                ("The writer alone", [*writer_benchmark(folder), "", *writer_process_benchmark(folder)])
+            )
         if "memory" in only:
             sections.append(("Memory", memory_benchmark(folder)))
         if "log" in only:
