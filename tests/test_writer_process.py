@@ -127,7 +127,9 @@ def test_jobs_cross_the_socket_with_their_results(writer_process: WriterProcess,
 
 def test_every_job_has_a_result_type() -> None:
     assert set(ipc.JOBS) == set(ipc.RESULTS)
-    assert set(ipc.JOBS) == {c.__name__ for c in jobs.Job.__subclasses__() if c.__module__ == "topic_audit.jobs"}
+    assert set(ipc.JOBS) == {
+        c.__name__ for c in jobs.Job.__subclasses__() if c.__module__ == "topic_audit.jobs"
+    }
 
 
 def test_a_dead_writer_fails_what_it_had_not_answered_and_a_new_one_takes_over(tmp_path: Path) -> None:
