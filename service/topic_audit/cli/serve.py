@@ -141,8 +141,8 @@ from topic_audit.settings import Settings, SettingsError
     type=click.IntRange(1, 64),
     show_default=True,
     show_envvar=True,
-    help="Receiver processes, each with its own writer, all appending to one chain (on 2 cores 1 keeps "
-    "the tail latency lowest: README, Performance).",
+    help="Receiver processes, all feeding one writer process that appends to the one chain (README, "
+    "Performance: how many for how many cores).",
 )
 @click.option(
     "--server",
