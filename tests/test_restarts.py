@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import conftest
@@ -87,6 +88,15 @@ def writable(pid: int) -> set[str]:
     return found
 
 
+def settled(url: str, expected: Callable[[], dict[int, str]]) -> None:
+    """Wait until ``topic_audit_build_info`` lists exactly the processes ``expected`` names (a replaced
+    generation's writer stops a moment after its receivers)."""
+    deadline = time.monotonic() + 10
+    while (found := versions(url)) != (wanted := expected()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert found == wanted
+
+
 def versions(url: str) -> dict[int, str]:
     """pid -> version, from topic_audit_build_info."""
     return {int(dict(k)["pid"]): dict(k)["version"] for k in metric(url, "topic_audit_build_info")}
@@ -138,7 +148,7 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
         time.sleep(2)
         serve.send_signal(signal.SIGHUP)
         second = wait_replaced(serve, first)
-        assert versions(url) == dict.fromkeys({serve.pid, *second}, "7.0.0")
+        settled(url, lambda: dict.fromkeys({serve.pid, *second, *writers(serve.pid)}, "7.0.0"))
         install_version(site, "7.1.0")  # the upgrade, installed while the old version serves
         time.sleep(1)
         serve.send_signal(signal.SIGHUP)
@@ -146,8 +156,9 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
         time.sleep(2)  # the new processes answer
         load.stop(thread)
 
-        # serve itself keeps the version it started with; every receiver runs the one installed now
-        assert versions(url) == {serve.pid: "7.0.0", **dict.fromkeys(third, "7.1.0")}
+        # serve itself keeps the version it started with; every receiver, and the writer, runs the one
+        # installed now
+        settled(url, lambda: {serve.pid: "7.0.0", **dict.fromkeys({*third, *writers(serve.pid)}, "7.1.0")})
         assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 2
         assert len(load.results) > 1000
         assert load.failed == [], load.failed[:5]
@@ -271,7 +282,11 @@ def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str
         serve.send_signal(signal.SIGHUP)
         wait_replaced(serve, first)
         assert post(url, "after-reload").status_code == 200
-        assert len(versions(url)) == 1 + int(workers)  # serve, and each serving process
+        # serve, each serving process and the writer (the old generation's writer stopped after them)
+        deadline = time.monotonic() + 10
+        while len(versions(url)) != 2 + int(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(versions(url)) == 2 + int(workers)
     finally:
         stop(serve, log)
     verify(db)
