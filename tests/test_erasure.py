@@ -354,3 +354,55 @@ def test_erase_says_when_the_replica_forgets(db_path: Path, post: Post) -> None:
     done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "x", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     assert "the off-box replica keeps older snapshots holding these values until" in done.stdout
+
+
+def escaped(body: dict[str, Any], spelled: str, as_written: str) -> bytes:
+    """``body`` as JSON (non-ASCII as ``\\uXXXX``) with the string ``spelled`` written ``as_written``."""
+    return json.dumps(body).replace(json.dumps(spelled), f'"{as_written}"').encode()
+
+
+@pytest.mark.parametrize(
+    "account, as_written",
+    [
+        ("renée_42", "ren\\u00e9e_42"),
+        ('o"hara_42', 'o\\"hara_42'),
+        ("tenant/erin_42", "tenant\\/erin_42"),
+        ("erin_42", "\\u0065rin_42"),  # any character may be written as an escape
+    ],
+    ids=["non-ascii", "quote", "slash", "escaped-ascii"],
+)
+def test_erase_finds_an_account_written_with_escapes(
+    account: str, as_written: str, db_path: Path, post: Post
+) -> None:
+    post(escaped(message(account, "qzvhello"), account, as_written), "Group.CallbackAfterSendMsg")
+    post(escaped(message(OTHER, "qzvhi", to=account), account, as_written), "Group.CallbackAfterSendMsg")
+    post(message(f"{account}0", "a longer account holding it"))  # written as is: not the subject
+    post(message(OTHER, f"a text naming {account} is not an account field"))
+    assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == ["audit.db-wal"]
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    args = ("erase", "--db", str(db_path), "--account", account, "--reason", "request #9")
+    assert "would erase 2 entries (1, 2)" in cli(*args).stdout
+    done = cli(*args, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "erased 2 entries" in done.stdout
+    assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == []
+    assert [r["id"] for r in rows(db_path) if r["request_body"] is None] == [1, 2]
+    assert findings(db_path) == []
+
+
+def test_erase_finds_a_topic_written_with_escapes(db_path: Path, post: Post) -> None:
+    topic, as_written = "@TGS#_erasure@TOPIC#_café", "@TGS#_erasure@TOPIC#_caf\\u00e9"
+    created = samples.sample("after-create", TopicId=topic, GroupId="@TGS#_erasure", Name="qzvcafename")
+    post(escaped(created, topic, as_written), created["CallbackCommand"])
+    other = f"{samples.DOC_TOPIC}-other"
+    destroyed = samples.sample("destroyed", GroupId="@TGS#_erasure", TopicIdList=[other, topic])
+    post(escaped(destroyed, topic, as_written), destroyed["CallbackCommand"])
+    post(samples.sample("after-create", TopicId=other, GroupId="@TGS#_erasure"))
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    done = cli("erase", "--db", str(db_path), "--topic", topic, "--reason", "request #10", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "erased 2 entries" in done.stdout
+    assert [r["id"] for r in rows(db_path) if r["request_body"] is None] == [1, 2]
+    # The topic's id is evidence (its entries and its projected row keep it); what its events said is not.
+    assert holding(db_path, as_written.encode()) == [] and holding(db_path, b"qzvcafename") == []
+    assert findings(db_path) == []
