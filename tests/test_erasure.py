@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
-from topic_audit import erasure, samples, search
+from topic_audit import erasure, records, samples, search
 from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
@@ -263,6 +263,7 @@ def erased_log(post: Post, db_path: Path, client: Any) -> Path:
         (["DELETE FROM erased_entries WHERE entry_id = 4"], "content", 4),
         (["UPDATE audit_log SET outcome = 'rejected' WHERE id = 3"], "hash", 3),
         (["UPDATE audit_log SET request_body = 'back' WHERE id = 3"], "erasure", 3),
+        (["UPDATE erased_entries SET effects = '{}' WHERE entry_id = 4"], "erasure_effects", 3),
     ],
     ids=[
         "content-blanked-without-record",
@@ -274,6 +275,7 @@ def erased_log(post: Post, db_path: Path, client: Any) -> Path:
         "entry-unlisted-from-its-record",
         "evidence-of-an-erased-entry-changed",
         "content-put-back-into-an-erased-entry",
+        "effects-of-an-erased-entry-changed",
     ],
 )
 def test_tampering_around_erasures_is_found(
@@ -342,7 +344,7 @@ def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(er
     record["reason"] = "nothing to see"
     forge(
         erased_log,
-        f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{erasure.record_hash(record)}' WHERE id = 2",
+        f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{records.record_hash(record)}' WHERE id = 2",
     )
     found = findings(erased_log)
     assert [f["check"] for f in found] == ["checkpoint_erasures"], found
@@ -406,3 +408,25 @@ def test_erase_finds_a_topic_written_with_escapes(db_path: Path, post: Post) -> 
     # The topic's id is evidence (its entries and its projected row keep it); what its events said is not.
     assert holding(db_path, as_written.encode()) == [] and holding(db_path, b"qzvcafename") == []
     assert findings(db_path) == []
+
+
+def test_effects_edited_with_the_projection_to_match_is_found(db_path: Path, post: Post) -> None:
+    """What the projection replays for an erased topic event is committed to by its record: editing it
+    and the projection alike (so that the projection still equals a rebuild) is a finding."""
+    topic = "@TGS#_erasure@TOPIC#_effects"
+    post(samples.sample("after-create", TopicId=topic, Operator_Account=SUBJECT, Name="qzvname"))
+    conn = connect(db_path)
+    erasure.erase(conn, [1], "request", "effects", None, "2026-12-02T00:00:00.000Z")
+    (effects,) = conn.execute("SELECT effects FROM erased_entries WHERE entry_id = 1").fetchone()
+    conn.close()
+    assert json.loads(effects)["Name"] == ""
+    assert findings(db_path) == []
+    forged = json.dumps({**json.loads(effects), "Name": "forged"}, sort_keys=True, separators=(",", ":"))
+    forge(
+        db_path,
+        f"UPDATE erased_entries SET effects = '{forged}' WHERE entry_id = 1",
+        f"UPDATE topics SET name = 'forged' WHERE topic_id = '{topic}'",
+    )
+    assert topics(db_path)[topic]["name"] == "forged"
+    found = findings(db_path)
+    assert [(f["check"], f["entry_id"]) for f in found] == [("erasure_effects", 1)], found

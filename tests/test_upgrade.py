@@ -75,9 +75,38 @@ def _hashed_with_the_content(conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM tree_hashes")  # the tree of those hashes: stored again by the checkpoints
 
 
-BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {"m014_forgetting": _hashed_with_the_content}
+def _records_without_effects(conn: sqlite3.Connection) -> None:
+    """Before m016 an erasure record did not commit to its entries' effects (its chain recomputed)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
+        return
+    conn.row_factory = sqlite3.Row
+    written = [dict(r) for r in conn.execute("SELECT * FROM erasures ORDER BY id")]
+    conn.row_factory = None
+    prev = chain.GENESIS
+    for record in written:
+        assert "effects_digest" not in record
+        record["prev_hash"] = prev
+        shown = {c: v for c, v in record.items() if c != "entry_hash"}  # that code's canonical form
+        canonical = json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()
+        record["entry_hash"] = prev = hashlib.sha256(canonical).hexdigest()
+    (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'erasures_no_update'").fetchone()
+    conn.execute("DROP TRIGGER erasures_no_update")  # the records as that code wrote them, not an update
+    conn.executemany(
+        "UPDATE erasures SET prev_hash = ?, entry_hash = ? WHERE id = ?",
+        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in written],
+    )
+    conn.execute(trigger)
+
+
+BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {
+    "m014_forgetting": _hashed_with_the_content,
+    "m016_effects_digest": _records_without_effects,
+}
 """How a log written before a migration differs from today's rows (see above)."""
-REWRITTEN: dict[str, str] = {"audit_log.content_commitment": "m014_forgetting"}
+REWRITTEN: dict[str, str] = {
+    "audit_log.content_commitment": "m014_forgetting",
+    "erasures.effects_digest": "m016_effects_digest",
+}
 """Columns today's rows fill that a BEFORE function accounts for (the migration that added them)."""
 
 NAMES = [m.name for m in migrations._migrations]
@@ -376,3 +405,32 @@ def test_a_populated_log_is_upgraded_in_place(name: str, reference: Path, tmp_pa
         wait_for(lambda: _indexed(db, entries + 3), 20, "the search indexes to catch up")
     assert_verified(db, entries + 3)
     assert_derived_tables_equal_a_rebuild(db, tmp_path)
+
+
+def test_erasure_records_written_before_effects_digest_still_verify(reference: Path, tmp_path: Path) -> None:
+    """A log with erasure records from before m016 (no ``effects_digest``) upgrades and verifies; records
+    written after the upgrade commit to their effects."""
+    erased = tmp_path / "erased" / "audit.db"
+    erased.parent.mkdir()
+    source = sqlite3.connect(reference)
+    target = sqlite3.connect(erased)
+    source.backup(target)
+    source.close()
+    target.close()
+    shutil.copy(reference.with_name("checkpoint-signing.key"), erased.parent)
+    topic = _scalar(reference, "SELECT topic_id FROM topics WHERE deleted_entry_id IS NULL LIMIT 1")
+    for selector in (["--topic", topic], ["--from-id", "3", "--to-id", "9"]):
+        done = run_cli("erase", "--db", str(erased), *selector, "--reason", "before m016", "--yes")
+        assert done.returncode == 0, done.stderr
+    assert _scalar(erased, "SELECT count(*) FROM erasures WHERE effects_digest IS NOT NULL") == 2
+    (tmp_path / "before").mkdir()
+    db, _ = written_before("m016_effects_digest", erased, tmp_path / "before")
+    entries = _scalar(db, "SELECT count(*) FROM audit_log")
+    migrate(db)
+    assert _scalar(db, "SELECT count(*) FROM erasures WHERE effects_digest IS NULL") == 2
+    assert_verified(db, entries)
+    assert_derived_tables_equal_a_rebuild(db, tmp_path)
+    done = run_cli("erase", "--db", str(db), "--id", "12", "--reason", "after m016", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert _scalar(db, "SELECT count(*) FROM erasures WHERE effects_digest IS NOT NULL") == 1
+    assert_verified(db, entries)
