@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
-from topic_audit import erasure, records, samples, search
+from sqlite_utils import Database
+from topic_audit import chain, erasure, records, samples, search
 from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
@@ -430,3 +431,118 @@ def test_effects_edited_with_the_projection_to_match_is_found(db_path: Path, pos
     assert topics(db_path)[topic]["name"] == "forged"
     found = findings(db_path)
     assert [(f["check"], f["entry_id"]) for f in found] == [("erasure_effects", 1)], found
+
+
+def hashed_with_the_content(db: Path) -> None:
+    """The log's entries as the code before keyed commitments (m014) wrote them: no commitment, no salt,
+    each hash over the content itself (the chain recomputed)."""
+    written = rows(db)
+    prev, links = chain.GENESIS, []
+    for row in written:
+        row["prev_hash"], row["content_commitment"] = prev, None
+        row["entry_hash"] = prev = chain.entry_hash(row)
+        links.append(
+            f"UPDATE audit_log SET prev_hash = '{row['prev_hash']}', entry_hash = '{prev}', "
+            f"content_commitment = NULL WHERE id = {row['id']}"
+        )
+    forge(db, "DELETE FROM content_keys", *links)
+    restore_triggers(db)
+
+
+def restore_triggers(db: Path) -> None:
+    from topic_audit.migrations import migrations
+
+    fresh = db.with_name("schema.db")
+    conn = sqlite3.connect(fresh)
+    conn.close()
+    migrations.apply(Database(fresh))
+    source = sqlite3.connect(fresh)
+    triggers = [sql for (sql,) in source.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'")]
+    source.close()
+    conn = sqlite3.connect(db)
+    for sql in triggers:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["before-commitments", "committed"])
+def test_erase_refuses_an_entry_changed_since_it_was_written(legacy: bool, db_path: Path, post: Post) -> None:
+    """Blanking an entry that no longer matches its hash would launder it: before keyed commitments its
+    hash is not checked once erased, and with one, the commitment's salt goes with the content."""
+    for i in range(4):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    if legacy:
+        hashed_with_the_content(db_path)
+    assert findings(db_path) == []
+    forge(db_path, "UPDATE audit_log SET detail = 'edited' WHERE id = 2")
+    restore_triggers(db_path)
+    before = [(f["check"], f["entry_id"]) for f in findings(db_path)]
+    assert before == [("hash" if legacy else "content", 2)]
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    for yes in ((), ("--yes",)):
+        done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "launder", *yes)
+        assert done.returncode == 1 and done.stdout == "", done.stdout
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        why = "does not match its entry_hash" if legacy else "has content that does not match its commitment"
+        assert f"entry 2 {why}: not erasing it" in done.stderr, done.stderr
+    assert rows(db_path)[1]["detail"] == "edited"  # nothing erased
+    assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before  # still found
+    clean = cli("erase", "--db", str(db_path), "--id", "3", "--reason", "an intact entry", "--yes")
+    assert clean.returncode == 0 and "erased 1 entries" in clean.stdout, clean.stderr
+    assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before
+
+
+def untouched(db: Path) -> tuple[bytes, int, bytes]:
+    """What a dry run must leave as it was: the database file's bytes and mtime, and the WAL's bytes."""
+    wal = Path(f"{db}-wal")
+    return db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes() if wal.exists() else b""
+
+
+def test_a_dry_run_opens_the_database_read_only(db_path: Path, post: Post, tmp_path: Path) -> None:
+    for i in range(3):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    db = tmp_path / "copy" / "audit.db"  # away from the receiver, which goes on writing its own
+    db.parent.mkdir()
+    source, target = sqlite3.connect(db_path), sqlite3.connect(db)
+    source.backup(target)
+    target.execute("PRAGMA journal_mode=WAL")
+    source.close()
+    target.close()
+    before = untouched(db)
+    time.sleep(0.01)  # an mtime written now would differ
+    done = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "x")
+    assert done.returncode == 0, done.stderr
+    assert "dry run (database opened read-only, nothing written): would erase 1 entries (2)" in done.stdout
+    assert untouched(db) == before
+
+
+def test_a_dry_run_does_not_migrate(db_path: Path, post: Post, tmp_path: Path) -> None:
+    """A log written before erasures existed (m014) is read as it is, and left so."""
+    from topic_audit.migrations import migrations
+
+    for i in range(3):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    old = tmp_path / "old" / "audit.db"
+    old.parent.mkdir()
+    migrations.apply(Database(old), stop_before="m014_forgetting")
+    conn = sqlite3.connect(old)
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")]
+    prev = chain.GENESIS
+    for row in rows(db_path):
+        row["prev_hash"], row["content_commitment"] = prev, None
+        row["entry_hash"] = prev = chain.entry_hash(row)
+        conn.execute(
+            f"INSERT INTO audit_log ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            [row[c] for c in columns],
+        )
+    conn.commit()
+    conn.close()
+    applied = sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()
+    before = untouched(old)
+    time.sleep(0.01)
+    done = cli("erase", "--db", str(old), "--account", SUBJECT, "--reason", "x")
+    assert done.returncode == 0, done.stderr
+    assert "would erase 1 entries (2)" in done.stdout
+    assert untouched(old) == before
+    assert sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == applied

@@ -71,20 +71,23 @@ class Tampered(ValueError):
 
 
 _CHECKED: Final = (
-    f"SELECT {', '.join('a.' + c for c in chain.COLUMNS)}, "
-    "(SELECT p.entry_hash FROM audit_log p WHERE p.id = a.id - 1), k.salt "
-    "FROM audit_log a LEFT JOIN content_keys k ON k.entry_id = a.id WHERE a.id IN ({}) ORDER BY a.id"
+    "SELECT {}, (SELECT p.entry_hash FROM audit_log p WHERE p.id = a.id - 1), k.salt FROM audit_log a "
+    "LEFT JOIN content_keys k ON k.entry_id = a.id WHERE a.id IN ({}) ORDER BY a.id"
 )
 
 
 def tampered(conn: sqlite3.Connection, ids: Sequence[int]) -> list[tuple[int, str]]:
     """The entries of ``ids`` that fail their own check, with why: the link to the entry before, the
-    entry's hash, its body's hash, and (with a keyed commitment) the commitment under its salt."""
-    found, width = [], len(chain.COLUMNS)
+    entry's hash, its body's hash, and (with a keyed commitment) the commitment under its salt. Reads
+    the columns the table has (a dry run may read a log not yet migrated)."""
+    stored = {row[1] for row in conn.execute("PRAGMA table_info(audit_log)")}
+    names = [c for c in chain.COLUMNS if c in stored]
+    found, width = [], len(names)
     for start in range(0, len(ids), BATCH):
         chunk = list(ids[start : start + BATCH])
-        for values in conn.execute(_CHECKED.format(", ".join("?" * len(chunk))), chunk):
-            row = dict(zip(chain.COLUMNS, values[:width], strict=True))
+        query = _CHECKED.format(", ".join(f"a.{c}" for c in names), ", ".join("?" * len(chunk)))
+        for values in conn.execute(query, chunk):
+            row = dict(zip(names, values[:width], strict=True))
             why = _changed(row, values[width], values[width + 1])
             if why is not None:
                 found.append((int(row["id"]), why))
@@ -98,7 +101,7 @@ def _changed(row: dict[str, Any], before: str | None, salt: bytes | None) -> str
         return "does not match its entry_hash"
     if hashlib.sha256(chain.body_bytes(row["request_body"])).hexdigest() != row["request_body_sha256"]:
         return "has a request_body that does not match its request_body_sha256"
-    committed = row["content_commitment"]
+    committed = row.get("content_commitment")
     if committed is not None and (salt is None or content.commitment(salt, row) != committed):
         return "has content that does not match its commitment"
     return None
