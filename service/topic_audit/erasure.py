@@ -226,10 +226,17 @@ def retain(
     on_erased: Callable[[int], None] | None = None,
 ) -> Outcome:
     """Erase the content of every entry received more than ``older_than`` ago (cause ``retention``)."""
+    ids, reason = retention_plan(conn, older_than)
+    return erase(conn, ids, "retention", reason, None, now, batch, pause, on_erased)
+
+
+def retention_plan(conn: sqlite3.Connection, older_than: timedelta) -> tuple[list[int], str]:
+    """What a retention run erases -- the entries received more than ``older_than`` ago, not yet erased
+    -- and the reason its records give; ``retain`` here and ``serve``'s hourly run
+    (:mod:`topic_audit.retention`) both ask it."""
     before = subjects.horizon(older_than)
     ids = list(subjects.select(conn, subjects.Selector("older", before)))
-    reason = f"retention: older than {_age(older_than)} (received before {before})"
-    return erase(conn, ids, "retention", reason, None, now, batch, pause, on_erased)
+    return ids, f"retention: older than {_age(older_than)} (received before {before})"
 
 
 def _age(age: timedelta) -> str:
