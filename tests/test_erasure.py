@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
-from topic_audit import chain, erasure, records, samples, search
+from topic_audit import chain, content, erasure, records, samples, search
 from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
@@ -546,3 +546,36 @@ def test_a_dry_run_does_not_migrate(db_path: Path, post: Post, tmp_path: Path) -
     assert "would erase 1 entries (2)" in done.stdout
     assert untouched(old) == before
     assert sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == applied
+
+
+def unguarded(conn: sqlite3.Connection, entry_id: int) -> list[str]:
+    """The evidence columns of ``audit_log`` that an UPDATE of the erased entry ``entry_id`` may change:
+    each change is tried, and rolled back."""
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")]
+    opened = []
+    for column in (c for c in columns if c not in content.CONTENT):
+        conn.execute("BEGIN")
+        try:
+            conn.execute(
+                f"UPDATE audit_log SET {column} = CASE WHEN {column} IS 7 THEN 8 ELSE 7 END WHERE id = ?",
+                (entry_id,),
+            )
+            opened.append(column)
+        except sqlite3.IntegrityError as exc:
+            assert "append-only" in str(exc), (column, exc)
+        conn.execute("ROLLBACK")
+    return opened
+
+
+def test_the_update_trigger_guards_every_evidence_column(erased_log: Path) -> None:
+    """The trigger that lets an erasure blank content lists the evidence columns it keeps (m014): a
+    column added later must be added to it too, or an UPDATE could change that column of an erased
+    entry."""
+    conn = sqlite3.connect(erased_log, isolation_level=None)
+    try:
+        assert [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")] == list(chain.COLUMNS)
+        assert unguarded(conn, 3) == []
+        conn.execute("ALTER TABLE audit_log ADD COLUMN added_later TEXT")  # the hole this test is for
+        assert unguarded(conn, 3) == ["added_later"]
+    finally:
+        conn.close()
