@@ -47,6 +47,7 @@ EVIDENCE: Final = tuple(c for c in chain.COLUMNS if c not in content.CONTENT)
 """The evidence columns of ``audit_log``, in table order."""
 DELIVERY_EVIDENCE: Final = tuple(c for c in outbox.COLUMNS if c not in ("response_body", "detail"))
 
+
 @dataclass(frozen=True, slots=True)
 class Erasure:
     """One recorded erasure: its ``erasures`` row."""
@@ -151,5 +152,3 @@ def selector_key(signing_key: Ed25519PrivateKey) -> bytes:
     """The key of :func:`selector_digest`, derived from the checkpoint signing key."""
     raw = signing_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     return hmac.new(raw, b"topic-audit erasure selectors", hashlib.sha256).digest()
-
-
