@@ -53,24 +53,32 @@ from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate, migrations
 from topic_audit.settings import Settings
 
 
+def _rechain(conn: sqlite3.Connection, table: str, hashed: Callable[[dict[str, Any]], str]) -> None:
+    """Rewrite the chain of ``table`` as older code wrote it: each row's ``entry_hash`` is ``hashed(row)``
+    (its ``prev_hash`` already the row before's), past the table's append-only trigger."""
+    conn.row_factory = sqlite3.Row
+    written = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
+    conn.row_factory = None
+    prev = chain.GENESIS
+    for row in written:
+        row["prev_hash"] = prev
+        row["entry_hash"] = prev = hashed(row)
+    (trigger,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = ?", (f"{table}_no_update",)
+    ).fetchone()
+    conn.execute(f"DROP TRIGGER {table}_no_update")  # the rows as that code wrote them, not an update
+    conn.executemany(
+        f"UPDATE {table} SET prev_hash = ?, entry_hash = ? WHERE id = ?",
+        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in written],
+    )
+    conn.execute(trigger)
+
+
 def _hashed_with_the_content(conn: sqlite3.Connection) -> None:
     """Before m014 an entry had no keyed commitment: its hash covered its content (chain recomputed)."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_log_no_update'").fetchone() is None:
         return  # the log before the first release is empty
-    conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
-    conn.row_factory = None
-    prev = chain.GENESIS
-    for row in rows:
-        row["prev_hash"], row["content_commitment"] = prev, None
-        row["entry_hash"] = prev = chain.entry_hash(row)
-    (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_log_no_update'").fetchone()
-    conn.execute("DROP TRIGGER audit_log_no_update")  # the rows as that code wrote them, not an update
-    conn.executemany(
-        "UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE id = ?",
-        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in rows],
-    )
-    conn.execute(trigger)
+    _rechain(conn, "audit_log", lambda row: chain.entry_hash({**row, "content_commitment": None}))
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_hashes'").fetchone() is not None:
         conn.execute("DELETE FROM tree_hashes")  # the tree of those hashes: stored again by the checkpoints
 
@@ -79,23 +87,13 @@ def _records_without_effects(conn: sqlite3.Connection) -> None:
     """Before m016 an erasure record did not commit to its entries' effects (its chain recomputed)."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
         return
-    conn.row_factory = sqlite3.Row
-    written = [dict(r) for r in conn.execute("SELECT * FROM erasures ORDER BY id")]
-    conn.row_factory = None
-    prev = chain.GENESIS
-    for record in written:
+
+    def hashed(record: dict[str, Any]) -> str:  # that code's canonical form: every column but the hash
         assert "effects_digest" not in record
-        record["prev_hash"] = prev
-        shown = {c: v for c, v in record.items() if c != "entry_hash"}  # that code's canonical form
-        canonical = json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()
-        record["entry_hash"] = prev = hashlib.sha256(canonical).hexdigest()
-    (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'erasures_no_update'").fetchone()
-    conn.execute("DROP TRIGGER erasures_no_update")  # the records as that code wrote them, not an update
-    conn.executemany(
-        "UPDATE erasures SET prev_hash = ?, entry_hash = ? WHERE id = ?",
-        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in written],
-    )
-    conn.execute(trigger)
+        shown = {c: v for c, v in record.items() if c != "entry_hash"}
+        return hashlib.sha256(json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    _rechain(conn, "erasures", hashed)
 
 
 BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {
