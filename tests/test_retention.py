@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from benchmarks.logs import generate_log
 from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
 from litestar.testing import TestClient
-from test_erasure import findings, holding, message
+from test_erasure import findings, forge, holding, message
 from topic_audit import erasure, load, retention, samples
 from topic_audit.app import create_app
 from topic_audit.erasure import connect
@@ -157,3 +158,23 @@ def test_the_policy_sweep_moves_past_what_the_policy_wrote_without_content(tmp_p
         on = retention.OnTheWriter(client.app.state.writer, lambda: "2026-12-02T00:00:00.000Z")
         assert asyncio.run(on.sweep(db, 0)) == 5
         assert asyncio.run(on.sweep(db, 5)) == 5
+
+
+def test_retention_in_serve_keeps_an_entry_changed_since_it_was_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "audit.db"
+    with TestClient(create_app(Settings(sdk_app_id=APP_ID, token=TOKEN, db=db), Metrics())) as client:
+        for i in range(4):
+            body = message(f"user{i}", f"text {i}")
+            query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+            assert client.post(f"/callback?{query}", json=body).status_code == 200
+        forge(db, "UPDATE audit_log SET detail = 'edited' WHERE id = 3")
+        on = retention.OnTheWriter(client.app.state.writer, lambda: "2026-12-02T00:00:00.000Z")
+        retention.log.addHandler(caplog.handler)  # the package's loggers do not propagate
+        try:
+            assert asyncio.run(on.retain(db, 0)) == 3
+        finally:
+            retention.log.removeHandler(caplog.handler)
+    assert [r["id"] for r in rows(db) if r["request_body"] is not None] == [3]
+    assert "entry 3 has content that does not match its commitment: not erasing it" in caplog.text
