@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
-from topic_audit import chain, content, erasure, records, samples, search
+from topic_audit import chain, content, erasure, purge, records, samples, search
 from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
@@ -146,9 +146,11 @@ def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_pa
     assert cli("verify", "--db", str(db), env=env).returncode == 0
 
 
-def test_fts_terms_linger_until_merged(post: Post, db_path: Path) -> None:
+@pytest.mark.parametrize("most_levels", [purge.MOST_LEVELS, 0], ids=["merged", "rebuilt"])
+def test_fts_terms_linger_until_merged(most_levels: int, post: Post, db_path: Path) -> None:
     """The control for the raw scans: a row deleted from FTS5 the ordinary way leaves its terms in the
-    file, so the scan would find an erasure that skipped :func:`erasure.purge`."""
+    file, so the scan would find an erasure that skipped :func:`erasure.purge`; a purge that rebuilds
+    the indexes (their structure too long) forgets them as well."""
     for i in range(30):
         post(message(OTHER, f"filler {i} words {i * 7}"))
     post(message(SUBJECT, f"the {SECRET} word"))
@@ -159,7 +161,7 @@ def test_fts_terms_linger_until_merged(post: Post, db_path: Path) -> None:
     assert batch is not None
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert holding(db_path, SECRET_TAIL) == ["audit.db"]  # still in an index segment
-    erasure.purge(conn)
+    assert purge.purge(conn, most_levels=most_levels)
     conn.close()
     assert holding(db_path, SECRET_TAIL) == []
 
@@ -579,3 +581,30 @@ def test_the_update_trigger_guards_every_evidence_column(erased_log: Path) -> No
         assert unguarded(conn, 3) == ["added_later"]
     finally:
         conn.close()
+
+
+def test_a_thousand_purges_keep_the_index_sound(tmp_path: Path) -> None:
+    """SQLite 3.40's FTS5 adds a level to an index's structure with every negative merge that merges,
+    and reports the index corrupt ("database disk image is malformed") past 2,000: here a purge's merge
+    steps after each row another connection adds, as the indexer and erasures interleave (without the
+    rebuild, the 1,554th purge fails)."""
+    db = tmp_path / "fts.db"
+    indexer = sqlite3.connect(db, isolation_level=None)
+    indexer.execute("PRAGMA journal_mode=WAL")
+    indexer.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+    purging = connect(db)
+    rebuilt = 0
+    for i in range(1, 1801):
+        indexer.execute("INSERT INTO t (rowid, x) VALUES (?, ?)", (i, f"word{i} other{i % 7}"))
+        if i % 3 == 0:
+            indexer.execute("DELETE FROM t WHERE rowid = ?", (i - 1,))
+        before = purge.levels(purging, "t")
+        assert any(purge.merge_step(purging, "t", 64) for _ in range(purge.MERGE_STEPS))
+        rebuilt += purge.levels(purging, "t") < before
+        assert purge.levels(purging, "t") <= purge.MOST_LEVELS
+    assert rebuilt >= 1
+    purging.execute("INSERT INTO t (t) VALUES ('integrity-check')")
+    assert purging.execute("SELECT count(*) FROM t WHERE t MATCH 'word1799'").fetchone() == (0,)
+    assert purging.execute("SELECT count(*) FROM t WHERE t MATCH 'word1800'").fetchone() == (1,)
+    indexer.close()
+    purging.close()
