@@ -83,14 +83,18 @@ def _older(db: Path, days: float) -> tuple[list[int], str]:
 
 
 def _swept(db: Path, after: int) -> tuple[list[tuple[int, int]], int]:
-    """The callbacks to sweep among the next :data:`SWEEP_IDS` ids after ``after`` (id, whether a
-    delivery is pending), and the last id read."""
+    """The callbacks to sweep after ``after`` (id, whether a delivery is pending), read :data:`SWEEP_IDS`
+    ids at a time up to the first range holding any, and the last id read."""
     conn = _read(db)
     try:
         head = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0])
-        upto = min(after + SWEEP_IDS, head)
-        found = conn.execute(_SWEPT, (after, upto)).fetchall()
-        return [(int(i), int(p)) for i, p in found], upto
+        while after < head:
+            upto = min(after + SWEEP_IDS, head)
+            found = conn.execute(_SWEPT, (after, upto)).fetchall()
+            if found:
+                return [(int(i), int(p)) for i, p in found], upto
+            after = upto
+        return [], after
     finally:
         conn.close()
 
