@@ -171,9 +171,9 @@ def erase(
     try:
         ids = list(subjects.select(conn, selector))
         outcome = erasure.Outcome([])
-        found = erasure.tampered(conn, ids)
+        found = [] if yes else erasure.tampered(conn, ids)  # with --yes, erase() checks them first
         if found:
-            raise click.ClickException(str(erasure.Tampered(found)))
+            raise erasure.Tampered(found)
         if yes and ids:
             digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value)
             outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now())
