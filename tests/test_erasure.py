@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
-from topic_audit import erasure, samples, search
+from sqlite_utils import Database
+from topic_audit import chain, content, erasure, purge, records, samples, search
 from topic_audit.checkpoints import Signer
 from topic_audit.erasure import connect
 
@@ -145,9 +146,11 @@ def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_pa
     assert cli("verify", "--db", str(db), env=env).returncode == 0
 
 
-def test_fts_terms_linger_until_merged(post: Post, db_path: Path) -> None:
+@pytest.mark.parametrize("most_levels", [purge.MOST_LEVELS, 0], ids=["merged", "rebuilt"])
+def test_fts_terms_linger_until_merged(most_levels: int, post: Post, db_path: Path) -> None:
     """The control for the raw scans: a row deleted from FTS5 the ordinary way leaves its terms in the
-    file, so the scan would find an erasure that skipped :func:`erasure.purge`."""
+    file, so the scan would find an erasure that skipped :func:`erasure.purge`; a purge that rebuilds
+    the indexes (their structure too long) forgets them as well."""
     for i in range(30):
         post(message(OTHER, f"filler {i} words {i * 7}"))
     post(message(SUBJECT, f"the {SECRET} word"))
@@ -158,7 +161,7 @@ def test_fts_terms_linger_until_merged(post: Post, db_path: Path) -> None:
     assert batch is not None
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert holding(db_path, SECRET_TAIL) == ["audit.db"]  # still in an index segment
-    erasure.purge(conn)
+    assert purge.purge(conn, most_levels=most_levels)
     conn.close()
     assert holding(db_path, SECRET_TAIL) == []
 
@@ -263,6 +266,7 @@ def erased_log(post: Post, db_path: Path, client: Any) -> Path:
         (["DELETE FROM erased_entries WHERE entry_id = 4"], "content", 4),
         (["UPDATE audit_log SET outcome = 'rejected' WHERE id = 3"], "hash", 3),
         (["UPDATE audit_log SET request_body = 'back' WHERE id = 3"], "erasure", 3),
+        (["UPDATE erased_entries SET effects = '{}' WHERE entry_id = 4"], "erasure_effects", 3),
     ],
     ids=[
         "content-blanked-without-record",
@@ -274,6 +278,7 @@ def erased_log(post: Post, db_path: Path, client: Any) -> Path:
         "entry-unlisted-from-its-record",
         "evidence-of-an-erased-entry-changed",
         "content-put-back-into-an-erased-entry",
+        "effects-of-an-erased-entry-changed",
     ],
 )
 def test_tampering_around_erasures_is_found(
@@ -342,7 +347,7 @@ def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(er
     record["reason"] = "nothing to see"
     forge(
         erased_log,
-        f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{erasure.record_hash(record)}' WHERE id = 2",
+        f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{records.record_hash(record)}' WHERE id = 2",
     )
     found = findings(erased_log)
     assert [f["check"] for f in found] == ["checkpoint_erasures"], found
@@ -354,3 +359,252 @@ def test_erase_says_when_the_replica_forgets(db_path: Path, post: Post) -> None:
     done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "x", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     assert "the off-box replica keeps older snapshots holding these values until" in done.stdout
+
+
+def escaped(body: dict[str, Any], spelled: str, as_written: str) -> bytes:
+    """``body`` as JSON (non-ASCII as ``\\uXXXX``) with the string ``spelled`` written ``as_written``."""
+    return json.dumps(body).replace(json.dumps(spelled), f'"{as_written}"').encode()
+
+
+@pytest.mark.parametrize(
+    "account, as_written",
+    [
+        ("renée_42", "ren\\u00e9e_42"),
+        ('o"hara_42', 'o\\"hara_42'),
+        ("tenant/erin_42", "tenant\\/erin_42"),
+        ("erin_42", "\\u0065rin_42"),  # any character may be written as an escape
+    ],
+    ids=["non-ascii", "quote", "slash", "escaped-ascii"],
+)
+def test_erase_finds_an_account_written_with_escapes(
+    account: str, as_written: str, db_path: Path, post: Post
+) -> None:
+    post(escaped(message(account, "qzvhello"), account, as_written), "Group.CallbackAfterSendMsg")
+    post(escaped(message(OTHER, "qzvhi", to=account), account, as_written), "Group.CallbackAfterSendMsg")
+    post(message(f"{account}0", "a longer account holding it"))  # written as is: not the subject
+    post(message(OTHER, f"a text naming {account} is not an account field"))
+    assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == ["audit.db-wal"]
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    args = ("erase", "--db", str(db_path), "--account", account, "--reason", "request #9")
+    assert "would erase 2 entries (1, 2)" in cli(*args).stdout
+    done = cli(*args, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "erased 2 entries" in done.stdout
+    assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == []
+    assert [r["id"] for r in rows(db_path) if r["request_body"] is None] == [1, 2]
+    assert findings(db_path) == []
+
+
+def test_erase_finds_a_topic_written_with_escapes(db_path: Path, post: Post) -> None:
+    topic, as_written = "@TGS#_erasure@TOPIC#_café", "@TGS#_erasure@TOPIC#_caf\\u00e9"
+    created = samples.sample("after-create", TopicId=topic, GroupId="@TGS#_erasure", Name="qzvcafename")
+    post(escaped(created, topic, as_written), created["CallbackCommand"])
+    other = f"{samples.DOC_TOPIC}-other"
+    destroyed = samples.sample("destroyed", GroupId="@TGS#_erasure", TopicIdList=[other, topic])
+    post(escaped(destroyed, topic, as_written), destroyed["CallbackCommand"])
+    post(samples.sample("after-create", TopicId=other, GroupId="@TGS#_erasure"))
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    done = cli("erase", "--db", str(db_path), "--topic", topic, "--reason", "request #10", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "erased 2 entries" in done.stdout
+    assert [r["id"] for r in rows(db_path) if r["request_body"] is None] == [1, 2]
+    # The topic's id is evidence (its entries and its projected row keep it); what its events said is not.
+    assert holding(db_path, as_written.encode()) == [] and holding(db_path, b"qzvcafename") == []
+    assert findings(db_path) == []
+
+
+def test_effects_edited_with_the_projection_to_match_is_found(db_path: Path, post: Post) -> None:
+    """What the projection replays for an erased topic event is committed to by its record: editing it
+    and the projection alike (so that the projection still equals a rebuild) is a finding."""
+    topic = "@TGS#_erasure@TOPIC#_effects"
+    post(samples.sample("after-create", TopicId=topic, Operator_Account=SUBJECT, Name="qzvname"))
+    conn = connect(db_path)
+    erasure.erase(conn, [1], "request", "effects", None, "2026-12-02T00:00:00.000Z")
+    (effects,) = conn.execute("SELECT effects FROM erased_entries WHERE entry_id = 1").fetchone()
+    conn.close()
+    assert json.loads(effects)["Name"] == ""
+    assert findings(db_path) == []
+    forged = json.dumps({**json.loads(effects), "Name": "forged"}, sort_keys=True, separators=(",", ":"))
+    forge(
+        db_path,
+        f"UPDATE erased_entries SET effects = '{forged}' WHERE entry_id = 1",
+        f"UPDATE topics SET name = 'forged' WHERE topic_id = '{topic}'",
+    )
+    assert topics(db_path)[topic]["name"] == "forged"
+    found = findings(db_path)
+    assert [(f["check"], f["entry_id"]) for f in found] == [("erasure_effects", 1)], found
+
+
+def hashed_with_the_content(db: Path) -> None:
+    """The log's entries as the code before keyed commitments (m014) wrote them: no commitment, no salt,
+    each hash over the content itself (the chain recomputed)."""
+    written = rows(db)
+    prev, links = chain.GENESIS, []
+    for row in written:
+        row["prev_hash"], row["content_commitment"] = prev, None
+        row["entry_hash"] = prev = chain.entry_hash(row)
+        links.append(
+            f"UPDATE audit_log SET prev_hash = '{row['prev_hash']}', entry_hash = '{prev}', "
+            f"content_commitment = NULL WHERE id = {row['id']}"
+        )
+    forge(db, "DELETE FROM content_keys", *links)
+    restore_triggers(db)
+
+
+def restore_triggers(db: Path) -> None:
+    from topic_audit.migrations import migrations
+
+    fresh = db.with_name("schema.db")
+    conn = sqlite3.connect(fresh)
+    conn.close()
+    migrations.apply(Database(fresh))
+    source = sqlite3.connect(fresh)
+    triggers = [sql for (sql,) in source.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'")]
+    source.close()
+    conn = sqlite3.connect(db)
+    for sql in triggers:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["before-commitments", "committed"])
+def test_erase_refuses_an_entry_changed_since_it_was_written(legacy: bool, db_path: Path, post: Post) -> None:
+    """Blanking an entry that no longer matches its hash would launder it: before keyed commitments its
+    hash is not checked once erased, and with one, the commitment's salt goes with the content."""
+    for i in range(4):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    if legacy:
+        hashed_with_the_content(db_path)
+    assert findings(db_path) == []
+    forge(db_path, "UPDATE audit_log SET detail = 'edited' WHERE id = 2")
+    restore_triggers(db_path)
+    before = [(f["check"], f["entry_id"]) for f in findings(db_path)]
+    assert before == [("hash" if legacy else "content", 2)]
+    Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
+    for yes in ((), ("--yes",)):
+        done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "launder", *yes)
+        assert done.returncode == 1 and done.stdout == "", done.stdout
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        why = "does not match its entry_hash" if legacy else "has content that does not match its commitment"
+        assert f"entry 2 {why}: not erasing it" in done.stderr, done.stderr
+    assert rows(db_path)[1]["detail"] == "edited"  # nothing erased
+    assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before  # still found
+    clean = cli("erase", "--db", str(db_path), "--id", "3", "--reason", "an intact entry", "--yes")
+    assert clean.returncode == 0 and "erased 1 entries" in clean.stdout, clean.stderr
+    assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before
+
+
+def untouched(db: Path) -> tuple[bytes, int, bytes]:
+    """What a dry run must leave as it was: the database file's bytes and mtime, and the WAL's bytes."""
+    wal = Path(f"{db}-wal")
+    return db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes() if wal.exists() else b""
+
+
+def test_a_dry_run_opens_the_database_read_only(db_path: Path, post: Post, tmp_path: Path) -> None:
+    for i in range(3):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    db = tmp_path / "copy" / "audit.db"  # away from the receiver, which goes on writing its own
+    db.parent.mkdir()
+    source, target = sqlite3.connect(db_path), sqlite3.connect(db)
+    source.backup(target)
+    target.execute("PRAGMA journal_mode=WAL")
+    source.close()
+    target.close()
+    before = untouched(db)
+    time.sleep(0.01)  # an mtime written now would differ
+    done = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "x")
+    assert done.returncode == 0, done.stderr
+    assert "dry run (database opened read-only, nothing written): would erase 1 entries (2)" in done.stdout
+    assert untouched(db) == before
+
+
+def test_a_dry_run_does_not_migrate(db_path: Path, post: Post, tmp_path: Path) -> None:
+    """A log written before erasures existed (m014) is read as it is, and left so."""
+    from topic_audit.migrations import migrations
+
+    for i in range(3):
+        post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))
+    old = tmp_path / "old" / "audit.db"
+    old.parent.mkdir()
+    migrations.apply(Database(old), stop_before="m014_forgetting")
+    conn = sqlite3.connect(old)
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")]
+    prev = chain.GENESIS
+    for row in rows(db_path):
+        row["prev_hash"], row["content_commitment"] = prev, None
+        row["entry_hash"] = prev = chain.entry_hash(row)
+        conn.execute(
+            f"INSERT INTO audit_log ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            [row[c] for c in columns],
+        )
+    conn.commit()
+    conn.close()
+    applied = sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()
+    before = untouched(old)
+    time.sleep(0.01)
+    done = cli("erase", "--db", str(old), "--account", SUBJECT, "--reason", "x")
+    assert done.returncode == 0, done.stderr
+    assert "would erase 1 entries (2)" in done.stdout
+    assert untouched(old) == before
+    assert sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == applied
+
+
+def unguarded(conn: sqlite3.Connection, entry_id: int) -> list[str]:
+    """The evidence columns of ``audit_log`` that an UPDATE of the erased entry ``entry_id`` may change:
+    each change is tried, and rolled back."""
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")]
+    opened = []
+    for column in (c for c in columns if c not in content.CONTENT):
+        conn.execute("BEGIN")
+        try:
+            conn.execute(
+                f"UPDATE audit_log SET {column} = CASE WHEN {column} IS 7 THEN 8 ELSE 7 END WHERE id = ?",
+                (entry_id,),
+            )
+            opened.append(column)
+        except sqlite3.IntegrityError as exc:
+            assert "append-only" in str(exc), (column, exc)
+        conn.execute("ROLLBACK")
+    return opened
+
+
+def test_the_update_trigger_guards_every_evidence_column(erased_log: Path) -> None:
+    """The trigger that lets an erasure blank content lists the evidence columns it keeps (m014): a
+    column added later must be added to it too, or an UPDATE could change that column of an erased
+    entry."""
+    conn = sqlite3.connect(erased_log, isolation_level=None)
+    try:
+        assert [r[1] for r in conn.execute("PRAGMA table_info(audit_log)")] == list(chain.COLUMNS)
+        assert unguarded(conn, 3) == []
+        conn.execute("ALTER TABLE audit_log ADD COLUMN added_later TEXT")  # the hole this test is for
+        assert unguarded(conn, 3) == ["added_later"]
+    finally:
+        conn.close()
+
+
+def test_a_thousand_purges_keep_the_index_sound(tmp_path: Path) -> None:
+    """SQLite 3.40's FTS5 adds a level to an index's structure with every negative merge that merges,
+    and reports the index corrupt ("database disk image is malformed") past 2,000: here a purge's merge
+    steps after each row another connection adds, as the indexer and erasures interleave (without the
+    rebuild, the 1,554th purge fails)."""
+    db = tmp_path / "fts.db"
+    indexer = sqlite3.connect(db, isolation_level=None)
+    indexer.execute("PRAGMA journal_mode=WAL")
+    indexer.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+    purging = connect(db)
+    rebuilt = 0
+    for i in range(1, 1801):
+        indexer.execute("INSERT INTO t (rowid, x) VALUES (?, ?)", (i, f"word{i} other{i % 7}"))
+        if i % 3 == 0:
+            indexer.execute("DELETE FROM t WHERE rowid = ?", (i - 1,))
+        before = purge.levels(purging, "t")
+        assert any(purge.merge_step(purging, "t", 64) for _ in range(purge.MERGE_STEPS))
+        rebuilt += purge.levels(purging, "t") < before
+        assert purge.levels(purging, "t") <= purge.MOST_LEVELS
+    assert rebuilt >= 1
+    purging.execute("INSERT INTO t (t) VALUES ('integrity-check')")
+    assert purging.execute("SELECT count(*) FROM t WHERE t MATCH 'word1799'").fetchone() == (0,)
+    assert purging.execute("SELECT count(*) FROM t WHERE t MATCH 'word1800'").fetchone() == (1,)
+    indexer.close()
+    purging.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -11,10 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from benchmarks.logs import generate_log
-from conftest import APP_ID, TOKEN, Server, require_tool, rows, wait_for
-from test_erasure import findings, holding, message
-from topic_audit import load, samples
+from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
+from litestar.testing import TestClient
+from test_erasure import findings, forge, holding, message
+from topic_audit import erasure, load, retention, samples
+from topic_audit.app import create_app
+from topic_audit.erasure import connect
+from topic_audit.metrics import Metrics
+from topic_audit.settings import Settings
 
 
 def kept_and_erased(db: Path) -> tuple[int, int]:
@@ -117,3 +124,57 @@ def test_retention_behind_fires_in_prometheus(tmp_path: Path) -> None:
         server.stop()
     print(f"\nRetention behind fired after {fired:.1f} s and resolved after {resolved:.1f} s")
     assert age[0][1] < 86400
+
+
+def test_the_oldest_content_is_read_from_where_the_last_read_left_off(post: Post, db_path: Path) -> None:
+    for i in range(8):
+        post(message(f"user{i}", f"text {i}"))
+    conn = connect(db_path)
+    erasure.erase(conn, [1, 2, 3, 5], "request", "first", None, "2026-12-02T00:00:00.000Z")
+    seen = retention.Counted()
+    assert retention.counts(db_path, seen)[0] == {"request": 4}
+    assert seen.lowest == 4  # entries 1-3 are not read again
+    erasure.erase(conn, [4, 6], "retention", "second", None, "2026-12-02T00:00:01.000Z")
+    erased, age = retention.counts(db_path, seen)
+    assert seen.lowest == 7 and erased == {"request": 4, "retention": 2} and age > 0
+    fresh = retention.counts(db_path)  # as a read from the start finds
+    assert fresh[0] == erased and abs(fresh[1] - age) < 5
+    erasure.erase(conn, [7, 8], "request", "last", None, "2026-12-02T00:00:02.000Z")
+    conn.close()
+    assert retention.counts(db_path, seen) == ({"request": 6, "retention": 2}, 0.0)
+    assert seen.lowest == 9
+
+
+def test_the_policy_sweep_moves_past_what_the_policy_wrote_without_content(tmp_path: Path) -> None:
+    """Every callback outside the topic family is written without its content: a round finds nothing
+    to erase, and the next round starts after what this one read instead of reading it again."""
+    db = tmp_path / "audit.db"
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=db, store_bodies="topics")
+    with TestClient(create_app(settings, Metrics())) as client:
+        for i in range(5):
+            body = message(f"user{i}", "x") if i != 2 else samples.sample("after-create")
+            query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+            assert client.post(f"/callback?{query}", json=body).status_code == 200
+        on = retention.OnTheWriter(client.app.state.writer, lambda: "2026-12-02T00:00:00.000Z")
+        assert asyncio.run(on.sweep(db, 0)) == 5
+        assert asyncio.run(on.sweep(db, 5)) == 5
+
+
+def test_retention_in_serve_keeps_an_entry_changed_since_it_was_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "audit.db"
+    with TestClient(create_app(Settings(sdk_app_id=APP_ID, token=TOKEN, db=db), Metrics())) as client:
+        for i in range(4):
+            body = message(f"user{i}", f"text {i}")
+            query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+            assert client.post(f"/callback?{query}", json=body).status_code == 200
+        forge(db, "UPDATE audit_log SET detail = 'edited' WHERE id = 3")
+        on = retention.OnTheWriter(client.app.state.writer, lambda: "2026-12-02T00:00:00.000Z")
+        retention.log.addHandler(caplog.handler)  # the package's loggers do not propagate
+        try:
+            assert asyncio.run(on.retain(db, 0)) == 3
+        finally:
+            retention.log.removeHandler(caplog.handler)
+    assert [r["id"] for r in rows(db) if r["request_body"] is not None] == [3]
+    assert "entry 3 has content that does not match its commitment: not erasing it" in caplog.text

@@ -53,31 +53,58 @@ from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate, migrations
 from topic_audit.settings import Settings
 
 
+def _rechain(conn: sqlite3.Connection, table: str, hashed: Callable[[dict[str, Any]], str]) -> None:
+    """Rewrite the chain of ``table`` as older code wrote it: each row's ``entry_hash`` is ``hashed(row)``
+    (its ``prev_hash`` already the row before's), past the table's append-only trigger."""
+    conn.row_factory = sqlite3.Row
+    written = [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
+    conn.row_factory = None
+    prev = chain.GENESIS
+    for row in written:
+        row["prev_hash"] = prev
+        row["entry_hash"] = prev = hashed(row)
+    (trigger,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = ?", (f"{table}_no_update",)
+    ).fetchone()
+    conn.execute(f"DROP TRIGGER {table}_no_update")  # the rows as that code wrote them, not an update
+    conn.executemany(
+        f"UPDATE {table} SET prev_hash = ?, entry_hash = ? WHERE id = ?",
+        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in written],
+    )
+    conn.execute(trigger)
+
+
 def _hashed_with_the_content(conn: sqlite3.Connection) -> None:
     """Before m014 an entry had no keyed commitment: its hash covered its content (chain recomputed)."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_log_no_update'").fetchone() is None:
         return  # the log before the first release is empty
-    conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
-    conn.row_factory = None
-    prev = chain.GENESIS
-    for row in rows:
-        row["prev_hash"], row["content_commitment"] = prev, None
-        row["entry_hash"] = prev = chain.entry_hash(row)
-    (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_log_no_update'").fetchone()
-    conn.execute("DROP TRIGGER audit_log_no_update")  # the rows as that code wrote them, not an update
-    conn.executemany(
-        "UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE id = ?",
-        [(r["prev_hash"], r["entry_hash"], r["id"]) for r in rows],
-    )
-    conn.execute(trigger)
+    _rechain(conn, "audit_log", lambda row: chain.entry_hash({**row, "content_commitment": None}))
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_hashes'").fetchone() is not None:
         conn.execute("DELETE FROM tree_hashes")  # the tree of those hashes: stored again by the checkpoints
 
 
-BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {"m014_forgetting": _hashed_with_the_content}
+def _records_without_effects(conn: sqlite3.Connection) -> None:
+    """Before m016 an erasure record did not commit to its entries' effects (its chain recomputed)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
+        return
+
+    def hashed(record: dict[str, Any]) -> str:  # that code's canonical form: every column but the hash
+        assert "effects_digest" not in record
+        shown = {c: v for c, v in record.items() if c != "entry_hash"}
+        return hashlib.sha256(json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    _rechain(conn, "erasures", hashed)
+
+
+BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {
+    "m014_forgetting": _hashed_with_the_content,
+    "m016_effects_digest": _records_without_effects,
+}
 """How a log written before a migration differs from today's rows (see above)."""
-REWRITTEN: dict[str, str] = {"audit_log.content_commitment": "m014_forgetting"}
+REWRITTEN: dict[str, str] = {
+    "audit_log.content_commitment": "m014_forgetting",
+    "erasures.effects_digest": "m016_effects_digest",
+}
 """Columns today's rows fill that a BEFORE function accounts for (the migration that added them)."""
 
 NAMES = [m.name for m in migrations._migrations]
@@ -376,3 +403,32 @@ def test_a_populated_log_is_upgraded_in_place(name: str, reference: Path, tmp_pa
         wait_for(lambda: _indexed(db, entries + 3), 20, "the search indexes to catch up")
     assert_verified(db, entries + 3)
     assert_derived_tables_equal_a_rebuild(db, tmp_path)
+
+
+def test_erasure_records_written_before_effects_digest_still_verify(reference: Path, tmp_path: Path) -> None:
+    """A log with erasure records from before m016 (no ``effects_digest``) upgrades and verifies; records
+    written after the upgrade commit to their effects."""
+    erased = tmp_path / "erased" / "audit.db"
+    erased.parent.mkdir()
+    source = sqlite3.connect(reference)
+    target = sqlite3.connect(erased)
+    source.backup(target)
+    source.close()
+    target.close()
+    shutil.copy(reference.with_name("checkpoint-signing.key"), erased.parent)
+    topic = _scalar(reference, "SELECT topic_id FROM topics WHERE deleted_entry_id IS NULL LIMIT 1")
+    for selector in (["--topic", topic], ["--from-id", "3", "--to-id", "9"]):
+        done = run_cli("erase", "--db", str(erased), *selector, "--reason", "before m016", "--yes")
+        assert done.returncode == 0, done.stderr
+    assert _scalar(erased, "SELECT count(*) FROM erasures WHERE effects_digest IS NOT NULL") == 2
+    (tmp_path / "before").mkdir()
+    db, _ = written_before("m016_effects_digest", erased, tmp_path / "before")
+    entries = _scalar(db, "SELECT count(*) FROM audit_log")
+    migrate(db)
+    assert _scalar(db, "SELECT count(*) FROM erasures WHERE effects_digest IS NULL") == 2
+    assert_verified(db, entries)
+    assert_derived_tables_equal_a_rebuild(db, tmp_path)
+    done = run_cli("erase", "--db", str(db), "--id", "12", "--reason", "after m016", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert _scalar(db, "SELECT count(*) FROM erasures WHERE effects_digest IS NOT NULL") == 1
+    assert_verified(db, entries)

@@ -467,6 +467,14 @@ def m015_entry_page_indexes(db: Database) -> None:
     )
 
 
+@migrations()
+def m016_effects_digest(db: Database) -> None:
+    """``erasures.effects_digest``: each record commits to what the projection replays in place of the
+    topic events it erased (``erased_entries.effects``), so that editing it is a finding. Records written
+    before keep their hash (the column is hashed only when not NULL) and their effects stay unchecked."""
+    db.execute("ALTER TABLE erasures ADD COLUMN effects_digest TEXT")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,12 @@ import fcntl
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TypeVar
 
-from topic_audit import erasure, jobs, models, subjects
+from topic_audit import erasure, jobs, models
 from topic_audit.metrics import Metrics
 from topic_audit.settings import Settings
 from topic_audit.writer import Writer
@@ -59,10 +60,13 @@ def _exclusive(db: Path) -> Iterator[bool]:
 
 SWEEP_SECONDS: Final = 60.0
 _NOT_TOPICS: Final = ", ".join(f"'{c}'" for c in models.TOPIC_COMMANDS)
+SWEEP_IDS: Final = 5000
+"""Ids one read of the sweep covers: a range of ids, not a number of matches, so that a round over
+entries already erased (every callback the policy wrote without content) moves on all the same."""
 _SWEPT: Final = (
     "SELECT a.id, EXISTS (SELECT 1 FROM outbox o WHERE o.audit_id = a.id AND o.state = 'pending') "
-    f"FROM audit_log a WHERE a.id > ? AND (a.callback_command IS NULL OR a.callback_command NOT IN ({_NOT_TOPICS})) "
-    "AND NOT EXISTS (SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id LIMIT 5000"
+    f"FROM audit_log a WHERE a.id > ? AND a.id <= ? AND (a.callback_command IS NULL OR a.callback_command NOT IN ({_NOT_TOPICS})) "
+    "AND NOT EXISTS (SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id"
 )
 
 
@@ -70,20 +74,41 @@ def _read(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
 
 
-def _older(db: Path, days: float) -> list[int]:
+def _older(db: Path, days: float) -> tuple[list[int], str]:
     conn = _read(db)
     try:
-        return list(subjects.select(conn, subjects.Selector("older", subjects.horizon(timedelta(days=days)))))
+        return erasure.retention_plan(conn, timedelta(days=days))
     finally:
         conn.close()
 
 
-def _swept(db: Path, after: int) -> list[tuple[int, int]]:
+def _swept(db: Path, after: int) -> tuple[list[tuple[int, int]], int]:
+    """The callbacks to sweep after ``after`` (id, whether a delivery is pending), read :data:`SWEEP_IDS`
+    ids at a time up to the first range holding any, and the last id read."""
     conn = _read(db)
     try:
-        return [(int(i), int(p)) for i, p in conn.execute(_SWEPT, (after,)).fetchall()]
+        head = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0])
+        while after < head:
+            upto = min(after + SWEEP_IDS, head)
+            found = conn.execute(_SWEPT, (after, upto)).fetchall()
+            if found:
+                return [(int(i), int(p)) for i, p in found], upto
+            after = upto
+        return [], after
     finally:
         conn.close()
+
+
+def _intact(db: Path, ids: list[int]) -> list[int]:
+    conn = _read(db)
+    try:
+        found = erasure.tampered(conn, ids)
+    finally:
+        conn.close()
+    if found:
+        log.error("%s; the others are erased", erasure.Tampered(found))
+    changed = {entry_id for entry_id, _ in found}
+    return [i for i in ids if i not in changed]
 
 
 class OnTheWriter:
@@ -96,7 +121,10 @@ class OnTheWriter:
     async def _run(self, job: jobs.Job[T]) -> T:
         return await asyncio.wrap_future(self.writer.submit(job))
 
-    async def erase(self, ids: list[int], cause: str, reason: str) -> int:
+    async def erase(self, db: Path, ids: list[int], cause: str, reason: str) -> int:
+        """Erase ``ids`` but those that fail their own check (logged: their content stays, as what shows
+        the change, and the oldest content's age says retention is behind)."""
+        ids = await asyncio.to_thread(_intact, db, ids)
         total, indexed = 0, False
         for start in range(0, len(ids), BATCH):
             erased, held = await self._run(
@@ -134,53 +162,81 @@ class OnTheWriter:
         with _exclusive(db) as mine:
             if not mine:
                 return 0
-            ids = await asyncio.to_thread(_older, db, days)
-            before = subjects.horizon(timedelta(days=days))
-            return await self.erase(
-                ids, "retention", f"retention: older than {days:g} days (received before {before})"
-            )
+            ids, reason = await asyncio.to_thread(_older, db, days)
+            return await self.erase(db, ids, "retention", reason)
 
     async def sweep(self, db: Path, after: int) -> int:
         """Erase the content of callbacks outside the topic family after entry ``after`` whose deliveries
-        are all done; returns the id below which nothing is left to sweep (the next call's ``after``)."""
+        are all done; returns the id up to which nothing is left to sweep (the next call's ``after``: the
+        entry before the first still pending, or the last read), so a round reads only what is new."""
         with _exclusive(db) as mine:
             while mine:
-                found = await asyncio.to_thread(_swept, db, after)
-                if not found:
+                found, upto = await asyncio.to_thread(_swept, db, after)
+                if upto <= after:
                     break
-                await self.erase([i for i, pending in found if not pending], "policy", erasure.POLICY_REASON)
+                done = [i for i, pending in found if not pending]
+                if done:
+                    await self.erase(db, done, "policy", erasure.POLICY_REASON)
                 waiting = [i for i, pending in found if pending]
                 if waiting:
                     return waiting[0] - 1
-                after = found[-1][0]
+                after = upto
         return after
 
 
-def counts(db: Path) -> tuple[dict[str, int], float]:
+@dataclass
+class Counted:
+    """What earlier reads of the privacy metrics found, so that each reads only what is new: every entry
+    below ``lowest`` is erased (erasure never gives content back), and the records up to ``records`` are
+    summed in ``erased``."""
+
+    lowest: int = 1
+    records: int = 0
+    erased: dict[str, int] = field(default_factory=dict)
+
+
+_OLDEST: Final = (
+    "SELECT id, received_at FROM audit_log a WHERE a.id >= ? AND NOT EXISTS "
+    "(SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id LIMIT 1"
+)
+
+
+def counts(db: Path, seen: Counted | None = None) -> tuple[dict[str, int], float]:
     """Entries erased by cause (from the records) and the age of the oldest content still kept (0: none),
-    for ``topic_audit_erased_entries_total`` and ``topic_audit_oldest_content_age_seconds``."""
+    for ``topic_audit_erased_entries_total`` and ``topic_audit_oldest_content_age_seconds``; ``seen``
+    carries what the last call read (then this one reads only what is new)."""
+    seen = seen if seen is not None else Counted()
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
             return {}, 0.0
-        erased = dict(conn.execute("SELECT cause, sum(entries) FROM erasures GROUP BY cause").fetchall())
-        oldest = conn.execute(
-            "SELECT received_at FROM audit_log a WHERE NOT EXISTS "
-            "(SELECT 1 FROM erased_entries e WHERE e.entry_id = a.id) ORDER BY a.id LIMIT 1"
-        ).fetchone()
+        conn.execute("BEGIN")  # one snapshot
+        new = conn.execute(
+            "SELECT cause, sum(entries), max(id) FROM erasures WHERE id > ? GROUP BY cause", (seen.records,)
+        ).fetchall()
+        for cause, entries, last in new:
+            seen.erased[cause] = seen.erased.get(cause, 0) + int(entries)
+            seen.records = max(seen.records, int(last))
+        oldest = conn.execute(_OLDEST, (seen.lowest,)).fetchone()
+        if oldest is None:
+            head = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+            seen.lowest = int(head) + 1
+        else:
+            seen.lowest = int(oldest[0])
     finally:
         conn.close()
     if oldest is None:
-        return erased, 0.0
-    at = datetime.fromisoformat(str(oldest[0]).replace("Z", "+00:00"))
-    return erased, (datetime.now(UTC) - at).total_seconds()
+        return dict(seen.erased), 0.0
+    at = datetime.fromisoformat(str(oldest[1]).replace("Z", "+00:00"))
+    return dict(seen.erased), (datetime.now(UTC) - at).total_seconds()
 
 
 async def report(db: Path, counted: Callable[[dict[str, int], float], None], every: float = 15.0) -> None:
     """Keep the privacy metrics current (cancelled on shutdown)."""
+    seen = Counted()
     while True:
         try:
-            counted(*await asyncio.to_thread(counts, db))
+            counted(*await asyncio.to_thread(counts, db, seen))
         except Exception:
             log.exception("could not read the erasure counts; will retry")
         await asyncio.sleep(every)

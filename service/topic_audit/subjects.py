@@ -1,4 +1,4 @@
-"""Which log entries hold a data subject's values: the selectors of ``topic-audit erase``.
+r"""Which log entries hold a data subject's values: the selectors of ``topic-audit erase``.
 
 - ``account``: any ``*_Account`` field anywhere in the body (operator, owner, sender, receiver, members…);
 - ``ip``: the end user's ``ClientIP`` (the ``client_ip`` column, which the receiver reads from the query);
@@ -6,8 +6,10 @@
 - ``id`` / ``range``: entries by id.
 
 Bodies are searched with ``instr`` (one pass in SQLite, no index to keep) and each candidate is then
-checked exactly on its parsed JSON, so a value that only appears inside another is not taken. Entries
-already erased are never selected again.
+checked exactly on its parsed JSON, so a value that only appears inside another is not taken. JSON may
+write any character of a string as an escape (``\u00e9``, ``\"``, ``\/``): a body that holds the value
+in none of its strings literally holds a backslash, so the bodies holding either are the candidates, and
+the decoded JSON decides (:data:`_CANDIDATE`). Entries already erased are never selected again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from topic_audit import models
 
 KINDS: Final = ("account", "ip", "topic", "id", "range", "older")
 _NOT_ERASED: Final = "id NOT IN (SELECT entry_id FROM erased_entries)"
+_CANDIDATE: Final = "(instr(request_body, ?) > 0 OR instr(request_body, '\\') > 0)"
+"""A body that may name the value: it holds it as written, or an escape that may spell it."""
 _DURATION: Final = re.compile(r"^\s*(\d+)\s*([dhms])\s*$")
 _UNITS: Final = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
@@ -68,18 +72,18 @@ def select(conn: sqlite3.Connection, selector: Selector) -> Iterator[int]:
     elif kind == "ip":
         yield from _ids(conn, "client_ip = ?", (value,))
     elif kind == "topic":
+        # topic_id holds the decoded id; the destroys that list several topics are decoded here.
         candidates = conn.execute(
-            f"SELECT id, topic_id, request_body FROM audit_log WHERE {_NOT_ERASED} AND "
-            "(topic_id = ? OR (topic_id IS NULL AND instr(request_body, ?) > 0)) ORDER BY id",
-            (value, value),
+            f"SELECT id, topic_id, request_body FROM audit_log WHERE {_NOT_ERASED} AND (topic_id = ? OR "
+            f"(callback_command = ? AND topic_id IS NULL AND {_CANDIDATE})) ORDER BY id",
+            (value, models.AFTER_DESTROYED, value),
         )
         for entry_id, topic_id, body in candidates:
             if topic_id == value or value in _topic_list(body):
                 yield entry_id
     else:
         candidates = conn.execute(
-            f"SELECT id, request_body FROM audit_log WHERE {_NOT_ERASED} AND instr(request_body, ?) > 0 "
-            "ORDER BY id",
+            f"SELECT id, request_body FROM audit_log WHERE {_NOT_ERASED} AND {_CANDIDATE} ORDER BY id",
             (value,),
         )
         for entry_id, body in candidates:

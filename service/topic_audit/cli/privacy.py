@@ -48,10 +48,26 @@ def _open(db: Path) -> sqlite3.Connection:
     return erasure.connect(db)
 
 
+def _read_only(db: Path) -> sqlite3.Connection:
+    """A dry run's connection: the file opened read-only (``mode=ro``), neither migrated nor written. A
+    log not yet migrated to erasures has erased nothing: empty stand-ins for the tables the selection
+    reads live in the connection's own temporary schema."""
+    if not db.exists():
+        raise click.ClickException(f"{db} does not exist")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erased_entries'").fetchone() is None:
+        conn.execute("CREATE TEMP TABLE erased_entries (entry_id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TEMP TABLE content_keys (entry_id INTEGER PRIMARY KEY, salt BLOB)")
+    return conn
+
+
 def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) -> None:
     if dry_run:
         shown = ", ".join(map(str, ids[:20])) + (" …" if len(ids) > 20 else "")
-        click.echo(f"dry run: would erase {len(ids)} entries{f' ({shown})' if ids else ''}; --yes to erase")
+        click.echo(
+            f"dry run (database opened read-only, nothing written): would erase {len(ids)} entries"
+            f"{f' ({shown})' if ids else ''}; --yes to erase"
+        )
         return
     for record in outcome.records:
         click.echo(
@@ -151,13 +167,18 @@ def erase(
         selector = subjects.Selector(kind, value)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    conn = _open(db)
+    conn = _open(db) if yes else _read_only(db)
     try:
         ids = list(subjects.select(conn, selector))
         outcome = erasure.Outcome([])
+        found = [] if yes else erasure.tampered(conn, ids)  # with --yes, erase() checks them first
+        if found:
+            raise erasure.Tampered(found)
         if yes and ids:
             digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value)
             outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now())
+    except erasure.Tampered as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         conn.close()
     _report(outcome, f"--{kind}", not yes, ids)
@@ -182,6 +203,8 @@ def retain(db: Path, older_than: str) -> None:
     conn = _open(db)
     try:
         outcome = erasure.retain(conn, age, _now())
+    except erasure.Tampered as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         conn.close()
     click.echo(

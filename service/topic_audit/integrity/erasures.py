@@ -2,22 +2,25 @@
 
 Every record is chained like the deliveries (contiguous ids, ``prev_hash``, ``entry_hash`` over its
 canonical form) and its head is signed in every checkpoint. Each record must match the entries listed
-under it in ``erased_entries`` — their number, first and last id and the digest of their ids — and the
+under it in ``erased_entries`` — their number, first and last id and the digest of their ids; the
 evidence of those entries and of their delivery attempts must still be what it committed to
-(``evidence_digest``): an erasure applied to more or fewer entries than recorded, a record edited or
-removed, or evidence changed behind an erasure, is a finding. What an erased entry itself must look like
-(content blank, no salt) is checked with the chain (:mod:`.entries`).
+(``evidence_digest``); and so must what the projection replays in place of the erased topic events
+(``effects_digest``; records written before ``m016`` have none, and their effects stay unchecked). An
+erasure applied to more or fewer entries than recorded, a record edited or removed, evidence or effects
+changed behind an erasure, is a finding. What an erased entry itself must look like (content blank, no
+salt) is checked with the chain (:mod:`.entries`).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-from topic_audit import chain, erasure
+from topic_audit import chain, erasure, records
 from topic_audit.integrity.deliveries import Deliveries
 from topic_audit.integrity.findings import Finding, Notes
 
-_READ = f"SELECT {', '.join(erasure.COLUMNS)} FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
+_READ = "SELECT * FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
+"""Every column the table has: a log not yet migrated to ``m016`` has no ``effects_digest``."""
 _LISTED = (
     "SELECT count(*), min(entry_id), max(entry_id), group_concat(entry_id) FROM "
     "(SELECT entry_id FROM erased_entries WHERE erasure_id = ? ORDER BY entry_id)"
@@ -33,15 +36,17 @@ def chain_range(
         row = conn.execute("SELECT entry_hash FROM erasures WHERE id = ?", (ids[0],)).fetchone()
         after = row[0] if row is not None else chain.GENESIS
     expected, prev, count = ids[0] + 1, after, 0
-    for values in conn.execute(_READ, ids):
+    cursor = conn.execute(_READ, ids)
+    names = [d[0] for d in cursor.description]
+    for values in cursor:
         count += 1
-        record = dict(zip(erasure.COLUMNS, values, strict=True))
+        record = dict(zip(names, values, strict=True))
         number = record["id"]
         if number != expected:
             note("erasure_ids", None, f"erasure {expected}: expected erasure {expected}, found {number}")
         if record["prev_hash"] != prev:
             note("erasure_chain", None, f"erasure {number}: prev_hash is not the previous record's")
-        if erasure.record_hash(record) != record["entry_hash"]:
+        if records.record_hash(record) != record["entry_hash"]:
             note("erasure_hash", None, f"erasure {number}: entry_hash does not match the record")
         _check_listed(conn, record, note)
         prev, expected = record["entry_hash"], number + 1
@@ -52,19 +57,32 @@ def _check_listed(conn: sqlite3.Connection, record: dict[str, object], note: Not
     count, first, last, listed = conn.execute(_LISTED, (record["id"],)).fetchone()
     ids = [int(i) for i in listed.split(",")] if listed else []
     said = (record["entries"], record["first_id"], record["last_id"], record["entries_digest"])
-    if (count, first, last, erasure.entries_digest(ids)) != said:
+    if (count, first, last, records.entries_digest(ids)) != said:
         note(
             "erasure_entries",
             first if isinstance(first, int) else None,
             f"erasure {record['id']} records {record['entries']} entries "
             f"({record['first_id']}..{record['last_id']}); {count} are listed under it",
         )
-    elif erasure.evidence_digest(conn, ids, int(str(record["deliveries_upto"]))) != record["evidence_digest"]:
+    elif records.evidence_digest(conn, ids, int(str(record["deliveries_upto"]))) != record["evidence_digest"]:
         note(
             "erasure_evidence",
             first,
             f"erasure {record['id']}: the evidence of its entries or their deliveries changed since",
         )
+    elif record.get("effects_digest") is not None and _effects(conn, record) != record["effects_digest"]:
+        note(
+            "erasure_effects",
+            first,
+            f"erasure {record['id']}: what the projection replays for its entries (effects) changed since",
+        )
+
+
+def _effects(conn: sqlite3.Connection, record: dict[str, object]) -> str:
+    listed = conn.execute(
+        "SELECT entry_id, effects FROM erased_entries WHERE erasure_id = ? ORDER BY entry_id", (record["id"],)
+    )
+    return records.effects_digest(listed.fetchall())
 
 
 def orphans(conn: sqlite3.Connection) -> list[Finding]:
