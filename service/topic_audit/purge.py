@@ -87,8 +87,16 @@ def levels(conn: sqlite3.Connection, table: str) -> int:
 
 def truncate_wal(conn: sqlite3.Connection) -> bool:
     """Checkpoint the whole WAL into the database and truncate it; False while a reader holds an older
-    snapshot (try again)."""
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    snapshot (try again).
+
+    Without waiting: a TRUNCATE checkpoint holds the write lock while its busy handler waits for readers
+    (Litestream always holds one), so every writer would wait with it; the caller retries instead."""
+    timeout = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={timeout}")
     return not busy
 
 
