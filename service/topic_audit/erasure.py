@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-from topic_audit import chain, content, redaction, subjects
+from topic_audit import chain, content, redaction, reindex, subjects
 from topic_audit.chain import GENESIS
 from topic_audit.database import transaction
 from topic_audit.purge import INDEXES as INDEXES
@@ -167,10 +167,11 @@ def _unindex(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> bool:
     behind the writer, and will find their content gone when it reaches the others)."""
     indexed = int(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log_fts_docsize").fetchone()[0])
     held = [(r["id"], r["request_body"], r["detail"]) for r in rows if r["id"] <= indexed]
-    conn.executemany(
-        "INSERT INTO audit_log_fts (audit_log_fts, rowid, request_body, detail) VALUES ('delete', ?, ?, ?)",
-        held,
-    )
+    for table, upto in reindex.copies(conn, "audit_log_fts"):  # and a rebuild's next index
+        conn.executemany(
+            f"INSERT INTO {table} ({table}, rowid, request_body, detail) VALUES ('delete', ?, ?, ?)",
+            [row for row in held if row[0] <= upto],
+        )
     return bool(held)
 
 

@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
-from topic_audit import database, erasure, outbox, projection
+from topic_audit import database, erasure, outbox, projection, purge, reindex
 from topic_audit.checkpoints import Signer, make_checkpoint
 
 T = TypeVar("T")
@@ -90,7 +90,9 @@ class Erase(Job["tuple[int, bool]"]):
 
 @dataclass(frozen=True, slots=True)
 class Purge(Job[bool]):
-    """One step of purging what SQLite keeps of erased values: ``wipe`` (free pages), ``merge`` (of
+    """One step of purging what SQLite keeps of erased values: ``wipe`` (free pages, a step of
+    :func:`topic_audit.purge.wipe_step`), ``reindex`` (of
+    ``table``, when its structure grew too long: :func:`topic_audit.reindex.step`), ``merge`` (of
     ``table``), ``truncate`` (the WAL)."""
 
     step: str
@@ -144,8 +146,9 @@ def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
             done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now)
             return (0, False) if done is None else (done.entries, done.indexed)
         if job.step == "wipe":
-            erasure.wipe_freelist(conn)
-            return True
+            return purge.wipe_step(conn)
+        if job.step == "reindex":
+            return reindex.step(conn, job.table)
         if job.step == "merge":
             return erasure.merge_step(conn, job.table, 64)
         return erasure.truncate_wal(conn)

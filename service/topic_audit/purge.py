@@ -2,7 +2,8 @@
 
 SQLite keeps deleted data in three places: FTS5 (3.40 has no ``secure-delete``) keeps deleted terms in
 its index segments until they are merged away, so both full-text indexes are merged into one segment
-(see :func:`merge_step` for the one form of that which stays safe);
+(see :func:`merge_step` for the one form of that which stays safe, and :mod:`topic_audit.reindex` for
+the rebuild that keeps it safe);
 freed pages keep their old bytes unless ``secure_delete`` zeroed them (and pages freed earlier, by
 connections that did not, are zeroed by :func:`wipe_freelist`); and the WAL still holds the pages as they
 were before, until it is checkpointed into the database and truncated.
@@ -16,29 +17,35 @@ import sqlite3
 import time
 from typing import Any, Final
 
+from topic_audit import reindex
 from topic_audit.database import transaction
+from topic_audit.reindex import MOST_LEVELS, levels
 
 INDEXES: Final = ("audit_log_fts", "topics_fts")
 MERGE_STEPS: Final = 2000
 """Most merge steps of one index in one purge: each step is a short transaction, and under a steady
 load new segments keep arriving, so the loop is bounded."""
-MOST_LEVELS: Final = 1000
-"""Levels an index's structure may list before a merge step rebuilds it instead (see :func:`merge_step`).
-SQLite 3.40 reports the index corrupt ("database disk image is malformed") past 2,000."""
+WIPE_PAGES: Final = 2000
+"""Free pages one step of :func:`wipe_step` overwrites (8 MB of zeros, about 60 ms here)."""
+STEP_PAUSE: Final = 0.005
+"""Between two rebuild steps: a writer waiting for the lock (``serve``'s) gets it."""
 
 
 def purge(
     conn: sqlite3.Connection, merge: bool = True, attempts: int = 200, most_levels: int = MOST_LEVELS
 ) -> bool:
     """Leave no copy of erased values in the database files: merge the full-text indexes into one segment
-    each (deleted terms go with the merged-away segments), zero freed pages, and checkpoint the WAL into
+    each (deleted terms go with the merged-away segments; first rebuilt, if their structure lists
+    ``most_levels`` levels, see :mod:`topic_audit.reindex`), zero freed pages, and checkpoint the WAL into
     the database, then truncate it. Returns False when a step could not finish (the merge did not settle
     within :data:`MERGE_STEPS` steps while others write, or a reader -- Litestream -- kept the WAL): the
     caller says so instead of promising that no copy remains."""
     conn.execute("PRAGMA secure_delete=ON")
     complete = True
     for table in INDEXES if merge else ():
-        steps = (merge_step(conn, table, most_levels=most_levels) for _ in range(MERGE_STEPS))
+        while not reindex.step(conn, table, most_levels):
+            time.sleep(STEP_PAUSE)
+        steps = (merge_step(conn, table) for _ in range(MERGE_STEPS))
         complete = any(steps) and complete
     wipe_freelist(conn)  # last: what the merges freed too
     for _ in range(attempts):
@@ -58,8 +65,9 @@ def merge_step(
     them): past 2,000 levels -- about a thousand purges, at a level or two each -- every statement on
     the index fails with "database disk image is malformed". Positive merges add none, but
     leave a segment per level, so deleted terms may stay. So a step merges with ``-pages`` while the
-    structure lists fewer than ``most_levels`` levels, and otherwise rebuilds the index from its content
-    (``'rebuild'``: one transaction over the whole index, a fresh structure, and no deleted term left)."""
+    structure lists fewer than ``most_levels`` levels. Purging rebuilds an index that reached them
+    beside the one in use first (:func:`topic_audit.reindex.step`); should a step still find that many,
+    it rebuilds the index in place (``'rebuild'``: one long transaction, but a sound index)."""
     with transaction(conn):
         if levels(conn, table) >= most_levels:
             conn.execute(f"INSERT INTO {table} ({table}) VALUES ('rebuild')")
@@ -67,22 +75,6 @@ def merge_step(
         before = conn.total_changes
         conn.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('merge', ?)", (-pages,))
         return conn.total_changes - before < 2
-
-
-def levels(conn: sqlite3.Connection, table: str) -> int:
-    """How many levels the structure of the FTS5 index ``table`` lists: its structure record (row 10 of
-    ``<table>_data``) is a 4-byte cookie, then the number of levels as an SQLite varint."""
-    row = conn.execute(f"SELECT block FROM {table}_data WHERE id = 10").fetchone()
-    if row is None or len(row[0]) < 5:
-        return 0
-    value, record = 0, bytes(row[0])
-    for index, byte in enumerate(record[4:13]):
-        if index == 8:
-            return (value << 8) | byte
-        value = (value << 7) | (byte & 0x7F)
-        if byte < 0x80:
-            break
-    return value
 
 
 def truncate_wal(conn: sqlite3.Connection) -> bool:
@@ -101,21 +93,47 @@ def truncate_wal(conn: sqlite3.Connection) -> bool:
 
 
 def wipe_freelist(conn: sqlite3.Connection) -> None:
-    """Overwrite every page on the freelist with zeros: pages freed before erasure (by connections that
-    did not zero what they freed) may still hold copies of erased values. Fills the freelist with a
-    scratch table of zero blobs, then drops it (with ``secure_delete`` its pages are zeroed again)."""
+    """Overwrite every page on the freelist with zeros, a step at a time (:func:`wipe_step`)."""
+    while not wipe_step(conn):
+        pass
+
+
+def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
+    """One step (one short transaction) of overwriting the pages on the freelist with zeros: pages freed
+    before erasure (by connections that did not zero what they freed) may still hold copies of erased
+    values. Up to ``pages`` free pages are taken by a scratch table of zero blobs a step; once none is
+    left, the table is emptied, ``pages`` at a time (``secure_delete`` zeroes them again as they are
+    freed: the end of a blob's last page is not written by the blob), and dropped; then the step
+    returns True."""
     page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    blobs = max(1, pages // 8)
     with transaction(conn):
-        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        if not free:
-            return
-        conn.execute("CREATE TABLE erasure_scratch (b BLOB)")
-        while free:
-            conn.executemany(
-                "INSERT INTO erasure_scratch VALUES (zeroblob(?))", [(page * 8,)] * (free // 8 + 1)
+        if _exists(conn, "erasure_scratch_full"):
+            cursor = conn.execute(
+                "DELETE FROM erasure_scratch_full WHERE rowid IN "
+                "(SELECT rowid FROM erasure_scratch_full LIMIT ?)",
+                (blobs,),
             )
-            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        conn.execute("DROP TABLE erasure_scratch")
+            if cursor.rowcount:
+                return False
+            conn.execute("DROP TABLE erasure_scratch_full")
+            return True
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        if free:
+            conn.execute("CREATE TABLE IF NOT EXISTS erasure_scratch (b BLOB)")
+            conn.executemany(
+                "INSERT INTO erasure_scratch VALUES (zeroblob(?))",
+                [(page * 8,)] * max(1, min(free, pages) // 8),
+            )
+            return False
+        if _exists(conn, "erasure_scratch"):
+            conn.execute("ALTER TABLE erasure_scratch RENAME TO erasure_scratch_full")
+            return False
+        return True
+
+
+def _exists(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
 def connect(path: Any) -> sqlite3.Connection:

@@ -15,6 +15,7 @@ and is replayed in one piece instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -190,9 +191,6 @@ full-text index built afresh in one pass: building by sorting is several times f
 up to date row by row. Below it, the written topics are indexed again one by one."""
 
 
-_ROWID = "SELECT rowid FROM topics WHERE topic_id = ?"
-
-
 def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) -> int:
     """Write the rows that differ and recount ``topic_counts``."""
     bulk = len(rows) >= BULK_FROM
@@ -212,14 +210,8 @@ def _write(conn: sqlite3.Connection, rows: dict[str, tuple[Any, ...] | None]) ->
             conn.execute(sql)
         search.reindex_topics(conn)
     else:  # the full-text index follows: deleted rows leave texts behind, kept and new rows are indexed again
-        ids = [(t,) for t in rows]
-        conn.execute("DELETE FROM topics_fts WHERE rowid NOT IN (SELECT rowid FROM topics)")
-        conn.executemany(f"DELETE FROM topics_fts WHERE rowid = ({_ROWID})", ids)
-        conn.executemany(
-            "INSERT INTO topics_fts (rowid, name, introduction, notification) "
-            "SELECT rowid, name, introduction, notification FROM topics WHERE topic_id = ?",
-            ids,
-        )
+        search.forget_missing_topics(conn)
+        search.retext_topics(conn, "topic_id IN (SELECT value FROM json_each(?))", [json.dumps(list(rows))])
     if "topic_counts" in tables:
         counted = dict.fromkeys(("active", "deleted"), 0)
         for deleted, topics in conn.execute(

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
-from topic_audit import models, projection
+from topic_audit import models, projection, search
 
 PROJECTED: Final = (models.AFTER_CREATE, models.AFTER_INFO_CHANGED, models.AFTER_DESTROYED)
 EVIDENCE_FIELDS: Final = ("CallbackCommand", "GroupId", "TopicId", "TopicIdList", "Type", "EventTime")
@@ -116,11 +116,5 @@ def replay_topics(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> b
     conn.executemany(projection.UPSERT, map(projection.row_values, changed))
     changed_ids = [row["topic_id"] for row in changed]
     marks = ", ".join("?" * len(changed_ids))
-    rowids = f"SELECT rowid FROM topics WHERE topic_id IN ({marks})"
-    conn.execute(f"DELETE FROM topics_fts WHERE rowid IN ({rowids})", changed_ids)
-    conn.execute(
-        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
-        f"SELECT rowid, name, introduction, notification FROM topics WHERE topic_id IN ({marks})",
-        changed_ids,
-    )
+    search.retext_topics(conn, f"topic_id IN ({marks})", changed_ids)
     return True

@@ -137,8 +137,10 @@ class OnTheWriter:
         return total
 
     async def purge(self, merge: bool) -> None:
-        await self._run(jobs.Purge("wipe"))
+        await self._wipe()
         for table in erasure.INDEXES if merge else ():
+            while not await self._run(jobs.Purge("reindex", table)):  # each step moves it on
+                await asyncio.sleep(PAUSE_SECONDS)
             for _ in range(erasure.MERGE_STEPS):  # bounded: under load new segments keep arriving
                 if await self._run(jobs.Purge("merge", table)):
                     break
@@ -147,7 +149,7 @@ class OnTheWriter:
                 log.warning(
                     "%s did not settle in %d merge steps; erased terms may linger", table, erasure.MERGE_STEPS
                 )
-        await self._run(jobs.Purge("wipe"))  # again: what the merges freed
+        await self._wipe()  # again: what the merges and the rebuilds freed
         for _ in range(200):
             if await self._run(jobs.Purge("truncate")):
                 return
@@ -156,6 +158,10 @@ class OnTheWriter:
             "the WAL could not be truncated (a reader, e.g. Litestream, holds it); freed copies of erased "
             "values remain in it until its frames are reused"
         )
+
+    async def _wipe(self) -> None:
+        while not await self._run(jobs.Purge("wipe")):
+            await asyncio.sleep(PAUSE_SECONDS)
 
     async def retain(self, db: Path, days: float) -> int:
         """One retention run (unless another process is running one): the entries erased."""

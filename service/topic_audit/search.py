@@ -17,8 +17,9 @@ has indexed (every change to a topic's texts is an entry naming that topic in ``
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
-from topic_audit import database
+from topic_audit import database, reindex
 
 BATCH = 64
 """Most log entries indexed in one transaction, so that the write lock is never held for long (about
@@ -62,20 +63,37 @@ def index_topics(conn: sqlite3.Connection, limit: int | None = None) -> int:
     )
     if upto <= since:
         return 0
-    conn.execute(f"DELETE FROM topics_fts WHERE rowid IN ({_TOPICS_OF})", (since, upto))
-    conn.execute(
-        "INSERT INTO topics_fts (rowid, name, introduction, notification) "
-        "SELECT rowid, name, introduction, notification FROM topics "
-        f"WHERE rowid IN ({_TOPICS_OF})",
-        (since, upto),
-    )
+    retext_topics(conn, f"rowid IN ({_TOPICS_OF})", (since, upto))
     conn.execute("UPDATE search_progress SET last_entry_id = ? WHERE name = 'topics_fts'", (upto,))
     return upto - since
 
 
+def retext_topics(conn: sqlite3.Connection, where: str, params: Sequence[object] = ()) -> None:
+    """Index again, in the caller's transaction, the topics ``SELECT rowid FROM topics WHERE <where>``
+    selects (a topic no longer in ``topics`` goes), in ``topics_fts`` and, while a rebuild fills it, in
+    the next index (:func:`topic_audit.reindex.copies`)."""
+    for table, upto in reindex.copies(conn, "topics_fts"):
+        conn.execute(
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM topics WHERE {where}) AND rowid <= {upto}",
+            params,
+        )
+        conn.execute(
+            f"INSERT INTO {table} (rowid, name, introduction, notification) "
+            f"SELECT rowid, name, introduction, notification FROM topics WHERE ({where}) AND rowid <= {upto}",
+            params,
+        )
+
+
+def forget_missing_topics(conn: sqlite3.Connection) -> None:
+    """Remove from the topic indexes the topics no longer in ``topics``, in the caller's transaction."""
+    for table, _ in reindex.copies(conn, "topics_fts"):
+        conn.execute(f"DELETE FROM {table} WHERE rowid NOT IN (SELECT rowid FROM topics)")
+
+
 def reindex_topics(conn: sqlite3.Connection) -> None:
     """Index every topic afresh (after ``rebuild-projection`` rewrote the table), in the caller's
-    transaction."""
+    transaction; a rebuild of the index under way is dropped (it copied what is gone)."""
+    reindex.abandon(conn, "topics_fts")
     conn.execute("DELETE FROM topics_fts")
     conn.execute(
         "INSERT INTO topics_fts (rowid, name, introduction, notification) "

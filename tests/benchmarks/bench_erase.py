@@ -6,7 +6,10 @@ LOG is a generated log (``python -m tests.benchmarks.logs LOG 1000000 30``). A s
 appended to it (40 messages and topic events naming one account), indexed, then erased the way
 ``topic-audit erase --account`` does, each phase timed: finding the entries (one pass over the bodies),
 the erasure records (one transaction per 500 entries), and the purge (merging the full-text indexes,
-zeroing free pages, truncating the WAL). Prints the table quoted in the README.
+zeroing free pages, truncating the WAL). Then both full-text indexes are rebuilt beside the ones in
+use, the way a purge does once their structure grew too long (:mod:`topic_audit.reindex`): the steps
+and the longest any held the write lock, against rebuilding in place in one transaction. Prints the
+tables quoted in the README.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from topic_audit import append, checks, erasure, models, samples, search, subjects
+from topic_audit import append, checks, erasure, models, reindex, samples, search, subjects
 from topic_audit.app import build_row, iso_now
 from topic_audit.database import connect
 from topic_audit.settings import Settings
@@ -99,5 +102,32 @@ def main(db: Path) -> None:
     )
 
 
+def rebuilds(db: Path) -> None:
+    """Each index rebuilt beside itself, step by step, then in place (the same index, the same run)."""
+    conn = erasure.connect(db)
+    print("| index | steps | total s | median step ms | longest step ms | in place, one transaction s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for index in erasure.INDEXES:
+        steps = []
+        started = time.perf_counter()
+        while True:
+            at = time.perf_counter()
+            done = reindex.step(conn, index, most_levels=0)
+            steps.append(time.perf_counter() - at)
+            if done:
+                break
+        total = time.perf_counter() - started
+        at = time.perf_counter()
+        conn.execute(f"INSERT INTO {index} ({index}) VALUES ('rebuild')")
+        in_place = time.perf_counter() - at
+        steps.sort()
+        print(
+            f"| {index} | {len(steps)} | {total:.2f} | {steps[len(steps) // 2] * 1000:.1f} | "
+            f"{steps[-1] * 1000:.1f} | {in_place:.2f} |"
+        )
+    conn.close()
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    rebuilds(Path(sys.argv[1]))
