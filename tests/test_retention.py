@@ -17,7 +17,8 @@ from benchmarks.logs import generate_log
 from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
 from litestar.testing import TestClient
 from test_erasure import findings, forge, holding, message
-from topic_audit import erasure, load, retention, samples
+from test_reindex import instances, rebuilt_in_one_go
+from topic_audit import erasure, load, reindex, retention, samples, search
 from topic_audit.app import create_app
 from topic_audit.erasure import connect
 from topic_audit.metrics import Metrics
@@ -39,9 +40,17 @@ def old_log(db: Path, entries: int, days: float) -> None:
     generate_log(db, entries, seed=11, span_days=days)
 
 
-def test_serve_runs_retention_while_answering(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rebuilding", [False, True], ids=["", "rebuilding-the-indexes"])
+def test_serve_runs_retention_while_answering(rebuilding: bool, tmp_path: Path) -> None:
+    """Retention in serve under ~200/s; and, with a rebuild of both full-text indexes under way (what a
+    purge starts once their structure grew long), the writer carries it through between its groups."""
     db = tmp_path / "audit.db"
     old_log(db, 12_000, 3)  # two thirds older than a day
+    if rebuilding:
+        conn = connect(db)
+        for index in erasure.INDEXES:
+            assert not reindex.step(conn, index, most_levels=0)
+        conn.close()
     server = Server(db, tmp_path / "server.log", {"TOPIC_AUDIT_RETENTION_DAYS": "1"}).start()
     try:
         report: list[load.Report] = []
@@ -73,6 +82,17 @@ def test_serve_runs_retention_while_answering(tmp_path: Path) -> None:
     kept, erased = kept_and_erased(db)
     assert 7_900 <= erased <= 8_100 and kept >= sent.sent
     assert findings(db) == []
+    conn = connect(db)
+    try:
+        assert {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}.isdisjoint(
+            {f"{index}_{part}" for index in erasure.INDEXES for part in ("next", "old")}
+        )
+        search.index_everything(conn)
+        for index in erasure.INDEXES:
+            held = instances(conn, index)
+            assert held and held == rebuilt_in_one_go(conn, index)
+    finally:
+        conn.close()
 
 
 def test_store_bodies_topics_keeps_evidence_of_other_callbacks(tmp_path: Path) -> None:
