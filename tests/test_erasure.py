@@ -20,7 +20,7 @@ from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
 from topic_audit import chain, content, erasure, purge, records, samples, search
 from topic_audit.checkpoints import Signer
-from topic_audit.erasure import connect
+from topic_audit.purge import connect
 
 SUBJECT = "erin_subject_42"
 OTHER = "leckie"
@@ -149,7 +149,7 @@ def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_pa
 @pytest.mark.parametrize("most_levels", [purge.MOST_LEVELS, 0], ids=["merged", "rebuilt"])
 def test_fts_terms_linger_until_merged(most_levels: int, post: Post, db_path: Path) -> None:
     """The control for the raw scans: a row deleted from FTS5 the ordinary way leaves its terms in the
-    file, so the scan would find an erasure that skipped :func:`erasure.purge`; a purge that rebuilds
+    file, so the scan would find an erasure that skipped :func:`purge.purge`; a purge that rebuilds
     the indexes (their structure too long) forgets them as well."""
     for i in range(30):
         post(message(OTHER, f"filler {i} words {i * 7}"))

@@ -18,10 +18,10 @@ from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
 from litestar.testing import TestClient
 from test_erasure import findings, forge, holding, message
 from test_reindex import instances, rebuilt_in_one_go
-from topic_audit import erasure, load, reindex, retention, samples, search
+from topic_audit import erasure, load, purge, reindex, retention, samples, search
 from topic_audit.app import create_app
-from topic_audit.erasure import connect
 from topic_audit.metrics import Metrics
+from topic_audit.purge import connect
 from topic_audit.settings import Settings
 
 
@@ -48,7 +48,7 @@ def test_serve_runs_retention_while_answering(rebuilding: bool, tmp_path: Path) 
     old_log(db, 12_000, 3)  # two thirds older than a day
     if rebuilding:
         conn = connect(db)
-        for index in erasure.INDEXES:
+        for index in purge.INDEXES:
             assert not reindex.step(conn, index, most_levels=0)
         conn.close()
     server = Server(db, tmp_path / "server.log", {"TOPIC_AUDIT_RETENTION_DAYS": "1"}).start()
@@ -85,10 +85,10 @@ def test_serve_runs_retention_while_answering(rebuilding: bool, tmp_path: Path) 
     conn = connect(db)
     try:
         assert {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}.isdisjoint(
-            {f"{index}_{part}" for index in erasure.INDEXES for part in ("next", "old")}
+            {f"{index}_{part}" for index in purge.INDEXES for part in ("next", "old")}
         )
         search.index_everything(conn)
-        for index in erasure.INDEXES:
+        for index in purge.INDEXES:
             held = instances(conn, index)
             assert held and held == rebuilt_in_one_go(conn, index)
     finally:

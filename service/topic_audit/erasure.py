@@ -38,13 +38,7 @@ from typing import Any, Final
 from topic_audit import chain, content, redaction, reindex, subjects
 from topic_audit.chain import GENESIS
 from topic_audit.database import transaction
-from topic_audit.purge import INDEXES as INDEXES
-from topic_audit.purge import MERGE_STEPS as MERGE_STEPS
-from topic_audit.purge import connect as connect
-from topic_audit.purge import merge_step as merge_step
-from topic_audit.purge import purge as purge
-from topic_audit.purge import truncate_wal as truncate_wal
-from topic_audit.purge import wipe_freelist as wipe_freelist
+from topic_audit.purge import purge
 from topic_audit.records import Erasure, insert_record
 from topic_audit.records import selector_digest as selector_digest
 from topic_audit.records import selector_key as selector_key

@@ -15,7 +15,7 @@ job                       what the writer does                            result
 :class:`Pragmas`          reads the connection's durability pragmas       :class:`database.Durability`
 :class:`Erase`            one erasure record and its entries' content     (entries erased, whether an
                           (:func:`erasure.erase_batch`), for retention    index held them)
-:class:`Purge`            one step of :func:`erasure.purge` (zero free    True once the step is done
+:class:`Purge`            one step of :func:`purge.purge` (zero free    True once the step is done
                           pages, a merge step, truncate the WAL)
 ========================  ==============================================  =============================
 
@@ -150,8 +150,8 @@ def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
         if job.step == "reindex":
             return reindex.step(conn, job.table)
         if job.step == "merge":
-            return erasure.merge_step(conn, job.table, 64)
-        return erasure.truncate_wal(conn)
+            return purge.merge_step(conn, job.table, 64)
+        return purge.truncate_wal(conn)
     finally:
         conn.execute(f"PRAGMA secure_delete={was}")
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TypeVar
 
-from topic_audit import erasure, jobs, models
+from topic_audit import erasure, jobs, models, purge
 from topic_audit.metrics import Metrics
 from topic_audit.settings import Settings
 from topic_audit.writer import Writer
@@ -138,16 +138,16 @@ class OnTheWriter:
 
     async def purge(self, merge: bool) -> None:
         await self._wipe()
-        for table in erasure.INDEXES if merge else ():
+        for table in purge.INDEXES if merge else ():
             while not await self._run(jobs.Purge("reindex", table)):  # each step moves it on
                 await asyncio.sleep(PAUSE_SECONDS)
-            for _ in range(erasure.MERGE_STEPS):  # bounded: under load new segments keep arriving
+            for _ in range(purge.MERGE_STEPS):  # bounded: under load new segments keep arriving
                 if await self._run(jobs.Purge("merge", table)):
                     break
                 await asyncio.sleep(PAUSE_SECONDS)
             else:
                 log.warning(
-                    "%s did not settle in %d merge steps; erased terms may linger", table, erasure.MERGE_STEPS
+                    "%s did not settle in %d merge steps; erased terms may linger", table, purge.MERGE_STEPS
                 )
         await self._wipe()  # again: what the merges and the rebuilds freed
         for _ in range(200):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from topic_audit import append, checks, erasure, models, reindex, samples, search, subjects
+from topic_audit import append, checks, erasure, models, purge, reindex, samples, search, subjects
 from topic_audit.app import build_row, iso_now
 from topic_audit.database import connect
 from topic_audit.settings import Settings
@@ -69,7 +69,7 @@ def main(db: Path) -> None:
     total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
     conn.close()
     before = sizes(db)
-    conn = erasure.connect(db)
+    conn = purge.connect(db)
     started = time.perf_counter()
     ids = list(subjects.select(conn, subjects.Selector("account", SUBJECT)))
     found = time.perf_counter()
@@ -82,7 +82,7 @@ def main(db: Path) -> None:
         records.append(batch)
     erased = time.perf_counter()
     free_before = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    erasure.purge(conn, merge=any(r.indexed for r in records))
+    purge.purge(conn, merge=any(r.indexed for r in records))
     purged = time.perf_counter()
     free_after = conn.execute("PRAGMA freelist_count").fetchone()[0]
     page = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -104,10 +104,10 @@ def main(db: Path) -> None:
 
 def rebuilds(db: Path) -> None:
     """Each index rebuilt beside itself, step by step, then in place (the same index, the same run)."""
-    conn = erasure.connect(db)
+    conn = purge.connect(db)
     print("| index | steps | total s | median step ms | longest step ms | in place, one transaction s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for index in erasure.INDEXES:
+    for index in purge.INDEXES:
         steps = []
         started = time.perf_counter()
         while True:

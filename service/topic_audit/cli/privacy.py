@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from topic_audit import erasure, migrations, subjects
+from topic_audit import erasure, migrations, purge, subjects
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
 from topic_audit.settings import Settings
 
@@ -45,7 +45,7 @@ def _open(db: Path) -> sqlite3.Connection:
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
     migrations.migrate(db)
-    return erasure.connect(db)
+    return purge.connect(db)
 
 
 def _read_only(db: Path) -> sqlite3.Connection:
