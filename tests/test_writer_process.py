@@ -182,3 +182,151 @@ def test_sigterm_commits_what_arrived_and_exits_zero(writer_process: WriterProce
     assert writer_process.stop() == 0
     assert not writer_process.sock.exists()
     assert verified(writer_process.db)
+
+
+def _connects_as(sock: Path, uid: int, gid: int) -> bool:
+    """Whether a process running as ``uid``/``gid`` is served by the writer (it answers a probe)."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, sys\n"
+            "from topic_audit import ipc, jobs\n"
+            "folder = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY)\n"  # (its parents are root's)
+            f"os.setgid({gid}); os.setuid({uid})\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
+            "s.connect(f'/proc/self/fd/{folder}/' + os.path.basename(sys.argv[1]))\n"
+            "s.sendall(ipc.hello() + ipc.job_frame(1, jobs.Counts()))\n"
+            "print('served' if s.recv(65536) else 'refused')\n",
+            str(sock),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert child.returncode == 0 or "ConnectionResetError" in child.stderr, child.stderr
+    return child.stdout.strip() == "served"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing uid and gid needs root (CI runs as root)")
+def test_only_the_writers_own_user_is_served(writer_process: WriterProcess) -> None:
+    """The peer's uid is checked, not its gid (the socket opened to everyone here, so that only the
+    check stands between)."""
+    os.chmod(writer_process.sock, 0o666)
+    os.chmod(writer_process.sock.parent, 0o755)
+    assert _connects_as(writer_process.sock, 0, 4321)
+    assert not _connects_as(writer_process.sock, 4321, 0)
+
+
+def test_a_receiver_speaking_another_protocol_is_answered_503(
+    writer_process: WriterProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As after an upgrade in place, when a crashed writer restarts from code newer than the receivers'."""
+    monkeypatch.setattr(ipc, "VERSION", ipc.VERSION + 1)
+
+    async def main() -> None:
+        client = RemoteWriter(writer_process.sock)
+        client.start()
+        try:
+            await client.connect(5)
+            with pytest.raises(AppendError):
+                await asyncio.wait_for(client.append(*ITEMS[0]), 5)
+        finally:
+            client.stop()
+
+    asyncio.run(main())
+    conn = sqlite3.connect(writer_process.db)
+    assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (0,)
+    conn.close()
+
+
+def test_a_writer_that_hangs_is_answered_503_in_time_and_then_served_again(
+    writer_process: WriterProcess,
+) -> None:
+    """SIGSTOP (a stalled disk looks the same): nothing waits past ANSWER_SECONDS, nothing hangs, and
+    once the writer goes on the receiver is served again."""
+    from topic_audit import writer_client
+
+    assert writer_process.process is not None
+
+    async def main() -> tuple[float, int, Committed]:
+        client = RemoteWriter(writer_process.sock)
+        client.start()
+        try:
+            await client.connect(5)
+            await client.append(*ITEMS[0])
+            writer_process.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(client.append(*ITEMS[n]) for n in range(1, 200)), return_exceptions=True
+            )
+            waited = time.monotonic() - started
+            writer_process.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            refused = sum(isinstance(r, AppendError) for r in results)
+            after = await client.append(*ITEMS[200])
+            return waited, refused, after
+        finally:
+            client.stop()
+
+    waited, refused, after = asyncio.run(main())
+    assert refused == 199
+    assert writer_client.ANSWER_SECONDS <= waited < writer_client.ANSWER_SECONDS + 0.5
+    assert after.id >= 2
+
+
+async def _garbage_writer(sock: Path, replies: list[bytes]) -> asyncio.AbstractServer:
+    """A stand-in writer (named so: not the real one) that answers every frame with ``replies[0]``."""
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(65536):
+                writer.write(replies[0])
+        except ConnectionError:
+            pass
+        writer.close()
+
+    return await asyncio.start_unix_server(peer, str(sock))
+
+
+def test_an_answer_that_cannot_be_read_fails_its_request(tmp_path: Path) -> None:
+    """Not a hang: the request fails (503), and so does what else waited on that connection."""
+    sock = tmp_path / "garbage.sock"
+    bad = ipc.answer(1, ipc.OK, {"not": "a commit"})
+
+    async def main() -> list[Any]:
+        server = await _garbage_writer(sock, [bad])
+        client = RemoteWriter(sock)
+        client.start()
+        try:
+            await client.connect(5)
+            return await asyncio.wait_for(
+                asyncio.gather(*(client.append(*ITEMS[n]) for n in range(3)), return_exceptions=True), 5
+            )
+        finally:
+            client.stop()
+            await asyncio.sleep(0.1)  # the stand-in sees the connection close, and closes its side
+            server.close()
+            await server.wait_closed()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, AppendError) for r in results), results
+
+
+def test_a_row_too_large_for_a_frame_fails_alone(
+    writer_process: WriterProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ipc, "MAX_FRAME", 100_000)
+    row, event = ITEMS[0]
+
+    async def main() -> Committed:
+        client = RemoteWriter(writer_process.sock)
+        client.start()
+        try:
+            await client.connect(5)
+            with pytest.raises(AppendError, match="more than the writer takes"):
+                await client.append({**row, "request_body": "x" * 200_000}, event)
+            return await client.append(row, event)
+        finally:
+            client.stop()
+
+    assert asyncio.run(main()).id == 1

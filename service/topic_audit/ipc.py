@@ -9,6 +9,10 @@ committed them, with the same number:
   answered with a :class:`~topic_audit.append.Committed` once the row's COMMIT has returned.
 - :class:`JobMessage`: a writer job (:mod:`topic_audit.jobs`, by class name); answered with its result.
 
+A receiver's first message is :class:`Hello` with the :data:`VERSION` of the protocol it speaks: a writer
+started from other code (a crashed writer restarted after an upgrade, before the receivers were
+reloaded) refuses it, and the receiver answers 503 rather than misread the other's frames.
+
 A :class:`Reply` carries ``OK`` and the result, ``REFUSED`` and why (the request could not be committed:
 answer 503), or ``FAILED`` and why (a job raised). Plain data only, as the append transaction and the
 jobs take it (:mod:`topic_audit.append`, :mod:`topic_audit.jobs`); nothing is pickled.
@@ -29,6 +33,8 @@ HEADER: Final = 4
 MAX_FRAME: Final = 64 * 1024 * 1024
 """A longer frame is a broken peer, not a message (a row is at most a body of a few MB)."""
 
+VERSION: Final = 1
+"""Of this protocol: changed with any change to the messages below."""
 OK: Final = 0
 REFUSED: Final = 1
 FAILED: Final = 2
@@ -64,6 +70,10 @@ class JobMessage(msgspec.Struct, array_like=True, tag=2):
     job: msgspec.Raw
 
 
+class Hello(msgspec.Struct, array_like=True, tag=3):
+    version: int
+
+
 class Reply(msgspec.Struct, array_like=True):
     seq: int
     status: int
@@ -87,7 +97,7 @@ def _dec_hook(kind: type, obj: object) -> object:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-_requests = msgspec.msgpack.Decoder(AppendMessage | JobMessage)
+_requests = msgspec.msgpack.Decoder(AppendMessage | JobMessage | Hello)
 _replies = msgspec.msgpack.Decoder(Reply)
 _events = {command: msgspec.msgpack.Decoder(kind) for command, kind in models.PAYLOAD_TYPES.items()}
 _jobs = {name: msgspec.msgpack.Decoder(kind, dec_hook=_dec_hook) for name, kind in JOBS.items()}
@@ -133,30 +143,46 @@ def job_frame(seq: int, job: jobs.Job[Any]) -> bytes:
     return frame(JobMessage(seq, name, msgspec.Raw(_encoder.encode(job))))
 
 
+def hello() -> bytes:
+    return frame(Hello(VERSION))
+
+
 def reply(body: bytes) -> Reply:
     try:
         return _replies.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(str(exc)) from exc
 
 
 def committed(value: msgspec.Raw) -> Committed:
-    return _committed.decode(value)
+    try:
+        return _committed.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"an answer that is not a commit: {exc}") from exc
 
 
 def result(name: str, value: msgspec.Raw) -> Any:
-    return _results[name].decode(value)
+    try:
+        return _results[name].decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"an answer that is not the result of {name}: {exc}") from exc
 
 
 def reason(value: msgspec.Raw) -> str:
-    return str(msgspec.msgpack.decode(value))
+    try:
+        return str(msgspec.msgpack.decode(value))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"an answer that is not a reason: {exc}") from exc
 
 
 # -- the writer's side -----------------------------------------------------------------------------
-def request(body: bytes) -> tuple[int, Append | jobs.Job[Any]]:
-    """The sequence number and the request of a frame (:class:`ProtocolError` if it is none)."""
+def request(body: bytes) -> tuple[int, Append | jobs.Job[Any] | Hello]:
+    """The sequence number and the request of a frame (:class:`ProtocolError` if it is none); a
+    :class:`Hello` has the number 0."""
     try:
         message = _requests.decode(body)
+        if isinstance(message, Hello):
+            return 0, message
         if isinstance(message, AppendMessage):
             event = None
             if bytes(message.event) != b"\xc0":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,28 +35,39 @@ WRITER_SOCKET = "TOPIC_AUDIT_WRITER_SOCKET"
 CONNECT_SECONDS = 1.0
 """How long a request waits for the writer process to listen (a restarted writer takes ~0.5 s); well
 inside Tencent's 2 s."""
+ANSWER_SECONDS = 1.5
+"""How long an append waits for the writer's answer (a writer that hangs without dying: a stalled disk,
+SIGSTOP): then it is answered 503 -- it may still be committed later -- before Tencent's 2 s are up."""
+MOST_WAITING = 8192
+"""Requests waiting for the writer at once; past them, an append is answered 503 at once (a writer that
+does not keep up must not fill the receiver's memory)."""
 RETRY_SECONDS = 0.05
+COMPLAIN_SECONDS = 10.0
 
 
 class _Link(asyncio.Protocol):
-    """The connection to the writer: answers in, resolved against what is waiting."""
+    """One connection to the writer: answers in, resolved against what is waiting. Once it is closed,
+    it tells the writer only if it is still the writer's current connection."""
 
     def __init__(self, writer: RemoteWriter) -> None:
         self.writer = writer
         self.buffer = bytearray()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         try:
-            bodies = ipc.frames(self.buffer)
-            for body in bodies:
+            for body in ipc.frames(self.buffer):
                 self.writer.answered(ipc.reply(body))
         except ipc.ProtocolError as exc:
-            log.error("the writer process answered what is not an answer (%s)", exc)
-            self.writer.lost()
+            self.writer.complain(f"the writer process answered what is not an answer ({exc})")
+            self.writer.lost(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.writer.lost()
+        self.writer.lost(self.transport)
 
 
 class RemoteWriter:
@@ -74,13 +87,18 @@ class RemoteWriter:
         self._out: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self._deadlines: deque[tuple[float, int]] = deque()
+        """(deadline, seq) of the appends, in the order sent: their deadlines are in order too."""
         self._stopping = False
+        self._complained_at = -COMPLAIN_SECONDS
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect (in the background, and again whenever the connection is lost); on the loop."""
         self._loop = asyncio.get_running_loop()
         self._keeper = self._loop.create_task(self._keep_connected(), name="writer-link")
+        self._expiry = self._loop.create_task(self._expire(), name="writer-deadlines")
 
     async def connect(self, timeout: float = CONNECT_SECONDS) -> None:
         """Wait until connected (:class:`AppendError` after ``timeout``)."""
@@ -92,11 +110,12 @@ class RemoteWriter:
     def stop(self) -> None:
         """Close the connection (what is still waiting fails)."""
         self._stopping = True
-        if self._keeper is not None:
-            self._keeper.cancel()
+        for task in (self._keeper, self._expiry):
+            if task is not None:
+                task.cancel()
         if self._transport is not None:
             self._transport.close()
-        self.lost()
+        self.lost(self._transport)
 
     @property
     def failing(self) -> bool:
@@ -113,10 +132,19 @@ class RemoteWriter:
             except AppendError:
                 self._refuse(1)
                 raise
+        if len(self._waiting) >= MOST_WAITING:
+            self._refuse(1)
+            raise AppendError(f"{MOST_WAITING} requests are waiting for the writer process already")
         seq = next(self._seq)
-        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        frame = ipc.append_frame(seq, row, event, forward)
+        if len(frame) > ipc.MAX_FRAME:
+            self._refuse(1)
+            raise AppendError(f"a row of {len(frame)} bytes is more than the writer takes")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Committed] = loop.create_future()
         self._waiting[seq] = ("", future)
-        self._send(ipc.append_frame(seq, row, event, forward))
+        self._deadlines.append((loop.time() + ANSWER_SECONDS, seq))
+        self._send(frame)
         return await future
 
     def submit(self, job: jobs.Job[T]) -> Future[T]:
@@ -157,21 +185,32 @@ class RemoteWriter:
 
     # -- answers -----------------------------------------------------------------------------------
     def answered(self, reply: ipc.Reply) -> None:
+        """Resolve what ``reply`` answers; :class:`~topic_audit.ipc.ProtocolError` (after failing that
+        request) if it cannot be read."""
+        if reply.seq == 0:  # the writer refused this receiver's hello
+            raise ipc.ProtocolError(ipc.reason(reply.value))
         found = self._waiting.pop(reply.seq, None)
-        if found is None:
+        if found is None:  # answered too late (see ANSWER_SECONDS)
             return
         name, future = found
         if future.done():
             return
-        if reply.status == ipc.OK:
-            future.set_result(ipc.result(name, reply.value) if name else ipc.committed(reply.value))
-        elif reply.status == ipc.REFUSED:
-            future.set_exception(AppendError(ipc.reason(reply.value)))
-        else:
-            future.set_exception(RuntimeError(ipc.reason(reply.value)))
+        try:
+            if reply.status == ipc.OK:
+                future.set_result(ipc.result(name, reply.value) if name else ipc.committed(reply.value))
+            elif reply.status == ipc.REFUSED:
+                future.set_exception(AppendError(ipc.reason(reply.value)))
+            else:
+                future.set_exception(RuntimeError(ipc.reason(reply.value)))
+        except ipc.ProtocolError:
+            future.set_exception(AppendError("the writer process answered what could not be read"))
+            raise
 
-    def lost(self) -> None:
-        """The connection is gone: what was not answered fails (it was never acknowledged)."""
+    def lost(self, transport: asyncio.BaseTransport | None) -> None:
+        """The connection on ``transport`` is gone: if it is the current one, what was not answered fails
+        (it was never acknowledged)."""
+        if transport is not self._transport:
+            return  # an earlier connection's: what waits was sent on the current one
         if self._transport is not None:
             self._transport.abort()
             self._transport = None
@@ -187,6 +226,13 @@ class RemoteWriter:
         if rows:
             log.error("the writer process went away; %d requests answered 503", rows)
             self._refuse(rows)
+
+    def complain(self, what: str) -> None:
+        """Log ``what``, at most once every :data:`COMPLAIN_SECONDS` (it may recur at every reconnect)."""
+        now = time.monotonic()
+        if now - self._complained_at >= COMPLAIN_SECONDS:
+            self._complained_at = now
+            log.error("%s", what)
 
     def _refuse(self, rows: int) -> None:
         if self.refused is not None:
@@ -205,6 +251,29 @@ class RemoteWriter:
                     said = True
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
+            if transport.is_closing():  # the writer closed it already (stopping, or refused us)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            transport.write(ipc.hello())
             self._transport, said = transport, False
             self._disconnected.clear()
             self._connected.set()
+
+    async def _expire(self) -> None:
+        """Fail the appends the writer has not answered within :data:`ANSWER_SECONDS` (one sweep a
+        tenth of that, rather than a timer per request)."""
+        deadlines, waiting = self._deadlines, self._waiting
+        while True:
+            await asyncio.sleep(ANSWER_SECONDS / 10)
+            now, late = asyncio.get_running_loop().time(), 0
+            while deadlines and (deadlines[0][1] not in waiting or deadlines[0][0] <= now):
+                _, seq = deadlines.popleft()
+                found = waiting.pop(seq, None)
+                if found is not None and not found[1].done():
+                    found[1].set_exception(
+                        AppendError(f"the writer process did not answer within {ANSWER_SECONDS} s")
+                    )
+                    late += 1
+            if late:
+                log.error("the writer process did not answer %d requests in time; answered 503", late)
+                self._refuse(late)

@@ -58,11 +58,12 @@ class Peer(asyncio.Protocol):
         self.server = server
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.greeted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
         sock = transport.get_extra_info("socket")
-        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if uid != os.getuid():  # the folder already keeps others out; this says so twice
             log.error("refused a connection from uid %d", uid)
             self.transport.abort()
@@ -81,7 +82,26 @@ class Peer(asyncio.Protocol):
             except ipc.ProtocolError as exc:
                 self._broken(exc)
                 return
-            self.server.received(self, seq, request)
+            if isinstance(request, ipc.Hello):
+                if not self._greeted(request):
+                    return
+            elif not self.greeted:
+                self._broken(ipc.ProtocolError("a request before the receiver said which protocol it speaks"))
+                return
+            else:
+                self.server.received(self, seq, request)
+
+    def _greeted(self, hello: ipc.Hello) -> bool:
+        if hello.version == ipc.VERSION:
+            self.greeted = True
+            return True
+        why = f"the receiver speaks protocol {hello.version}, this writer {ipc.VERSION}: reload serve"
+        log.error("refused a receiver: %s", why)
+        if self.transport is not None:
+            self.transport.write(ipc.answer(0, ipc.REFUSED, why))
+            self.transport.close()
+            self.transport = None
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -126,8 +146,8 @@ class WriterServer:
                     continue
             self._arrived.clear()
             self.take()
-            indexer.after_group(not self.pending, committer.failing)
             await asyncio.sleep(0)  # read what arrived meanwhile: it makes the next group
+            indexer.after_group(not self.pending, committer.failing)  # (index only when none did)
         self.take()
         indexer.finish(committer.failing)
 
