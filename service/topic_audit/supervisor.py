@@ -22,9 +22,10 @@ restart may close the listening socket or leave it without a process that answer
   files) take effect at the next start; a reload that changes them says so.
 - **One writer process** (:mod:`topic_audit.writer_process`) commits for every receiver: it starts
   first, listens on a Unix socket in a folder of ``serve``'s own (0700), and the receivers feed it
-  (:class:`topic_audit.writer_client.RemoteWriter`). A writer that ends unasked is started again at
-  once on the same socket (``kind="crash"``); meanwhile the receivers answer 503 for what it did not
-  commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
+  (:class:`topic_audit.writer_client.RemoteWriter`). A writer that ends unasked, of this generation
+  or of one still draining, is started again on the same socket (``kind="crash"``; at once, then after
+  a growing pause while it keeps ending: :mod:`topic_audit.writers`); meanwhile its receivers answer 503
+  for what it did not commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
   SQLite's lock in turn: one contiguous chain) for the new generation; the old writer stops once the
   receivers it served have drained.
 - **SIGTERM/SIGINT:** every receiver drains and commits, then the writer stops, then the last checkpoint is signed, Litestream is
@@ -36,7 +37,6 @@ restart may close the listening socket or leave it without a process that answer
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -49,16 +49,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-
-from prometheus_client import multiprocess
+from dataclasses import replace
 
 from topic_audit import sockets
 from topic_audit.checkpointer import Checkpointer
+from topic_audit.children import Receiver
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, SettingsError
 from topic_audit.worker import LISTEN_FD, READY_FD, SERVER, THREADS
 from topic_audit.writer_client import WRITER_SOCKET
+from topic_audit.writers import Writers
 
 log = logging.getLogger("topic_audit.serve")
 
@@ -82,44 +82,6 @@ OWNED_HERE = (
 """Settings of what the supervisor holds; a reload keeps them (they change at the next start)."""
 
 
-@dataclass
-class Receiver:
-    """One receiver process (with granian: one process group serving ``expected`` workers)."""
-
-    process: subprocess.Popen[bytes]
-    ready_fd: int
-    expected: int
-    pids: set[int] = field(default_factory=set)
-    versions: set[str] = field(default_factory=set)
-    buffer: bytes = b""
-    drain_deadline: float | None = None
-    socket: str = ""
-    """The writer process's socket (a writer's own; the one a receiver feeds)."""
-
-    @property
-    def ready(self) -> bool:
-        return len(self.pids) >= self.expected
-
-    def read(self) -> None:
-        chunk = os.read(self.ready_fd, 4096)
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            _, pid, version = line.decode().split(" ", 2)
-            self.pids.add(int(pid))
-            self.versions.add(version)
-
-    def kill(self) -> None:
-        """SIGKILL to its whole process group (granian's workers too)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def ended(self, metrics_dir: str) -> None:
-        os.close(self.ready_fd)
-        for pid in {*self.pids, self.process.pid}:
-            multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-
-
 class Supervisor:
     def __init__(
         self,
@@ -138,10 +100,12 @@ class Supervisor:
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpointer = Checkpointer(settings)
         self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
-        self.generation = 0
-        self.writer: Receiver | None = None
-        self.retiring: list[Receiver] = []
-        """Writers of earlier generations, stopped once no receiver of theirs is left."""
+        self.writers = Writers(
+            self._spawn_writer,
+            self.folder,
+            lambda writer: writer.ended(self.metrics_dir),
+            self.metrics.restarts.labels("crash").inc,
+        )
 
     # -- the main loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -153,14 +117,15 @@ class Supervisor:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _serve(self) -> int:
-        self.writer = self._start_writer(self.settings)
-        failed = self._wait_ready([self.writer])
+        writer = self.writers.start(self.settings)
+        failed = self._wait_ready([writer])
+        self.writers.promote(writer)
         if not failed:
             self.current = self._generation(self.settings)
             failed = self._wait_ready(self.current)
         if failed:
             self._stop_all(self.current)
-            self._stop_all([self.writer])
+            self._stop_writers([writer])
             log.error("serve could not start: %s", failed)
             return 1
         self.checkpointer.start()
@@ -178,8 +143,7 @@ class Supervisor:
             self._reap()
         sockets.notify("STOPPING=1")
         clean = self._stop_all(self.current + self.draining)
-        writers = [*self.retiring, *([self.writer] if self.writer is not None else [])]
-        clean = self._stop_all(writers) and clean  # once every receiver has committed
+        clean = self._stop_writers(self.writers.everyone()) and clean  # once every receiver committed
         self.checkpointer.stop()  # the last checkpoint covers everything answered
         return 0 if clean else 1
 
@@ -195,21 +159,19 @@ class Supervisor:
         if changed:
             log.warning("reload: %s take effect at the next start", ", ".join(changed))
         settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
-        writer = self._start_writer(settings)
+        writer = self.writers.start(settings)
         failed = self._wait_ready([writer])
         fresh = [] if failed else self._generation(settings, writer)
         failed = failed or self._wait_ready(fresh)
         if failed:
             self._stop_all(fresh)
-            self._stop_all([writer])
+            self._stop_writers([writer])
             log.error("reload failed: %s; the running processes keep serving", failed)
             sockets.notify("READY=1")
             return
         time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
         old, self.current, self.settings = self.current, fresh, settings
-        assert self.writer is not None
-        self.retiring.append(self.writer)
-        self.writer = writer
+        self.writers.promote(writer)
         self.checkpointer.interval = settings.checkpoint_seconds
         deadline = time.monotonic() + DRAIN_SECONDS
         for receiver in old:
@@ -222,18 +184,14 @@ class Supervisor:
 
     # -- receivers ---------------------------------------------------------------------------------
     def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
-        writer = writer or self.writer
+        writer = writer or self.writers.current
         assert writer is not None
         socket_path = writer.socket
         if self.server == "granian":  # granian runs its own workers in one process group
             return [self._spawn(settings, self.workers, socket_path)]
         return [self._spawn(settings, 1, socket_path) for _ in range(self.workers)]
 
-    def _start_writer(self, settings: Settings, socket_path: str | None = None) -> Receiver:
-        """The writer process for ``settings`` (on a socket of a new generation, unless given one)."""
-        if socket_path is None:
-            self.generation += 1
-            socket_path = os.path.join(self.folder, f"writer-{self.generation}.sock")
+    def _spawn_writer(self, settings: Settings, socket_path: str) -> Receiver:
         writer = self._spawn(settings, 1, socket_path, module="topic_audit.writer_process")
         writer.socket = socket_path
         return writer
@@ -269,6 +227,7 @@ class Supervisor:
         """None once every receiver has started; otherwise why not."""
         deadline = time.monotonic() + READY_SECONDS
         while not all(r.ready for r in receivers):
+            self.writers.reap()  # (a reload waits here: the running writers are watched meanwhile)
             for receiver in receivers:
                 if receiver.process.poll() is not None and not receiver.ready:
                     return f"receiver process {receiver.process.pid} ended (exit code {receiver.process.returncode}) before it was ready (its lines above say why)"
@@ -282,18 +241,9 @@ class Supervisor:
         return None
 
     def _reap(self) -> None:
-        if self.writer is not None and self.writer.process.poll() is not None:
-            log.error(
-                "the writer process %s ended unasked (exit code %s); starting another",
-                self.writer.process.pid,
-                self.writer.process.returncode,
-            )
-            self.writer.ended(self.metrics_dir)
-            self.writer = self._start_writer(self.settings, self.writer.socket)
-            self.metrics.restarts.labels("crash").inc()
-        if self.retiring and not self.draining:  # the receivers they served are gone
-            self._stop_all(self.retiring)
-            self.retiring = []
+        self.writers.reap()
+        if self.writers.retiring and not self.draining:  # the receivers they served are gone
+            self._stop_writers(self.writers.retiring)
         for receiver in list(self.draining):
             if receiver.process.poll() is None:
                 if receiver.drain_deadline is not None and time.monotonic() > receiver.drain_deadline:
@@ -312,9 +262,13 @@ class Supervisor:
             )
             receiver.ended(self.metrics_dir)
             time.sleep(RESPAWN_SECONDS)
-            assert self.writer is not None
-            self.current[index] = self._spawn(self.settings, receiver.expected, self.writer.socket)
+            assert self.writers.current is not None
+            self.current[index] = self._spawn(self.settings, receiver.expected, self.writers.current.socket)
             self.metrics.restarts.labels("crash").inc()
+
+    def _stop_writers(self, writers: list[Receiver]) -> bool:
+        self.writers.forget(writers)
+        return self._stop_all(writers)
 
     def _stop_all(self, receivers: list[Receiver]) -> bool:
         """SIGTERM to every receiver, and wait for them to drain; False when one had to be killed."""
