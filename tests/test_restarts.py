@@ -52,6 +52,16 @@ def writers(pid: int) -> set[int]:
     return children(pid, "topic_audit.writer_process")
 
 
+def one_writer(pid: int, timeout: float = 30) -> int:
+    """Wait until ``serve`` runs one writer process (an earlier generation's retires once its
+    receivers have drained); its pid."""
+    deadline = time.monotonic() + timeout
+    while len(found := writers(pid)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(found) == 1, f"writer processes {found}"
+    return found.pop()
+
+
 def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
 
@@ -148,7 +158,8 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
         time.sleep(2)
         serve.send_signal(signal.SIGHUP)
         second = wait_replaced(serve, first)
-        settled(url, lambda: dict.fromkeys({serve.pid, *second, *writers(serve.pid)}, "7.0.0"))
+        writer = one_writer(serve.pid)  # the first generation's writer retired
+        settled(url, lambda: dict.fromkeys({serve.pid, *second, writer}, "7.0.0"))
         install_version(site, "7.1.0")  # the upgrade, installed while the old version serves
         time.sleep(1)
         serve.send_signal(signal.SIGHUP)
@@ -158,7 +169,8 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
 
         # serve itself keeps the version it started with; every receiver, and the writer, runs the one
         # installed now
-        settled(url, lambda: {serve.pid: "7.0.0", **dict.fromkeys({*third, *writers(serve.pid)}, "7.1.0")})
+        writer = one_writer(serve.pid)
+        settled(url, lambda: {serve.pid: "7.0.0", **dict.fromkeys({*third, writer}, "7.1.0")})
         assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 2
         assert len(load.results) > 1000
         assert load.failed == [], load.failed[:5]

@@ -178,9 +178,31 @@ def test_a_request_with_no_writer_listening_is_refused_quickly(tmp_path: Path) -
 
 
 def test_sigterm_commits_what_arrived_and_exits_zero(writer_process: WriterProcess) -> None:
-    asyncio.run(_appended(writer_process.sock, range(50)))
-    assert writer_process.stop() == 0
+    """SIGTERM while appends are in flight: each is answered (committed, or 503 once the writer has
+    stopped listening), every one acknowledged is in the log, and the writer exits 0."""
+    assert writer_process.process is not None
+
+    async def main() -> list[Any]:
+        client = RemoteWriter(writer_process.sock)
+        client.start()
+        try:
+            await client.connect(5)
+            sent = [asyncio.ensure_future(client.append(*ITEMS[n])) for n in range(2000)]
+            await sent[0]  # the writer is committing them
+            writer_process.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            return await asyncio.gather(*sent, return_exceptions=True)
+        finally:
+            client.stop()
+
+    results = asyncio.run(main())
+    assert writer_process.process.wait(30) == 0
     assert not writer_process.sock.exists()
+    committed = [r for r in results if isinstance(r, Committed)]
+    assert committed and all(isinstance(r, Committed | AppendError) for r in results), results[:3]
+    conn = sqlite3.connect(writer_process.db)
+    stored = dict(conn.execute("SELECT id, entry_hash FROM audit_log").fetchall())
+    conn.close()
+    assert all(stored[c.id] == c.entry_hash for c in committed)
     assert verified(writer_process.db)
 
 

@@ -148,6 +148,7 @@ class WriterServer:
             self.take()
             await asyncio.sleep(0)  # read what arrived meanwhile: it makes the next group
             indexer.after_group(not self.pending, committer.failing)  # (index only when none did)
+        await asyncio.sleep(0)  # what the receivers' sockets hold already is committed too
         self.take()
         indexer.finish(committer.failing)
 
