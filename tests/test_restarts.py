@@ -382,9 +382,11 @@ def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(t
 
 
 def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -> None:
+    """Three receivers and forwarding: one writer process commits the rows and the delivery attempts."""
+    app = Destination()  # the app's own handler
     db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**environment(db, port), "TOPIC_AUDIT_WORKERS": "3"}
+    env = {**environment(db, port, TOPIC_AUDIT_FORWARD_URL=app.url), "TOPIC_AUDIT_WORKERS": "3"}
     env |= {"TOPIC_AUDIT_SDKAPPID": conftest.APP_ID, "TOPIC_AUDIT_TOKEN": conftest.TOKEN}
     serve = start_serve(env, log)
     try:
@@ -392,11 +394,20 @@ def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -
         assert len(receivers(serve.pid)) == 3 and len(writers(serve.pid)) == 1
         answers = deliver_concurrently(url, 300, "fed")
         assert [a.status_code for a in answers] == [200] * 300
-        # Only the writer process writes the database: no receiver holds it open for writing.
+        deadline = time.monotonic() + 30
+        while delivered(db) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert delivered(db) == 300
+        # Only the writer process writes the database: no receiver holds it open for writing, and no
+        # delivery process (one per receiver, one delivering) has a write connection.
         (writer,) = writers(serve.pid)
         assert f"{db}-wal" in writable(writer)
+        deliverers = {d for pid in receivers(serve.pid) for d in children(pid, "topic_audit.delivery")}
+        assert len(deliverers) == 3
         for pid in receivers(serve.pid):
             assert not writable(pid) & {str(db), f"{db}-wal"}
+        for pid in deliverers:  # (its read-only connection opens the WAL read-write: SQLite's way)
+            assert str(db) not in writable(pid)
         # Whichever receiver answers /metrics, it reports the writer's exact figures.
         for _ in range(6):
             accepted = metric(url, "topic_audit_callbacks_total")
@@ -405,7 +416,16 @@ def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -
             assert metric(url, "topic_audit_log_entries")[()] == 300
     finally:
         stop(serve, log)
+        app.stop()
     verify(db)
+
+
+def delivered(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM deliveries WHERE error IS NULL").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def test_the_units_verify(tmp_path: Path) -> None:

@@ -16,50 +16,13 @@ import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from topic_audit import chain, content, database, erasure, models, outbox, projection, rollups
-
-Row = dict[str, Any]
-"""A log row: every column of ``audit_log`` but ``id`` and the chain links (:data:`chain.COLUMNS`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """What forwarding records with a log row, in its transaction: the destinations to queue in the
-    outbox (due ``delay`` seconds after receipt), and a Before-callback's attempt (recorded with the
-    row's id as its ``audit_id``)."""
-
-    destinations: tuple[str, ...] = ()
-    delay: float = 0.0
-    before: outbox.Attempt | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Append:
-    """A request to append one row (and project ``event``, and queue ``forward``)."""
-
-    row: Row
-    event: models.TopicEvent | None = None
-    forward: Forward | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A request to record delivery attempts and move their outbox rows on (forwarding)."""
-
-    attempts: Sequence[outbox.Attempt]
-    schedule: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class Committed:
-    """One appended row, as the answer to its request needs it."""
-
-    id: int
-    outcome: str
-    duplicate_of: int | None
-    entry_hash: str
+from topic_audit.writes import Append as Append
+from topic_audit.writes import Committed as Committed
+from topic_audit.writes import Forward as Forward
+from topic_audit.writes import Record as Record
+from topic_audit.writes import Row as Row
 
 
 @dataclass(slots=True)

@@ -24,16 +24,14 @@ from typing import Any, Protocol, TypeVar
 
 from topic_audit import jobs
 from topic_audit.append import Append, Committed, Record, commit
+from topic_audit.runner import Runner
+from topic_audit.writes import AppendError
 
 log = logging.getLogger("topic_audit.writer")
 
 T = TypeVar("T")
 
 Request = Append | Record
-
-
-class AppendError(Exception):
-    """The row could not be committed; the request must be answered 503."""
 
 
 class Observer(Protocol):
@@ -55,7 +53,7 @@ class Committer:
         self.store_bodies = store_bodies
         """``topics``: rows outside the topic family keep evidence only (:func:`topic_audit.append.commit`)."""
         self._episode = _Episode(observer)
-        self._jobs = jobs.Runner()
+        self._jobs = Runner()
 
     @property
     def failing(self) -> bool:

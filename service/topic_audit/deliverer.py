@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from topic_audit import database, outbox
 from topic_audit.sending import PER_DESTINATION, Sender, content_type, destination_label
 from topic_audit.settings import Settings
+from topic_audit.writer_client import RemoteWriter
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ POLL_SECONDS = 1.0
 BACKLOG_SECONDS = 1.0
 """How often the pending gauges are refreshed."""
 RECORD_SECONDS = 0.1
-"""Finished attempts are recorded together at most this often: the delivery process then holds the
-database's write lock ten short times a second, not once per answer (the receiver's commits would wait
-on it)."""
+"""Finished attempts are recorded together at most this often: ten records a second, not one per
+answer. Under ``serve`` the writer process commits them in its groups, with the rows; a delivery
+process of its own (tests, tools) holds the database's write lock ten short times a second."""
 
 T = TypeVar("T")
 
@@ -84,17 +85,28 @@ class OutboxReader:
 
 
 class Recorder:
-    """Records finished attempts in groups, on a write connection of the delivery process's own (in a
-    thread of its own), and tells which entries have an attempt under way or not yet recorded."""
+    """Records finished attempts in groups -- through ``serve``'s writer process when given one, which
+    commits them in its next group; otherwise on a write connection of the delivery process's own (in a
+    thread of its own) -- and tells which entries have an attempt under way or not yet recorded."""
 
-    def __init__(self, settings: Settings, report: Report, recorded: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        report: Report,
+        recorded: Callable[[], None],
+        writer: RemoteWriter | None = None,
+    ) -> None:
         self.schedule = settings.forward_retry_schedule
         self.report = report
         self.recorded = recorded
         """Called after each group: its entries may be looked up again (a failed one falls due on the
         schedule)."""
-        self._conn = database.connect(settings.db, autocheckpoint=settings.replica_url is None)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="delivery-recorder")
+        self._writer = writer
+        self._conn: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        if writer is None:
+            self._conn = database.connect(settings.db, autocheckpoint=settings.replica_url is None)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="delivery-recorder")
         self._finished: list[outbox.Attempt] = []
         self._unrecorded: dict[str, set[int]] = {}
 
@@ -114,13 +126,10 @@ class Recorder:
 
     async def flush(self) -> None:
         """Record the finished attempts (all that are ready, in one group)."""
-        loop = asyncio.get_running_loop()
         while self._finished:
             batch, self._finished = self._finished, []
             try:
-                exhausted = await loop.run_in_executor(
-                    self._thread, outbox.record, self._conn, batch, self.schedule, outbox.now_iso()
-                )
+                exhausted = await self._record(batch)
             except Exception as exc:  # the outbox rows stay pending: they are attempted again
                 log.error(
                     "could not record %d delivery attempts (%s); they will be attempted again",
@@ -141,17 +150,30 @@ class Recorder:
                 self.unrecorded(attempt.destination).discard(attempt.audit_id)
             self.recorded()
 
+    async def _record(self, batch: list[outbox.Attempt]) -> list[outbox.Attempt]:
+        if self._writer is not None:
+            return await self._writer.record(batch, self.schedule)
+        conn = self._conn
+        assert conn is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, outbox.record, conn, batch, self.schedule, outbox.now_iso()
+        )
+
     def close(self) -> None:
-        self._thread.shutdown()  # a group being recorded is committed (or not) before the connection goes
-        self._conn.close()
+        if self._thread is not None:
+            self._thread.shutdown()  # a group being recorded is committed (or not) before it goes
+        if self._conn is not None:
+            self._conn.close()
 
 
 class Deliverer:
     """Delivers the outbox until stopped (in the delivery process that holds the forwarder lock)."""
 
-    def __init__(self, settings: Settings, report: Report) -> None:
+    def __init__(self, settings: Settings, report: Report, writer: RemoteWriter | None = None) -> None:
         self.settings = settings
         self.report = report
+        self.writer = writer
+        """``serve``'s writer process, which records the attempts (None: a write connection of its own)."""
         self.destinations = settings.forward_url
         self.sender = Sender(settings.token)
         self._wake = asyncio.Event()
@@ -172,7 +194,7 @@ class Deliverer:
         """Deliver what falls due, until cancelled."""
         await self.sender.start()
         self._read = OutboxReader(self.settings.db)
-        self._recorder = Recorder(self.settings, self.report, self._wake.set)
+        self._recorder = Recorder(self.settings, self.report, self._wake.set, self.writer)
         self._recording = asyncio.create_task(self._recorder.run())
         while True:
             wait = POLL_SECONDS

@@ -2,7 +2,8 @@
 
 It runs in its own interpreter, so delivering (HTTP, recording each attempt) never takes CPU or the GIL
 from the answers to Tencent (README, Performance); it loads only what delivering needs (the outbox, the
-sender, the write connection), not the receiver. :class:`~topic_audit.deliverer.Deliverer` does the
+sender, the connection to ``serve``'s writer process, which records the attempts in its groups), not
+the receiver. :class:`~topic_audit.deliverer.Deliverer` does the
 work; this module is the process around it. ``serve``'s side is
 :class:`topic_audit.forward.DeliveryProcess`.
 
@@ -14,7 +15,9 @@ Between ``serve`` and the child:
   (:class:`~topic_audit.deliverer.Report`), which ``serve`` applies to its metrics (one ``/metrics`` for
   everything).
 - stderr: log lines, folded into ``serve``'s.
-- the environment: the settings (:data:`~topic_audit.settings.WORKER_SETTINGS`) and the token.
+- the environment: the settings (:data:`~topic_audit.settings.WORKER_SETTINGS`), the token, and the
+  writer process's socket (``TOPIC_AUDIT_WRITER_SOCKET``, the receiver's; without one, as when a test
+  builds the app in one process, the attempts are recorded on a write connection of its own).
 
 With ``serve --workers``, each worker starts a delivery process, and one at a time works: the holder of
 ``<db>.forwarder.lock`` (:class:`ForwarderLock`); the others wait for the lock, so every due row is
@@ -35,6 +38,7 @@ from typing import IO
 
 from topic_audit.deliverer import Deliverer, Report
 from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.writer_client import WRITER_SOCKET, RemoteWriter
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,11 @@ async def _child(settings: Settings, out: IO[bytes]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     report = Report()
-    deliverer = Deliverer(settings, report)
+    socket_path = os.environ.get(WRITER_SOCKET)
+    writer = RemoteWriter(Path(socket_path)) if socket_path else None
+    if writer is not None:
+        writer.start()
+    deliverer = Deliverer(settings, report, writer)
 
     def on_input() -> None:
         try:
@@ -123,6 +131,8 @@ async def _child(settings: Settings, out: IO[bytes]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await deliverer.stop()
+    if writer is not None:
+        writer.stop()
     lock.release()
     if (line := report.line()) is not None:
         with contextlib.suppress(OSError):

@@ -7,6 +7,8 @@ committed them, with the same number:
 - :class:`AppendMessage`: a log row, the decoded topic event (its MessagePack form, decoded again as the
   type its command names), and what forwarding queues with it (:class:`~topic_audit.append.Forward`);
   answered with a :class:`~topic_audit.append.Committed` once the row's COMMIT has returned.
+- :class:`RecordMessage`: delivery attempts to record (the delivery process's), committed in a group
+  with the rows like an append; answered with the attempts that exhausted their schedule.
 - :class:`JobMessage`: a writer job (:mod:`topic_audit.jobs`, by class name); answered with its result.
 
 A receiver's first message is :class:`Hello` with the :data:`VERSION` of the protocol it speaks: a writer
@@ -25,15 +27,15 @@ from typing import Any, Final
 
 import msgspec
 
-from topic_audit import database, jobs, models
-from topic_audit.append import Append, Committed, Forward
+from topic_audit import database, jobs, models, outbox
+from topic_audit.writes import Append, Committed, Forward, Record
 
 HEADER: Final = 4
 """Bytes of a frame's length prefix."""
 MAX_FRAME: Final = 64 * 1024 * 1024
 """A longer frame is a broken peer, not a message (a row is at most a body of a few MB)."""
 
-VERSION: Final = 1
+VERSION: Final = 2
 """Of this protocol: changed with any change to the messages below."""
 OK: Final = 0
 REFUSED: Final = 1
@@ -62,6 +64,12 @@ class AppendMessage(msgspec.Struct, array_like=True, tag=1):
     event: msgspec.Raw
     """The event's MessagePack form, or nil (:data:`NIL`) without one."""
     forward: Forward | None = None
+
+
+class RecordMessage(msgspec.Struct, array_like=True, tag=4):
+    seq: int
+    attempts: list[outbox.Attempt]
+    schedule: tuple[int, ...]
 
 
 class JobMessage(msgspec.Struct, array_like=True, tag=2):
@@ -97,11 +105,12 @@ def _dec_hook(kind: type, obj: object) -> object:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-_requests = msgspec.msgpack.Decoder(AppendMessage | JobMessage | Hello)
+_requests = msgspec.msgpack.Decoder(AppendMessage | RecordMessage | JobMessage | Hello)
 _replies = msgspec.msgpack.Decoder(Reply)
 _events = {command: msgspec.msgpack.Decoder(kind) for command, kind in models.PAYLOAD_TYPES.items()}
 _jobs = {name: msgspec.msgpack.Decoder(kind, dec_hook=_dec_hook) for name, kind in JOBS.items()}
 _committed = msgspec.msgpack.Decoder(Committed)
+_exhausted = msgspec.msgpack.Decoder(list[outbox.Attempt])
 _results = {name: msgspec.msgpack.Decoder(kind) for name, kind in RESULTS.items()}
 
 
@@ -136,6 +145,10 @@ def append_frame(
     return frame(AppendMessage(seq, row, raw, forward))
 
 
+def record_frame(seq: int, attempts: list[outbox.Attempt], schedule: tuple[int, ...]) -> bytes:
+    return frame(RecordMessage(seq, attempts, schedule))
+
+
 def job_frame(seq: int, job: jobs.Job[Any]) -> bytes:
     name = type(job).__name__
     if name not in JOBS:
@@ -161,6 +174,13 @@ def committed(value: msgspec.Raw) -> Committed:
         raise ProtocolError(f"an answer that is not a commit: {exc}") from exc
 
 
+def exhausted(value: msgspec.Raw) -> list[outbox.Attempt]:
+    try:
+        return _exhausted.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"an answer that is not a record's: {exc}") from exc
+
+
 def result(name: str, value: msgspec.Raw) -> Any:
     try:
         return _results[name].decode(value)
@@ -176,13 +196,15 @@ def reason(value: msgspec.Raw) -> str:
 
 
 # -- the writer's side -----------------------------------------------------------------------------
-def request(body: bytes) -> tuple[int, Append | jobs.Job[Any] | Hello]:
+def request(body: bytes) -> tuple[int, Append | Record | jobs.Job[Any] | Hello]:
     """The sequence number and the request of a frame (:class:`ProtocolError` if it is none); a
     :class:`Hello` has the number 0."""
     try:
         message = _requests.decode(body)
         if isinstance(message, Hello):
             return 0, message
+        if isinstance(message, RecordMessage):
+            return message.seq, Record(message.attempts, message.schedule)
         if isinstance(message, AppendMessage):
             event = None
             if bytes(message.event) != b"\xc0":

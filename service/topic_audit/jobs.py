@@ -25,16 +25,11 @@ Appending rows and recording delivery attempts are not jobs: they share the grou
 
 from __future__ import annotations
 
-import math
-import sqlite3
-import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from topic_audit import database, erasure, outbox, projection, purge, reindex
-from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit import database
 
 T = TypeVar("T")
 
@@ -62,7 +57,7 @@ class Heartbeat(Job[None]):
 
 
 @dataclass(frozen=True, slots=True)
-class Checkpoint(Job["dict[str, Any] | None"]):
+class Checkpoint(Job[dict[str, Any] | None]):
     """Sign a checkpoint of the current head with the key at ``key_path``, appended to ``file``."""
 
     key_path: Path
@@ -97,67 +92,3 @@ class Purge(Job[bool]):
 
     step: str
     table: str = ""
-
-
-class Runner:
-    """Runs jobs on the writer's connection, in the writer's thread; keeps the signing keys it loaded."""
-
-    def __init__(self) -> None:
-        self._signers: dict[Path, Signer] = {}
-
-    def run(self, conn: sqlite3.Connection, job: Job[T]) -> T:
-        return cast(T, self._run(conn, job))
-
-    def _run(self, conn: sqlite3.Connection, job: Job[Any]) -> object:
-        if isinstance(job, Counts):
-            entries = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
-            found = projection.stored_counts(conn)
-            return Counted(int(entries), int(found["active"]), int(found["deleted"]))
-        if isinstance(job, Heartbeat):
-            with database.transaction(conn):
-                conn.execute(
-                    "INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ'))"
-                )
-            return None
-        if isinstance(job, Checkpoint):
-            return self._checkpoint(conn, job)
-        if isinstance(job, Pragmas):
-            return database.durability(conn)
-        if isinstance(job, Erase | Purge):
-            return _forget(conn, job)
-        raise TypeError(f"the writer has no job {type(job).__name__}")
-
-    def _checkpoint(self, conn: sqlite3.Connection, job: Checkpoint) -> dict[str, Any] | None:
-        if job.unless_within > 0:
-            last = conn.execute("SELECT created_at FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
-            if last is not None and _age_seconds(last[0]) < job.unless_within:
-                return None
-        signer = self._signers.get(job.key_path)
-        if signer is None:
-            signer = self._signers[job.key_path] = Signer.load_or_create(job.key_path)[0]
-        return make_checkpoint(conn, signer, job.file, outbox.now_iso())
-
-
-def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
-    was = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
-    conn.execute("PRAGMA secure_delete=ON")  # what an erasure frees is overwritten with zeros
-    try:
-        if isinstance(job, Erase):
-            done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now)
-            return (0, False) if done is None else (done.entries, done.indexed)
-        if job.step == "wipe":
-            return purge.wipe_step(conn)
-        if job.step == "reindex":
-            return reindex.step(conn, job.table)
-        if job.step == "merge":
-            return purge.merge_step(conn, job.table, 64)
-        return purge.truncate_wal(conn)
-    finally:
-        conn.execute(f"PRAGMA secure_delete={was}")
-
-
-def _age_seconds(iso: str) -> float:
-    try:
-        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return math.inf

@@ -22,9 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from topic_audit import ipc, jobs, models
-from topic_audit.append import Committed, Forward
-from topic_audit.committer import AppendError
+from topic_audit import ipc, jobs, models, outbox
+from topic_audit.writes import AppendError, Committed, Forward
 
 log = logging.getLogger("topic_audit.writer")
 
@@ -42,6 +41,8 @@ MOST_WAITING = 8192
 """Requests waiting for the writer at once; past them, an append is answered 503 at once (a writer that
 does not keep up must not fill the receiver's memory)."""
 RETRY_SECONDS = 0.05
+_RECORD = "(record)"
+"""What a delivery record waits as, in ``_waiting`` (an append waits as "", a job as its class's name)."""
 COMPLAIN_SECONDS = 10.0
 
 
@@ -147,6 +148,18 @@ class RemoteWriter:
         self._send(frame)
         return await future
 
+    async def record(self, attempts: list[outbox.Attempt], schedule: tuple[int, ...]) -> list[outbox.Attempt]:
+        """Have the writer record delivery attempts in its next group (the delivery process's); the
+        attempts that exhausted ``schedule``. :class:`AppendError` if they could not be recorded (their
+        outbox rows stay pending: attempted again)."""
+        if not self._connected.is_set():
+            await self.connect()
+        seq = next(self._seq)
+        future: asyncio.Future[list[outbox.Attempt]] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = (_RECORD, future)
+        self._send(ipc.record_frame(seq, attempts, schedule))
+        return await future
+
     def submit(self, job: jobs.Job[T]) -> Future[T]:
         """Run ``job`` on the writer, between groups; its result (or exception) in the future."""
         future: Future[T] = Future()
@@ -197,7 +210,12 @@ class RemoteWriter:
             return
         try:
             if reply.status == ipc.OK:
-                future.set_result(ipc.result(name, reply.value) if name else ipc.committed(reply.value))
+                if not name:
+                    future.set_result(ipc.committed(reply.value))
+                elif name == _RECORD:
+                    future.set_result(ipc.exhausted(reply.value))
+                else:
+                    future.set_result(ipc.result(name, reply.value))
             elif reply.status == ipc.REFUSED:
                 future.set_exception(AppendError(ipc.reason(reply.value)))
             else:

@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from topic_audit import ipc, jobs
-from topic_audit.append import Append
-from topic_audit.committer import AppendError, Committer
+from topic_audit.committer import Committer
 from topic_audit.database import connect
 from topic_audit.housekeeping import Checkpointer, SearchIndexer
 from topic_audit.metrics import Metrics, package_version
 from topic_audit.migrations import migrate
 from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.writer_client import WRITER_SOCKET
+from topic_audit.writes import Append, AppendError, Record
 
 log = logging.getLogger("topic_audit.writer")
 
@@ -122,11 +122,11 @@ class WriterServer:
 
     def __init__(self, committer: Committer, indexer: SearchIndexer, max_batch: int) -> None:
         self.committer, self.indexer, self.max_batch = committer, indexer, max_batch
-        self.pending: deque[tuple[Peer, int, Append | jobs.Job[Any]]] = deque()
+        self.pending: deque[tuple[Peer, int, Append | Record | jobs.Job[Any]]] = deque()
         self._arrived = asyncio.Event()
         self._stopping = False
 
-    def received(self, peer: Peer, seq: int, request: Append | jobs.Job[Any]) -> None:
+    def received(self, peer: Peer, seq: int, request: Append | Record | jobs.Job[Any]) -> None:
         self.pending.append((peer, seq, request))
         self._arrived.set()
 
@@ -153,11 +153,12 @@ class WriterServer:
         indexer.finish(committer.failing)
 
     def take(self) -> None:
-        """Commit and answer everything pending now: groups of appends, jobs between them."""
+        """Commit and answer everything pending now: groups of appends (and delivery records), jobs
+        between them."""
         pending, group = self.pending, []
         while pending:
             peer, seq, request = pending.popleft()
-            if isinstance(request, Append):
+            if isinstance(request, Append | Record):
                 group.append((peer, seq, request))
                 if len(group) >= self.max_batch:
                     self._commit(group)
@@ -168,7 +169,7 @@ class WriterServer:
                 self._run(peer, seq, request)
         self._commit(group)
 
-    def _commit(self, group: list[tuple[Peer, int, Append]]) -> None:
+    def _commit(self, group: list[tuple[Peer, int, Append | Record]]) -> None:
         if not group:
             return
         results = self.committer.commit([request for _, _, request in group])
