@@ -514,16 +514,18 @@ def forward_benchmark(folder: Path) -> list[str]:
     seconds = int(setting("SECONDS", "10"))
     rounds = int(setting("ROUNDS", "2"))
     destination = bare()
+    reference = bare()  # the bare endpoint measured alone, in the same rounds
     target = destination.url.replace("/healthz", "/callback")
     lines = [
         "| load | forwarding | req/s | p50 / p99 ms | delivered during the run /s | backlog at the end | drained after, s |",
         "|---|---|---:|---|---:|---:|---:|",
     ]
-    ratios = []
+    ratios, of_bare = [], []
     try:
         for load, connections, delay in FORWARD_LOADS:
-            runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+            runs: dict[str, list[dict[str, float]]] = {"bare": [], "off": [], "on": []}
             for round_ in range(rounds):
+                runs["bare"].append(wrk(reference.url, connections, seconds, delay))
                 for mode in ("off", "on"):
                     db = folder / f"forward-{mode}-{connections}-{round_}.db"
                     extra = {"TOPIC_AUDIT_FORWARD_URL": target} if mode == "on" else {}
@@ -535,7 +537,7 @@ def forward_benchmark(folder: Path) -> list[str]:
                     finally:
                         process.stop()
                     runs[mode].append(result)
-            for mode in ("off", "on"):
+            for mode in ("bare", "off", "on"):
                 keys = ("rps", "p50", "p99", "rate", "backlog", "drain")
                 got = {k: sum(r.get(k, 0.0) for r in runs[mode]) / rounds for k in keys}
                 tail = (
@@ -543,14 +545,19 @@ def forward_benchmark(folder: Path) -> list[str]:
                     if mode == "on"
                     else "— | — | —"
                 )
+                mode = "bare endpoint alone" if mode == "bare" else mode
                 lines.append(
                     f"| {load} | {mode} | {got['rps']:.0f} | {got['p50']:.2f} / {got['p99']:.2f} | {tail} |"
                 )
-            off, on = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on"))
+            off, on, alone = (sum(r["rps"] for r in runs[m]) / rounds for m in ("off", "on", "bare"))
+            p99_on, p99_alone = (sum(r["p99"] for r in runs[m]) / rounds for m in ("on", "bare"))
             ratios.append(f"{load}: {on / off:.2f}")
+            of_bare.append(f"{load}: {on / alone:.2f}, p99 {p99_on / p99_alone:.1f} times bare's")
     finally:
         destination.stop()
+        reference.stop()
     lines.append(f"\nThroughput with forwarding on ÷ off: {'; '.join(ratios)}.")
+    lines.append(f"With forwarding on ÷ the bare endpoint alone: {'; '.join(of_bare)}.")
     lines += ["", *before_latency(folder)]
     return lines
 
