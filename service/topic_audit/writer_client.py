@@ -77,8 +77,8 @@ class RemoteWriter:
     def __init__(self, path: Path, refused: Callable[[int], None] | None = None) -> None:
         self.path = path
         self.refused = refused
-        """Told of rows this side failed (the writer could not be reached, or went away): the writer
-        reports its own."""
+        """Told of every row answered 503: refused by the writer, or failed here (the writer could not
+        be reached, went away, or did not answer in time)."""
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[str, asyncio.Future[Any] | Future[Any]]] = {}
         self._transport: asyncio.Transport | None = None
@@ -218,6 +218,8 @@ class RemoteWriter:
                     future.set_result(ipc.result(name, reply.value))
             elif reply.status == ipc.REFUSED:
                 future.set_exception(AppendError(ipc.reason(reply.value)))
+                if not name:  # a row answered 503: counted here, where it is answered (once)
+                    self._refuse(1)
             else:
                 future.set_exception(RuntimeError(ipc.reason(reply.value)))
         except ipc.ProtocolError:

@@ -192,12 +192,30 @@ class WriterServer:
         peer.send([ipc.answer(seq, ipc.OK, result)])
 
 
+class _Reported:
+    """The writer's metrics (commits, rows by outcome, the log's size, topics), but not the rows it could
+    not commit: the receiver that answers a row 503 counts it -- also one it gave up waiting for, or lost
+    with the connection -- so that each is counted once, by whoever answered it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:
+        self.metrics.batch_committed(rows, seconds, head_id)
+
+    def batch_failed(self, count: int) -> None:
+        pass
+
+    def topics_counted(self, active: int, deleted: int) -> None:
+        self.metrics.topics_counted(active, deleted)
+
+
 async def serve(settings: Settings, path: Path, ready_fd: int | None) -> None:
     """Listen on ``path`` and commit for whoever connects, until SIGTERM or SIGINT."""
     migrate(settings.db)
     autocheckpoint = settings.replica_url is None
     conn = connect(settings.db, autocheckpoint)
-    committer = Committer(conn, Metrics(), settings.store_bodies)
+    committer = Committer(conn, _Reported(Metrics()), settings.store_bodies)
     server = WriterServer(committer, SearchIndexer(conn), settings.max_batch)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
