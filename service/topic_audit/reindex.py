@@ -16,6 +16,10 @@ transaction:
 
 While a rebuild is under way, whatever changes documents of the index in use changes the ones the next
 index already copied too: every writer of an index writes through :func:`copies`.
+
+SQLite 3.44 and later cap the levels and have FTS5's ``secure-delete`` option (deleted terms leave the
+index at once): on such a platform neither the merges of :func:`topic_audit.purge.purge` nor this
+rebuild would be needed.
 """
 
 from __future__ import annotations
