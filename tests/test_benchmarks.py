@@ -27,6 +27,7 @@ def test_bench_suite_smoke() -> None:
         "BENCH_LOG_ROWS": "500",
         "BENCH_BEFORE_REQUESTS": "40",
         "BENCH_RPO_RUNS": "1",
+        "BENCH_SETTLE": "0",
         "BENCH_GROWN_ROWS": "300",
         "BENCH_BEFORE": "HEAD",  # an earlier version measured in the same run (here: this one again)
     }

@@ -18,7 +18,8 @@
 
 Environment: BENCH_SECONDS (per wrk run, 10), BENCH_ROUNDS (2), BENCH_CONNECTIONS ("1,32,128"),
 BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000), BENCH_LOG,
-BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_BEFORE (a git ref), BENCH_GROWN_ROWS
+BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_SETTLE (seconds before each HTTP run, 3),
+BENCH_BEFORE (a git ref), BENCH_GROWN_ROWS
 ("1000000,5000000"), BENCH_GROWN_DIR (where the grown logs are kept; default a temporary folder),
 BENCH_ONLY (sections to run, "http,servers,grown,writer,memory,log,forward,replica").
 """
@@ -191,6 +192,9 @@ def wrk(url: str, connections: int, seconds: int, delay_ms: int = 0) -> dict[str
     }
 
 
+SETTLE_SECONDS = float(setting("SETTLE", "3"))
+"""Before each run: what the previous target does once its load stops (indexing what it was behind on,
+checkpointing the WAL) would otherwise run during the next target's measurement."""
 STEADY = (4, 20)
 """Tencent's documented create_topic peak, ~200 callbacks/s: 4 connections, each waiting 20 ms between
 requests (wrk's delay), so that latency is measured at a steady rate rather than flat out."""
@@ -219,8 +223,9 @@ def http_benchmark(folder: Path, before: Path | None) -> tuple[list[str], Path]:
     try:
         for label, connections, delay in loads:
             runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-            for _ in range(rounds):  # alternate to cancel drift
-                for n in names:
+            for round_ in range(rounds):  # alternate to cancel drift, each round in another order
+                for n in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    time.sleep(SETTLE_SECONDS)
                     runs[n].append(wrk(targets[n].url, connections, seconds, delay))
             mean = {n: {k: sum(r[k] for r in runs[n]) / rounds for k in ("rps", "p50", "p99")} for n in names}
             errors = sum(int(r["errors"]) for n in audited for r in runs[n])
