@@ -92,3 +92,5 @@ class Purge(Job[bool]):
 
     step: str
     table: str = ""
+    start: bool = True
+    """``reindex``: whether a rebuild may start (one under way is finished in any case)."""

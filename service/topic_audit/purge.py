@@ -42,11 +42,14 @@ def purge(
     caller says so instead of promising that no copy remains."""
     conn.execute("PRAGMA secure_delete=ON")
     complete = True
-    for table in INDEXES if merge else ():
-        while not reindex.step(conn, table, most_levels):
+    for table in INDEXES:
+        rebuilt = False  # a rebuild under way is finished (and merged) even when nothing else asks
+        while not reindex.step(conn, table, most_levels, start=merge):
+            rebuilt = True
             time.sleep(STEP_PAUSE)
-        steps = (merge_step(conn, table) for _ in range(MERGE_STEPS))
-        complete = any(steps) and complete
+        if merge or rebuilt:
+            steps = (merge_step(conn, table) for _ in range(MERGE_STEPS))
+            complete = any(steps) and complete
     wipe_freelist(conn)  # last: what the merges freed too
     for _ in range(attempts):
         if truncate_wal(conn):
@@ -101,10 +104,11 @@ def wipe_freelist(conn: sqlite3.Connection) -> None:
 def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
     """One step (one short transaction) of overwriting the pages on the freelist with zeros: pages freed
     before erasure (by connections that did not zero what they freed) may still hold copies of erased
-    values. Up to ``pages`` free pages are taken by a scratch table of zero blobs a step; once none is
-    left, the table is emptied, ``pages`` at a time (``secure_delete`` zeroes them again as they are
-    freed: the end of a blob's last page is not written by the blob), and dropped; then the step
-    returns True."""
+    values. Up to ``pages`` free pages are taken by a scratch table of zero blobs a step, until it holds
+    as many as were free when the wipe began (its row 0 says how many: others may free pages meanwhile,
+    so "none left" need never come) or none is left; then the table is emptied, ``pages`` at a time
+    (``secure_delete`` zeroes them again as they are freed: the end of a blob's last page is not
+    written by the blob), and dropped; then the step returns True."""
     page = int(conn.execute("PRAGMA page_size").fetchone()[0])
     blobs = max(1, pages // 8)
     with transaction(conn):
@@ -119,17 +123,22 @@ def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
             conn.execute("DROP TABLE erasure_scratch_full")
             return True
         free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        if free:
-            conn.execute("CREATE TABLE IF NOT EXISTS erasure_scratch (b BLOB)")
+        if not _exists(conn, "erasure_scratch"):
+            if not free:
+                return True
+            conn.execute("CREATE TABLE erasure_scratch (b BLOB)")
+            conn.execute("INSERT INTO erasure_scratch (rowid, b) VALUES (0, ?)", (free,))
+        target, taken = conn.execute(
+            "SELECT max(CASE rowid WHEN 0 THEN b END), 8 * (count(*) - 1) FROM erasure_scratch"
+        ).fetchone()
+        if free and taken < target:
             conn.executemany(
-                "INSERT INTO erasure_scratch VALUES (zeroblob(?))",
-                [(page * 8,)] * max(1, min(free, pages) // 8),
+                "INSERT INTO erasure_scratch (b) VALUES (zeroblob(?))",
+                [(page * 8,)] * max(1, min(free, pages, target - taken) // 8),
             )
             return False
-        if _exists(conn, "erasure_scratch"):
-            conn.execute("ALTER TABLE erasure_scratch RENAME TO erasure_scratch_full")
-            return False
-        return True
+        conn.execute("ALTER TABLE erasure_scratch RENAME TO erasure_scratch_full")
+        return False
 
 
 def _exists(conn: sqlite3.Connection, name: str) -> bool:

@@ -71,15 +71,22 @@ def levels(conn: sqlite3.Connection, table: str) -> int:
     return value
 
 
-def step(conn: sqlite3.Connection, index: str, most_levels: int = MOST_LEVELS, rows: int = ROWS) -> bool:
-    """One step of rebuilding ``index`` (one short transaction on ``conn``, autocommit): started when its
-    structure lists ``most_levels`` levels or more, carried on while one is under way. True when no
-    rebuild is (any longer) under way: the caller calls again until then."""
+def step(
+    conn: sqlite3.Connection,
+    index: str,
+    most_levels: int = MOST_LEVELS,
+    rows: int = ROWS,
+    start: bool = True,
+) -> bool:
+    """One step of rebuilding ``index`` (one short transaction on ``conn``, autocommit): started (if
+    ``start``) when its structure lists ``most_levels`` levels or more, and carried on, whatever
+    ``start`` says, while one is under way -- an unfinished rebuild's tables may hold erased terms. True
+    when no rebuild is (any longer) under way: the caller calls again until then."""
     with transaction(conn):
         if _exists(conn, f"{index}_old"):
             return _empty_old(conn, f"{index}_old", rows)
         if not _exists(conn, f"{index}_next"):
-            if levels(conn, index) < most_levels:
+            if not start or levels(conn, index) < most_levels:
                 return True
             _create_next(conn, index)
             return False
@@ -90,11 +97,16 @@ def step(conn: sqlite3.Connection, index: str, most_levels: int = MOST_LEVELS, r
 
 
 def abandon(conn: sqlite3.Connection, index: str) -> None:
-    """Drop a rebuild under way (before ``index`` is rewritten as a whole), in the caller's transaction;
-    a later purge starts again."""
-    for name in (f"{index}_next", f"{index}_old"):
-        if _exists(conn, name):
-            conn.execute(f"DROP TABLE {name}")
+    """Drop the next index of a rebuild under way (before ``index`` is rewritten as a whole), in the
+    caller's transaction, its pages overwritten with zeros; a later purge starts again (and empties an
+    old index left by a swap, a step at a time)."""
+    if _exists(conn, f"{index}_next"):
+        was = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
+        conn.execute("PRAGMA secure_delete=ON")
+        try:
+            conn.execute(f"DROP TABLE {index}_next")
+        finally:
+            conn.execute(f"PRAGMA secure_delete={was}")
 
 
 def _exists(conn: sqlite3.Connection, name: str) -> bool:

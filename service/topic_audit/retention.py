@@ -138,9 +138,13 @@ class OnTheWriter:
 
     async def purge(self, merge: bool) -> None:
         await self._wipe()
-        for table in purge.INDEXES if merge else ():
-            while not await self._run(jobs.Purge("reindex", table)):  # each step moves it on
+        for table in purge.INDEXES:
+            rebuilt = False  # a rebuild under way is finished (and merged) even when nothing else asks
+            while not await self._run(jobs.Purge("reindex", table, start=merge)):
+                rebuilt = True
                 await asyncio.sleep(PAUSE_SECONDS)
+            if not (merge or rebuilt):
+                continue
             for _ in range(purge.MERGE_STEPS):  # bounded: under load new segments keep arriving
                 if await self._run(jobs.Purge("merge", table)):
                     break

@@ -74,7 +74,7 @@ def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
         if job.step == "wipe":
             return purge.wipe_step(conn)
         if job.step == "reindex":
-            return reindex.step(conn, job.table)
+            return reindex.step(conn, job.table, start=job.start)
         if job.step == "merge":
             return purge.merge_step(conn, job.table, 64)
         return purge.truncate_wal(conn)
