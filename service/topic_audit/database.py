@@ -79,6 +79,11 @@ def durability(conn: sqlite3.Connection) -> Durability:
     )
 
 
+def exists(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether the schema has a table, index, view or trigger called ``name``."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
 def head(conn: sqlite3.Connection) -> tuple[int, str]:
     """The last log entry's id and entry hash, ``(0, chain.GENESIS)`` for an empty log; read it under
     the write lock to append after it."""

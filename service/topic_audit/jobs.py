@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from topic_audit import database
+from topic_audit.reindex import MOST_LEVELS
 
 T = TypeVar("T")
 
@@ -94,3 +95,5 @@ class Purge(Job[bool]):
     table: str = ""
     start: bool = True
     """``reindex``: whether a rebuild may start (one under way is finished in any case)."""
+    most_levels: int = MOST_LEVELS
+    """``reindex``: the levels of the index's structure from which a rebuild starts."""

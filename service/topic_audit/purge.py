@@ -5,7 +5,7 @@ its index segments until they are merged away, so both full-text indexes are mer
 (see :func:`merge_step` for the one form of that which stays safe, and :mod:`topic_audit.reindex` for
 the rebuild that keeps it safe);
 freed pages keep their old bytes unless ``secure_delete`` zeroed them (and pages freed earlier, by
-connections that did not, are zeroed by :func:`wipe_freelist`); and the WAL still holds the pages as they
+connections that did not, are zeroed by :func:`wipe_step`); and the WAL still holds the pages as they
 were before, until it is checkpointed into the database and truncated.
 
 ``serve`` runs the same steps one at a time as jobs of its writer (:mod:`topic_audit.retention`).
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Generator
 from typing import Any, Final
 
-from topic_audit import reindex
-from topic_audit.database import transaction
+from topic_audit import jobs, reindex
+from topic_audit.database import exists, transaction
 from topic_audit.reindex import MOST_LEVELS, levels
 
 INDEXES: Final = ("audit_log_fts", "topics_fts")
@@ -28,7 +29,11 @@ load new segments keep arriving, so the loop is bounded."""
 WIPE_PAGES: Final = 2000
 """Free pages one step of :func:`wipe_step` overwrites (8 MB of zeros, about 60 ms here)."""
 STEP_PAUSE: Final = 0.005
-"""Between two rebuild steps: a writer waiting for the lock (``serve``'s) gets it."""
+"""After a step that is not done yet: a writer waiting for the lock (``serve``'s) gets it."""
+TRUNCATE_ATTEMPTS: Final = 200
+TRUNCATE_PAUSE: Final = 0.05
+"""Between two attempts to truncate the WAL (a reader -- Litestream -- may hold it for a while)."""
+Plan = Generator[jobs.Purge, bool, bool]
 
 
 def purge(
@@ -41,21 +46,62 @@ def purge(
     within :data:`MERGE_STEPS` steps while others write, or a reader -- Litestream -- kept the WAL): the
     caller says so instead of promising that no copy remains."""
     conn.execute("PRAGMA secure_delete=ON")
+    steps = plan(merge, most_levels, attempts)
+    try:
+        step = next(steps)
+        while True:
+            done = run_step(conn, step)
+            if not done:
+                time.sleep(pause_after(step))
+            step = steps.send(done)
+    except StopIteration as finished:
+        return bool(finished.value)
+
+
+def plan(merge: bool, most_levels: int = MOST_LEVELS, attempts: int = TRUNCATE_ATTEMPTS) -> Plan:
+    """The steps of a purge, in order, each a short transaction (a :class:`~topic_audit.jobs.Purge`,
+    which ``serve`` runs as a job of its writer): each is sent whether it is done, and the plan returns
+    whether the purge completed. :func:`purge` runs it here; ``serve``'s retention on its writer
+    (:meth:`topic_audit.retention.OnTheWriter.purge`).
+
+    Free pages are zeroed first and last (what the merges and the rebuilds freed too). An index is
+    merged when asked (``merge``: the erased entries were indexed), and a rebuild of it under way
+    (:mod:`topic_audit.reindex`) is finished -- then merged -- even when not."""
     complete = True
+    while not (yield jobs.Purge("wipe")):
+        pass
     for table in INDEXES:
-        rebuilt = False  # a rebuild under way is finished (and merged) even when nothing else asks
-        while not reindex.step(conn, table, most_levels, start=merge):
+        rebuilt = False
+        while not (yield jobs.Purge("reindex", table, start=merge, most_levels=most_levels)):
             rebuilt = True
-            time.sleep(STEP_PAUSE)
         if merge or rebuilt:
-            steps = (merge_step(conn, table) for _ in range(MERGE_STEPS))
-            complete = any(steps) and complete
-    wipe_freelist(conn)  # last: what the merges freed too
+            for _ in range(MERGE_STEPS):  # bounded: under load new segments keep arriving
+                if (yield jobs.Purge("merge", table)):
+                    break
+            else:
+                complete = False
+    while not (yield jobs.Purge("wipe")):
+        pass
     for _ in range(attempts):
-        if truncate_wal(conn):
+        if (yield jobs.Purge("truncate")):
             return complete
-        time.sleep(0.05)
     return False
+
+
+def run_step(conn: sqlite3.Connection, step: jobs.Purge, merge_pages: int = 500) -> bool:
+    """Run one step of :func:`plan` on ``conn`` (``secure_delete`` on: the caller's)."""
+    if step.step == "wipe":
+        return wipe_step(conn)
+    if step.step == "reindex":
+        return reindex.step(conn, step.table, step.most_levels, start=step.start)
+    if step.step == "merge":
+        return merge_step(conn, step.table, merge_pages)
+    return truncate_wal(conn)
+
+
+def pause_after(step: jobs.Purge) -> float:
+    """How long to wait after ``step`` when it is not done yet."""
+    return TRUNCATE_PAUSE if step.step == "truncate" else STEP_PAUSE
 
 
 def merge_step(
@@ -95,12 +141,6 @@ def truncate_wal(conn: sqlite3.Connection) -> bool:
     return not busy
 
 
-def wipe_freelist(conn: sqlite3.Connection) -> None:
-    """Overwrite every page on the freelist with zeros, a step at a time (:func:`wipe_step`)."""
-    while not wipe_step(conn):
-        pass
-
-
 def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
     """One step (one short transaction) of overwriting the pages on the freelist with zeros: pages freed
     before erasure (by connections that did not zero what they freed) may still hold copies of erased
@@ -112,7 +152,7 @@ def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
     page = int(conn.execute("PRAGMA page_size").fetchone()[0])
     blobs = max(1, pages // 8)
     with transaction(conn):
-        if _exists(conn, "erasure_scratch_full"):
+        if exists(conn, "erasure_scratch_full"):
             cursor = conn.execute(
                 "DELETE FROM erasure_scratch_full WHERE rowid IN "
                 "(SELECT rowid FROM erasure_scratch_full LIMIT ?)",
@@ -123,7 +163,7 @@ def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
             conn.execute("DROP TABLE erasure_scratch_full")
             return True
         free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        if not _exists(conn, "erasure_scratch"):
+        if not exists(conn, "erasure_scratch"):
             if not free:
                 return True
             conn.execute("CREATE TABLE erasure_scratch (b BLOB)")
@@ -139,10 +179,6 @@ def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
             return False
         conn.execute("ALTER TABLE erasure_scratch RENAME TO erasure_scratch_full")
         return False
-
-
-def _exists(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
 def connect(path: Any) -> sqlite3.Connection:

@@ -28,7 +28,7 @@ import re
 import sqlite3
 from typing import Final
 
-from topic_audit.database import transaction
+from topic_audit.database import exists, transaction
 
 ROWS: Final = 1000
 """Documents copied, or rows of the old index deleted, in one step (about 15 ms here)."""
@@ -50,7 +50,7 @@ def copies(conn: sqlite3.Connection, index: str) -> list[tuple[str, int]]:
     """The tables holding documents of ``index``, each with the largest rowid a change must reach in it:
     the index itself (every rowid), and the next index while a rebuild fills it (the rowids it copied)."""
     found = [(index, EVERYTHING)]
-    if _exists(conn, f"{index}_next"):
+    if exists(conn, f"{index}_next"):
         found.append((f"{index}_next", _highest(conn, f"{index}_next")))
     return found
 
@@ -83,9 +83,9 @@ def step(
     ``start`` says, while one is under way -- an unfinished rebuild's tables may hold erased terms. True
     when no rebuild is (any longer) under way: the caller calls again until then."""
     with transaction(conn):
-        if _exists(conn, f"{index}_old"):
+        if exists(conn, f"{index}_old"):
             return _empty_old(conn, f"{index}_old", rows)
-        if not _exists(conn, f"{index}_next"):
+        if not exists(conn, f"{index}_next"):
             if not start or levels(conn, index) < most_levels:
                 return True
             _create_next(conn, index)
@@ -100,17 +100,13 @@ def abandon(conn: sqlite3.Connection, index: str) -> None:
     """Drop the next index of a rebuild under way (before ``index`` is rewritten as a whole), in the
     caller's transaction, its pages overwritten with zeros; a later purge starts again (and empties an
     old index left by a swap, a step at a time)."""
-    if _exists(conn, f"{index}_next"):
+    if exists(conn, f"{index}_next"):
         was = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
         conn.execute("PRAGMA secure_delete=ON")
         try:
             conn.execute(f"DROP TABLE {index}_next")
         finally:
             conn.execute(f"PRAGMA secure_delete={was}")
-
-
-def _exists(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
 def _highest(conn: sqlite3.Connection, index: str) -> int:
@@ -142,7 +138,7 @@ def _empty_old(conn: sqlite3.Connection, old: str, rows: int) -> bool:
     """Delete up to ``rows`` rows of the old index's tables; once they are empty, drop it (True)."""
     for shadow, (key, which) in _SHADOWS.items():
         table = f"{old}_{shadow}"
-        if not _exists(conn, table):
+        if not exists(conn, table):
             continue
         cursor = conn.execute(
             f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {which} LIMIT ?)",

@@ -137,35 +137,24 @@ class OnTheWriter:
         return total
 
     async def purge(self, merge: bool) -> None:
-        await self._wipe()
-        for table in purge.INDEXES:
-            rebuilt = False  # a rebuild under way is finished (and merged) even when nothing else asks
-            while not await self._run(jobs.Purge("reindex", table, start=merge)):
-                rebuilt = True
-                await asyncio.sleep(PAUSE_SECONDS)
-            if not (merge or rebuilt):
-                continue
-            for _ in range(purge.MERGE_STEPS):  # bounded: under load new segments keep arriving
-                if await self._run(jobs.Purge("merge", table)):
-                    break
-                await asyncio.sleep(PAUSE_SECONDS)
-            else:
-                log.warning(
-                    "%s did not settle in %d merge steps; erased terms may linger", table, purge.MERGE_STEPS
-                )
-        await self._wipe()  # again: what the merges and the rebuilds freed
-        for _ in range(200):
-            if await self._run(jobs.Purge("truncate")):
-                return
-            await asyncio.sleep(0.05)
-        log.warning(
-            "the WAL could not be truncated (a reader, e.g. Litestream, holds it); freed copies of erased "
-            "values remain in it until its frames are reused"
-        )
-
-    async def _wipe(self) -> None:
-        while not await self._run(jobs.Purge("wipe")):
-            await asyncio.sleep(PAUSE_SECONDS)
+        """:func:`topic_audit.purge.plan`, each step a job of the writer, with a pause after each that
+        is not done yet (the groups go first)."""
+        steps = purge.plan(merge)
+        try:
+            step = next(steps)
+            while True:
+                done = await self._run(step)
+                if not done:
+                    await asyncio.sleep(max(PAUSE_SECONDS, purge.pause_after(step)))
+                step = steps.send(done)
+        except StopIteration as finished:
+            complete = bool(finished.value)
+        if not complete:
+            log.warning(
+                "the purge did not complete (an index did not settle in %d merge steps, or a reader -- "
+                "Litestream -- kept the WAL): copies of erased values may linger until the next one",
+                purge.MERGE_STEPS,
+            )
 
     async def retain(self, db: Path, days: float) -> int:
         """One retention run (unless another process is running one): the entries erased."""

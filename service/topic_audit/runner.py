@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from topic_audit import database, erasure, outbox, projection, purge, reindex
+from topic_audit import database, erasure, outbox, projection, purge
 from topic_audit.checkpoints import Signer, make_checkpoint
 from topic_audit.jobs import (
     Checkpoint,
@@ -71,13 +71,7 @@ def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
         if isinstance(job, Erase):
             done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now)
             return (0, False) if done is None else (done.entries, done.indexed)
-        if job.step == "wipe":
-            return purge.wipe_step(conn)
-        if job.step == "reindex":
-            return reindex.step(conn, job.table, start=job.start)
-        if job.step == "merge":
-            return purge.merge_step(conn, job.table, 64)
-        return purge.truncate_wal(conn)
+        return purge.run_step(conn, job, merge_pages=64)
     finally:
         conn.execute(f"PRAGMA secure_delete={was}")
 
