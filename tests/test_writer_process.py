@@ -296,6 +296,40 @@ def test_a_writer_that_hangs_is_answered_503_in_time_and_then_served_again(
     assert after.id >= 2
 
 
+def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) -> None:
+    """The deadlines hold on every connection, not just the first: a writer that was killed and started
+    again, then hangs, still has its receivers' appends answered 503 within ANSWER_SECONDS."""
+    from topic_audit import writer_client
+
+    db, sock = tmp_path / "audit.db", tmp_path / "writer.sock"
+    first = WriterProcess(db, sock).start()
+
+    async def main() -> float:
+        client = RemoteWriter(sock)
+        client.start()
+        second = None
+        try:
+            await client.connect(5)
+            await client.append(*ITEMS[0])
+            first.kill()
+            await asyncio.sleep(0.2)  # the receiver sees the connection go
+            second = WriterProcess(db, sock).start()
+            await client.append(*ITEMS[1])  # reconnects within CONNECT_SECONDS
+            second.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            started = time.monotonic()
+            with pytest.raises(AppendError):
+                await asyncio.wait_for(client.append(*ITEMS[2]), writer_client.ANSWER_SECONDS + 3)
+            return time.monotonic() - started
+        finally:
+            client.stop()
+            if second is not None:
+                second.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                second.stop()
+
+    waited = asyncio.run(main())
+    assert writer_client.ANSWER_SECONDS <= waited < writer_client.ANSWER_SECONDS + 0.5
+
+
 async def _garbage_writer(sock: Path, replies: list[bytes]) -> asyncio.AbstractServer:
     """A stand-in writer (named so: not the real one) that answers every frame with ``replies[0]``."""
 

@@ -71,6 +71,82 @@ class _Link(asyncio.Protocol):
         self.writer.lost(self.transport)
 
 
+class _Waiting:
+    """The requests sent to the writer and not answered yet, by sequence number: resolved by its answers,
+    failed when it goes away or is late. Each is waited for as a name: "" for an append, ``_RECORD`` for
+    a delivery record, a job's class name for a job."""
+
+    def __init__(self, refuse: Callable[[int], None]) -> None:
+        self.refuse = refuse
+        """Told of every row answered 503 here."""
+        self.futures: dict[int, tuple[str, asyncio.Future[Any] | Future[Any]]] = {}
+        self.deadlines: deque[tuple[float, int]] = deque()
+        """(deadline, seq) of the appends, in the order sent: their deadlines are in order too."""
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def add(
+        self, seq: int, name: str, future: asyncio.Future[Any] | Future[Any], deadline: float | None = None
+    ) -> None:
+        self.futures[seq] = (name, future)
+        if deadline is not None:
+            self.deadlines.append((deadline, seq))
+
+    def answered(self, reply: ipc.Reply) -> None:
+        """Resolve what ``reply`` answers; :class:`~topic_audit.ipc.ProtocolError` (after failing that
+        request) if it cannot be read."""
+        if reply.seq == 0:  # the writer refused this receiver's hello
+            raise ipc.ProtocolError(ipc.reason(reply.value))
+        found = self.futures.pop(reply.seq, None)
+        if found is None:  # answered too late (see ANSWER_SECONDS)
+            return
+        name, future = found
+        if future.done():
+            return
+        try:
+            if reply.status == ipc.OK:
+                if not name:
+                    future.set_result(ipc.committed(reply.value))
+                elif name == _RECORD:
+                    future.set_result(ipc.exhausted(reply.value))
+                else:
+                    future.set_result(ipc.result(name, reply.value))
+            elif reply.status == ipc.REFUSED:
+                future.set_exception(AppendError(ipc.reason(reply.value)))
+                if not name:  # a row answered 503: counted here, where it is answered (once)
+                    self.refuse(1)
+            else:
+                future.set_exception(RuntimeError(ipc.reason(reply.value)))
+        except ipc.ProtocolError:
+            future.set_exception(AppendError("the writer process answered what could not be read"))
+            raise
+
+    def fail_all(self, why: str) -> int:
+        """Fail everything waiting with ``why``; the rows among it."""
+        futures, self.futures = self.futures, {}
+        self.deadlines.clear()
+        rows = 0
+        for name, future in futures.values():
+            if not future.done():
+                future.set_exception(AppendError(why))
+                rows += not name
+        return rows
+
+    def expire(self, now: float) -> int:
+        """Fail the appends whose deadline is past ``now``; how many."""
+        deadlines, futures, late = self.deadlines, self.futures, 0
+        while deadlines and (deadlines[0][1] not in futures or deadlines[0][0] <= now):
+            _, seq = deadlines.popleft()
+            found = futures.pop(seq, None)
+            if found is not None and not found[1].done():
+                found[1].set_exception(
+                    AppendError(f"the writer process did not answer within {ANSWER_SECONDS} s")
+                )
+                late += 1
+        return late
+
+
 class RemoteWriter:
     """The writer process at ``path``, for one event loop (the receiver's)."""
 
@@ -80,7 +156,7 @@ class RemoteWriter:
         """Told of every row answered 503: refused by the writer, or failed here (the writer could not
         be reached, went away, or did not answer in time)."""
         self._seq = itertools.count(1)
-        self._waiting: dict[int, tuple[str, asyncio.Future[Any] | Future[Any]]] = {}
+        self._waiting = _Waiting(self._refuse)
         self._transport: asyncio.Transport | None = None
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
@@ -89,8 +165,6 @@ class RemoteWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self._deadlines: deque[tuple[float, int]] = deque()
-        """(deadline, seq) of the appends, in the order sent: their deadlines are in order too."""
         self._stopping = False
         self._complained_at = -COMPLAIN_SECONDS
 
@@ -143,8 +217,7 @@ class RemoteWriter:
             raise AppendError(f"a row of {len(frame)} bytes is more than the writer takes")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Committed] = loop.create_future()
-        self._waiting[seq] = ("", future)
-        self._deadlines.append((loop.time() + ANSWER_SECONDS, seq))
+        self._waiting.add(seq, "", future, loop.time() + ANSWER_SECONDS)
         self._send(frame)
         return await future
 
@@ -156,7 +229,7 @@ class RemoteWriter:
             await self.connect()
         seq = next(self._seq)
         future: asyncio.Future[list[outbox.Attempt]] = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = (_RECORD, future)
+        self._waiting.add(seq, _RECORD, future)
         self._send(ipc.record_frame(seq, attempts, schedule))
         return await future
 
@@ -183,7 +256,7 @@ class RemoteWriter:
         except TypeError as exc:
             future.set_exception(exc)
             return
-        self._waiting[seq] = (type(job).__name__, future)
+        self._waiting.add(seq, type(job).__name__, future)
         self._send(frame)
 
     def _send(self, frame: bytes) -> None:
@@ -198,33 +271,8 @@ class RemoteWriter:
 
     # -- answers -----------------------------------------------------------------------------------
     def answered(self, reply: ipc.Reply) -> None:
-        """Resolve what ``reply`` answers; :class:`~topic_audit.ipc.ProtocolError` (after failing that
-        request) if it cannot be read."""
-        if reply.seq == 0:  # the writer refused this receiver's hello
-            raise ipc.ProtocolError(ipc.reason(reply.value))
-        found = self._waiting.pop(reply.seq, None)
-        if found is None:  # answered too late (see ANSWER_SECONDS)
-            return
-        name, future = found
-        if future.done():
-            return
-        try:
-            if reply.status == ipc.OK:
-                if not name:
-                    future.set_result(ipc.committed(reply.value))
-                elif name == _RECORD:
-                    future.set_result(ipc.exhausted(reply.value))
-                else:
-                    future.set_result(ipc.result(name, reply.value))
-            elif reply.status == ipc.REFUSED:
-                future.set_exception(AppendError(ipc.reason(reply.value)))
-                if not name:  # a row answered 503: counted here, where it is answered (once)
-                    self._refuse(1)
-            else:
-                future.set_exception(RuntimeError(ipc.reason(reply.value)))
-        except ipc.ProtocolError:
-            future.set_exception(AppendError("the writer process answered what could not be read"))
-            raise
+        """Resolve what ``reply`` answers (:meth:`_Waiting.answered`)."""
+        self._waiting.answered(reply)
 
     def lost(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection on ``transport`` is gone: if it is the current one, what was not answered fails
@@ -236,13 +284,8 @@ class RemoteWriter:
             self._transport = None
         self._connected.clear()
         self._disconnected.set()
-        waiting, self._waiting = self._waiting, {}
         self._out = []
-        rows = 0
-        for name, future in waiting.values():
-            if not future.done():
-                future.set_exception(AppendError("the writer process went away before it answered"))
-                rows += not name
+        rows = self._waiting.fail_all("the writer process went away before it answered")
         if rows:
             log.error("the writer process went away; %d requests answered 503", rows)
             self._refuse(rows)
@@ -282,18 +325,10 @@ class RemoteWriter:
     async def _expire(self) -> None:
         """Fail the appends the writer has not answered within :data:`ANSWER_SECONDS` (one sweep a
         tenth of that, rather than a timer per request)."""
-        deadlines, waiting = self._deadlines, self._waiting
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(ANSWER_SECONDS / 10)
-            now, late = asyncio.get_running_loop().time(), 0
-            while deadlines and (deadlines[0][1] not in waiting or deadlines[0][0] <= now):
-                _, seq = deadlines.popleft()
-                found = waiting.pop(seq, None)
-                if found is not None and not found[1].done():
-                    found[1].set_exception(
-                        AppendError(f"the writer process did not answer within {ANSWER_SECONDS} s")
-                    )
-                    late += 1
+            late = self._waiting.expire(loop.time())
             if late:
                 log.error("the writer process did not answer %d requests in time; answered 503", late)
                 self._refuse(late)
