@@ -38,14 +38,10 @@ restart may close the listening socket or leave it without a process that answer
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,19 +49,13 @@ from dataclasses import replace
 
 from topic_audit import sockets
 from topic_audit.checkpointer import Checkpointer
-from topic_audit.children import Receiver
+from topic_audit.children import DRAIN_SECONDS, Launcher, Receiver, stop_all, wait_ready
 from topic_audit.metrics import Metrics
-from topic_audit.settings import WORKER_SETTINGS, Settings, SettingsError
-from topic_audit.worker import LISTEN_FD, READY_FD, SERVER, THREADS
-from topic_audit.writer_client import WRITER_SOCKET
+from topic_audit.settings import Settings, SettingsError
 from topic_audit.writers import Writers
 
 log = logging.getLogger("topic_audit.serve")
 
-READY_SECONDS = 60.0
-"""Longest a new receiver may take to start before the reload gives up on it."""
-DRAIN_SECONDS = 45.0
-"""Longest a draining receiver may take before it is killed."""
 RESPAWN_SECONDS = 1.0
 WARM_SECONDS = 1.0
 """How long both generations accept before the old one drains (its kept-alive clients then move over)."""
@@ -99,6 +89,7 @@ class Supervisor:
         self.draining: list[Receiver] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpointer = Checkpointer(settings)
+        self.launcher = Launcher(sock, server)
         self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
         self.writers = Writers(
             self._spawn_writer,
@@ -118,13 +109,13 @@ class Supervisor:
 
     def _serve(self) -> int:
         writer = self.writers.start(self.settings)
-        failed = self._wait_ready([writer])
+        failed = self._ready([writer])
         self.writers.promote(writer)
         if not failed:
             self.current = self._generation(self.settings)
-            failed = self._wait_ready(self.current)
+            failed = self._ready(self.current)
         if failed:
-            self._stop_all(self.current)
+            stop_all(self.metrics_dir, self.current)
             self._stop_writers([writer])
             log.error("serve could not start: %s", failed)
             return 1
@@ -142,7 +133,7 @@ class Supervisor:
                 self.reload()
             self._reap()
         sockets.notify("STOPPING=1")
-        clean = self._stop_all(self.current + self.draining)
+        clean = stop_all(self.metrics_dir, self.current + self.draining)
         clean = self._stop_writers(self.writers.everyone()) and clean  # once every receiver committed
         self.checkpointer.stop()  # the last checkpoint covers everything answered
         return 0 if clean else 1
@@ -160,11 +151,11 @@ class Supervisor:
             log.warning("reload: %s take effect at the next start", ", ".join(changed))
         settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
         writer = self.writers.start(settings)
-        failed = self._wait_ready([writer])
+        failed = self._ready([writer])
         fresh = [] if failed else self._generation(settings, writer)
-        failed = failed or self._wait_ready(fresh)
+        failed = failed or self._ready(fresh)
         if failed:
-            self._stop_all(fresh)
+            stop_all(self.metrics_dir, fresh)
             self._stop_writers([writer])
             log.error("reload failed: %s; the running processes keep serving", failed)
             sockets.notify("READY=1")
@@ -188,57 +179,18 @@ class Supervisor:
         assert writer is not None
         socket_path = writer.socket
         if self.server == "granian":  # granian runs its own workers in one process group
-            return [self._spawn(settings, self.workers, socket_path)]
-        return [self._spawn(settings, 1, socket_path) for _ in range(self.workers)]
+            return [self.launcher.start(settings, self.workers, socket_path)]
+        return [self.launcher.start(settings, 1, socket_path) for _ in range(self.workers)]
 
     def _spawn_writer(self, settings: Settings, socket_path: str) -> Receiver:
-        writer = self._spawn(settings, 1, socket_path, module="topic_audit.writer_process")
+        writer = self.launcher.start(settings, 1, socket_path, module="topic_audit.writer_process")
         writer.socket = socket_path
         return writer
 
-    def _spawn(
-        self, settings: Settings, expected: int, socket_path: str, module: str = "topic_audit.worker"
-    ) -> Receiver:
-        read, write = os.pipe()
-        env = {
-            **os.environ,
-            WORKER_SETTINGS: replace(settings, checkpoint_seconds=0).for_workers(),
-            LISTEN_FD: str(self.sock.fileno()),
-            READY_FD: str(write),
-            SERVER: self.server,
-            THREADS: str(expected),
-            WRITER_SOCKET: socket_path,
-        }
-        env.pop("TOPIC_AUDIT_TOKEN", None)
-        if settings.token is not None:
-            env["TOPIC_AUDIT_TOKEN"] = settings.token
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", module],
-                env=env,
-                pass_fds=(self.sock.fileno(), write),
-                process_group=0,  # signals to serve's group (a terminal's ^C, a hangup) are serve's to pass on
-            )
-        finally:
-            os.close(write)
-        return Receiver(process, read, expected)
-
-    def _wait_ready(self, receivers: list[Receiver]) -> str | None:
-        """None once every receiver has started; otherwise why not."""
-        deadline = time.monotonic() + READY_SECONDS
-        while not all(r.ready for r in receivers):
-            self.writers.reap()  # (a reload waits here: the running writers are watched meanwhile)
-            for receiver in receivers:
-                if receiver.process.poll() is not None and not receiver.ready:
-                    return f"receiver process {receiver.process.pid} ended (exit code {receiver.process.returncode}) before it was ready (its lines above say why)"
-            if time.monotonic() > deadline:
-                return f"a receiver process did not start within {READY_SECONDS:g} s"
-            waiting = [r.ready_fd for r in receivers if not r.ready]
-            readable, _, _ = select.select(waiting, [], [], 0.2)
-            for receiver in receivers:
-                if receiver.ready_fd in readable:
-                    receiver.read()
-        return None
+    def _ready(self, receivers: list[Receiver]) -> str | None:
+        """None once every one of ``receivers`` has started; otherwise why not. The running writers are
+        watched meanwhile (a reload waits here)."""
+        return wait_ready(receivers, self.writers.reap)
 
     def _reap(self) -> None:
         self.writers.reap()
@@ -263,30 +215,14 @@ class Supervisor:
             receiver.ended(self.metrics_dir)
             time.sleep(RESPAWN_SECONDS)
             assert self.writers.current is not None
-            self.current[index] = self._spawn(self.settings, receiver.expected, self.writers.current.socket)
+            self.current[index] = self.launcher.start(
+                self.settings, receiver.expected, self.writers.current.socket
+            )
             self.metrics.restarts.labels("crash").inc()
 
     def _stop_writers(self, writers: list[Receiver]) -> bool:
         self.writers.forget(writers)
-        return self._stop_all(writers)
-
-    def _stop_all(self, receivers: list[Receiver]) -> bool:
-        """SIGTERM to every receiver, and wait for them to drain; False when one had to be killed."""
-        for receiver in receivers:
-            if receiver.process.poll() is None:
-                receiver.process.send_signal(signal.SIGTERM)
-        clean = True
-        deadline = time.monotonic() + DRAIN_SECONDS
-        for receiver in receivers:
-            try:
-                receiver.process.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.error("receiver process %s did not stop in time; killing it", receiver.process.pid)
-                receiver.kill()
-                receiver.process.wait()
-                clean = False
-            receiver.ended(self.metrics_dir)
-        return clean
+        return stop_all(self.metrics_dir, writers)
 
     def _announce(self, what: str, old: list[Receiver] | None = None) -> None:
         pids = sorted(pid for r in self.current for pid in r.pids)
