@@ -224,19 +224,14 @@ class Replicator:
         """The newest transaction (Litestream's txid) known to be in the store."""
         self.local = 0
         """The newest transaction Litestream has seen in the database."""
-        self.published = 0
-        """Checkpoint lines published to the bucket."""
         self._seen: deque[tuple[int, float]] = deque()
         self._caught_up_at = time.time()
-        self._waiting: deque[tuple[int, str, float, int | None]] = deque()
-        self._offset = 0
-        self._lines = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._folder = Path(tempfile.mkdtemp(prefix="topic-audit-litestream-"))
         self._behind = False
-        self._s3: Any = None
+        self._checkpoints: _Checkpoints | None = None
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -244,8 +239,7 @@ class Replicator:
         """Check the store, start Litestream, and wait (briefly) for its first look at the database."""
         check(self.target)
         self._binary = binary(self.litestream)
-        self._s3 = client(self.target)
-        self.published = self._count_published()
+        self._checkpoints = _Checkpoints(self.checkpoint_file, self.target, client(self.target))
         path = self._folder / "litestream.yml"
         path.write_text(config(self.db, self.target))
         path.chmod(0o600)
@@ -274,6 +268,17 @@ class Replicator:
         with contextlib.suppress(Exception):  # what Litestream's last sync covered
             self._publish(final=True)
         shutil.rmtree(self._folder, ignore_errors=True)
+
+    @property
+    def published(self) -> int:
+        """Checkpoint lines published to the bucket."""
+        return 0 if self._checkpoints is None else self._checkpoints.published
+
+    def _publish(self, final: bool = False) -> None:
+        if self._checkpoints is not None:
+            with self._lock:
+                local, replicated = self.local, self.replicated
+            self._checkpoints.publish(local, replicated, final)
 
     def _running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -357,7 +362,19 @@ class Replicator:
             self._behind = False
             log.warning("the replica caught up")
 
-    # -- checkpoints -----------------------------------------------------------------------------
+
+class _Checkpoints:
+    """The signed checkpoints of ``checkpoint_file``, published to the bucket one by one, each once the
+    replica holds every transaction it covers (the database's newest when it was first seen settled)."""
+
+    def __init__(self, checkpoint_file: Path, target: Target, s3: Any) -> None:
+        self.checkpoint_file, self.target, self._s3 = checkpoint_file, target, s3
+        self._waiting: deque[tuple[int, str, float, int | None]] = deque()
+        self._offset = 0
+        self._lines = 0
+        self.published = self._count_published()
+        """Checkpoint lines published to the bucket."""
+
     def _count_published(self) -> int:
         paginator = self._s3.get_paginator("list_objects_v2")
         numbers = [
@@ -369,19 +386,20 @@ class Replicator:
         ]
         return max(numbers, default=0)
 
-    def _publish(self, final: bool = False) -> None:
-        """Publish each new checkpoint once the replica holds everything it covers (``final``: Litestream
-        has stopped after its last sync, so what it last saw is all there is)."""
+    def publish(self, local: int, replicated: int, final: bool = False) -> None:
+        """Publish each new checkpoint once the replica holds everything it covers: ``local`` is the
+        newest transaction Litestream has seen in the database, ``replicated`` the newest in the store
+        (``final``: Litestream has stopped after its last sync, so what it last saw is all there is)."""
         self._read_new_checkpoints()
         now = time.time()
         while self._waiting:
             number, text, seen, needed = self._waiting[0]
             if needed is None:
-                if (now - seen < SETTLE_SECONDS and not final) or self.local == 0:
+                if (now - seen < SETTLE_SECONDS and not final) or local == 0:
                     return
-                needed = self.local
+                needed = local
                 self._waiting[0] = (number, text, seen, needed)
-            if self.replicated < needed:
+            if replicated < needed:
                 return
             self._s3.put_object(
                 Bucket=self.target.bucket,
