@@ -302,13 +302,14 @@ def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) ->
     from topic_audit import writer_client
 
     db, sock = tmp_path / "audit.db", tmp_path / "writer.sock"
-    first = WriterProcess(db, sock).start()
+    first = WriterProcess(db, sock)
 
     async def main() -> float:
         client = RemoteWriter(sock)
         client.start()
         second = None
         try:
+            first.start()
             await client.connect(5)
             await client.append(*ITEMS[0])
             first.kill()
@@ -322,6 +323,8 @@ def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) ->
             return time.monotonic() - started
         finally:
             client.stop()
+            if first.process is not None and first.process.poll() is None:
+                first.kill()
             if second is not None:
                 second.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
                 second.stop()

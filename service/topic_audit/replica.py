@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,9 +277,12 @@ class Replicator:
 
     def _publish(self, final: bool = False) -> None:
         if self._checkpoints is not None:
-            with self._lock:
-                local, replicated = self.local, self.replicated
-            self._checkpoints.publish(local, replicated, final)
+            self._checkpoints.publish(self._positions, final)
+
+    def _positions(self) -> tuple[int, int]:
+        """The newest transaction Litestream has seen in the database, and the newest in the store."""
+        with self._lock:
+            return self.local, self.replicated
 
     def _running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -369,6 +373,9 @@ class _Checkpoints:
 
     def __init__(self, checkpoint_file: Path, target: Target, s3: Any) -> None:
         self.checkpoint_file, self.target, self._s3 = checkpoint_file, target, s3
+        self._lock = threading.Lock()
+        """One publisher at a time: the monitor thread, and ``stop`` (whose wait for the monitor may time out
+        while it still publishes)."""
         self._waiting: deque[tuple[int, str, float, int | None]] = deque()
         self._offset = 0
         self._lines = 0
@@ -386,29 +393,36 @@ class _Checkpoints:
         ]
         return max(numbers, default=0)
 
-    def publish(self, local: int, replicated: int, final: bool = False) -> None:
-        """Publish each new checkpoint once the replica holds everything it covers: ``local`` is the
-        newest transaction Litestream has seen in the database, ``replicated`` the newest in the store
+    def publish(self, positions: Callable[[], tuple[int, int]], final: bool = False) -> None:
+        """Publish each new checkpoint once the replica holds everything it covers; ``positions`` says
+        the newest transaction Litestream has seen in the database and the newest in the store, now
         (``final``: Litestream has stopped after its last sync, so what it last saw is all there is)."""
-        self._read_new_checkpoints()
-        now = time.time()
-        while self._waiting:
-            number, text, seen, needed = self._waiting[0]
-            if needed is None:
-                if (now - seen < SETTLE_SECONDS and not final) or local == 0:
-                    return
-                needed = local
-                self._waiting[0] = (number, text, seen, needed)
-            if replicated < needed:
-                return
-            self._s3.put_object(
-                Bucket=self.target.bucket,
-                Key=self.target.checkpoint_key(number),
-                Body=text.encode(),
-                ContentType="application/json",
-            )
-            self.published = number
-            self._waiting.popleft()
+        with self._lock:
+            self._read_new_checkpoints()
+            now = time.time()
+            while self._waiting and self._publish_first(now, positions, final):
+                pass
+
+    def _publish_first(self, now: float, positions: Callable[[], tuple[int, int]], final: bool) -> bool:
+        """Publish the first checkpoint waiting if the replica holds what it covers; whether it did."""
+        local, replicated = positions()
+        number, text, seen, needed = self._waiting[0]
+        if needed is None:
+            if (now - seen < SETTLE_SECONDS and not final) or local == 0:
+                return False
+            needed = local
+            self._waiting[0] = (number, text, seen, needed)
+        if replicated < needed:
+            return False
+        self._s3.put_object(
+            Bucket=self.target.bucket,
+            Key=self.target.checkpoint_key(number),
+            Body=text.encode(),
+            ContentType="application/json",
+        )
+        self.published = number
+        self._waiting.popleft()
+        return True
 
     def _read_new_checkpoints(self) -> None:
         try:
