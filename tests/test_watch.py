@@ -104,7 +104,13 @@ def test_a_rewritten_checkpoint_file_is_found_in_the_next_round(copy: Path) -> N
 def test_a_chain_rewritten_from_the_verified_head_is_found_at_once(copy: Path) -> None:
     watch = watcher(copy)
     watch.round()
-    alter(copy, f"UPDATE audit_log SET entry_hash = 'f' || substr(entry_hash, 2) WHERE id = {ENTRIES}")
+    # Another first digit: always a change ('f' alone left the one hash in 16 that starts with it intact).
+    alter(
+        copy,
+        "UPDATE audit_log SET entry_hash = "
+        "(CASE substr(entry_hash, 1, 1) WHEN 'f' THEN '0' ELSE 'f' END) || substr(entry_hash, 2) "
+        f"WHERE id = {ENTRIES}",
+    )
     assert rounds_until_found(watch, 1) == 1
     assert {f.check for f in watch.findings.values()} >= {"chain"}
 
