@@ -19,7 +19,8 @@ import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
 from topic_audit import chain, content, erasure, purge, records, samples, search
-from topic_audit.checkpoints import Signer
+from topic_audit.checkpoints import Signer, record_key
+from topic_audit.settings import Settings
 from topic_audit.purge import connect
 
 SUBJECT = "erin_subject_42"
@@ -240,8 +241,9 @@ def erased_log(post: Post, db_path: Path, client: Any) -> Path:
     for i in range(10):
         post(message(SUBJECT if i in (2, 3, 6) else OTHER, f"text {i}"))
     conn = connect(db_path)
-    erasure.erase(conn, [3, 4], "request", "first", None, "2026-12-02T00:00:00.000Z")
-    erasure.erase(conn, [7], "request", "second", None, "2026-12-02T00:00:01.000Z")
+    key = record_key(Settings(db=db_path).signing_key_path, create=True)  # what erase signs its records with
+    erasure.erase(conn, [3, 4], "request", "first", None, "2026-12-02T00:00:00.000Z", key=key)
+    erasure.erase(conn, [7], "request", "second", None, "2026-12-02T00:00:01.000Z", key=key)
     conn.close()
     return db_path
 
@@ -350,7 +352,8 @@ def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(er
         f"UPDATE erasures SET reason = 'nothing to see', entry_hash = '{records.record_hash(record)}' WHERE id = 2",
     )
     found = findings(erased_log)
-    assert [f["check"] for f in found] == ["checkpoint_erasures"], found
+    # the signed head of erasures no longer matches, and the record's own signature no longer does
+    assert sorted(f["check"] for f in found) == ["checkpoint_erasures", "erasure_signature"], found
 
 
 def test_erase_says_when_the_replica_forgets(db_path: Path, post: Post) -> None:

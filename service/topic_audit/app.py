@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from topic_audit import chain, checks, jobs, models, outbox, retention
-from topic_audit.checkpoints import Signer
+from topic_audit.checkpoints import Signer, record_key
 from topic_audit.forward import Forwarder
 from topic_audit.metrics import Metrics
 from topic_audit.migrations import migrate
@@ -403,6 +403,7 @@ def create_app(
                 observer=metrics,
                 autocheckpoint=settings.replica_url is None,
                 store_bodies=settings.store_bodies,
+                record_key=record_key(settings.signing_key_path, create=settings.checkpoint_seconds > 0),
             )
             writer.start()
         counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))

@@ -17,6 +17,8 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from topic_audit import chain, content, database, erasure, models, outbox, projection, rollups
 from topic_audit.writes import Append as Append
 from topic_audit.writes import Committed as Committed
@@ -53,16 +55,18 @@ def commit(
     appends: Sequence[Append],
     records: Sequence[Record] = (),
     store_bodies: str = "all",
+    record_key: Ed25519PrivateKey | None = None,
 ) -> Appended:
     """Append ``appends`` and record ``records`` in one transaction on ``conn`` (autocommit mode).
 
     Every row commits to its content under a salt of its own (:func:`topic_audit.content.seal`). With
     ``store_bodies="topics"``, a row outside the topic family that is not to be forwarded is stored
-    without its content, under a ``policy`` erasure record written in the same transaction."""
+    without its content, under a ``policy`` erasure record written in the same transaction (signed with
+    ``record_key``, the checkpoint signing key)."""
     done = Appended()
     with database.transaction(conn):
         head_id, head_hash = database.head(conn)  # under the write lock: the chain stays contiguous
-        group = _Group(conn, head_id + 1, appends)
+        group = _Group(conn, head_id + 1, appends, record_key)
         for request in appends:
             entry_id, row = group.add(request)
             row["id"], row["prev_hash"] = entry_id, head_hash
@@ -90,8 +94,15 @@ def _kept(request: Append) -> bool:
 class _Group:
     """The rows of one transaction being projected, and what they queue for forwarding."""
 
-    def __init__(self, conn: sqlite3.Connection, first_id: int, appends: Sequence[Append]) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        first_id: int,
+        appends: Sequence[Append],
+        record_key: Ed25519PrivateKey | None = None,
+    ) -> None:
         self.conn = conn
+        self.record_key = record_key
         self.next_id = first_id
         self.store = projection.SqlStore(conn)
         self.store.prefetch(
@@ -141,7 +152,7 @@ class _Group:
             conn.executemany(_INSERT, rows)
             conn.executemany("INSERT INTO content_keys (entry_id, salt) VALUES (?, ?)", self.salts)
             if self.unkept:
-                erasure.record_policy(conn, self.unkept, rows[-1]["received_at"])
+                erasure.record_policy(conn, self.unkept, rows[-1]["received_at"], self.record_key)
             rollups.add(conn, rows)
         for delay, triples in self.queued.items():
             outbox.queue(conn, triples, delay)

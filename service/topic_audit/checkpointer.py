@@ -2,8 +2,9 @@
 
 Every ``checkpoint_seconds`` (and once more on the way out, after the receivers have committed their
 last answers) a thread signs the head of the log on a write connection of its own, under SQLite's write
-lock (:func:`topic_audit.checkpoints.make_checkpoint`): the head it signs is a committed one whichever
-process appended it.
+lock (:func:`topic_audit.signing.checkpoint`): the head it signs is a committed one whichever process
+appended it, and everything added since the last checkpoint is verified first -- what does not verify
+is never signed (logged at every tick; ``topic_audit_checkpoint_age_seconds`` grows).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import threading
 from datetime import UTC, datetime
 
-from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.checkpoints import Signer
 from topic_audit.settings import Settings
+from topic_audit.signing import Refused, checkpoint
 from topic_audit.writer import connect
 
 log = logging.getLogger("topic_audit.checkpoints")
@@ -55,9 +57,9 @@ class Checkpointer:
         conn = connect(settings.db, autocheckpoint=settings.replica_url is None)
         try:
             now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            make_checkpoint(
-                conn, self._signer, settings.checkpoint_path, now, origin=settings.log_origin_name
-            )
+            checkpoint(conn, self._signer, settings.checkpoint_path, now, origin=settings.log_origin_name)
+        except Refused as exc:
+            log.error("%s; serving on, signing nothing until it is resolved", exc)
         except Exception:
             log.exception("could not write a checkpoint; will retry")
         finally:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -38,11 +39,29 @@ ERASURE_FIELDS: Final = ("erasures_size", "erasures_head")
 """The head of the ``erasures`` chain, in every checkpoint signed since erasure exists."""
 NOTE_FIELDS: Final = ("note",)
 """The signed tree head (a C2SP signed note), in every checkpoint signed since the tree exists."""
-FIELDS: Final = (*STATEMENT_FIELDS, "digest", "signature", *DELIVERY_FIELDS, *NOTE_FIELDS, *ERASURE_FIELDS)
+FACT_FIELDS: Final = ("commitments_from", "signed_erasures_from")
+"""The log's fixed boundaries (``log_facts``, since ``m017``): the first entry that must carry a keyed
+content commitment, and the first erasure record that must carry a signature."""
+FIELDS: Final = (
+    *STATEMENT_FIELDS,
+    "digest",
+    "signature",
+    *DELIVERY_FIELDS,
+    *NOTE_FIELDS,
+    *ERASURE_FIELDS,
+    *FACT_FIELDS,
+)
+
+
+def facts(conn: sqlite3.Connection) -> dict[str, int]:
+    """The rows of ``log_facts`` (none before ``m017``)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_facts'").fetchone() is None:
+        return {}
+    return {str(name): int(value) for name, value in conn.execute("SELECT name, value FROM log_facts")}
 
 
 def statement_bytes(checkpoint: dict[str, Any]) -> bytes:
-    optional = (*DELIVERY_FIELDS, *NOTE_FIELDS, *ERASURE_FIELDS)
+    optional = (*DELIVERY_FIELDS, *NOTE_FIELDS, *ERASURE_FIELDS, *FACT_FIELDS)
     fields = [*STATEMENT_FIELDS, *(f for f in optional if checkpoint.get(f) is not None)]
     return json.dumps({k: checkpoint[k] for k in fields}, sort_keys=True, separators=(",", ":")).encode()
 
@@ -86,6 +105,18 @@ class Signer:
         return cls(key, path), True
 
 
+def record_key(path: Path, create: bool) -> Ed25519PrivateKey | None:
+    """The signing key that signs erasure records (:func:`topic_audit.records.sign`): the checkpoint
+    signing key at ``path``, created when absent if ``create`` (``serve`` signs checkpoints), else None
+    (records are then written unsigned, and ``verify`` says so once the log has a signer)."""
+    if not create and not path.exists():
+        return None
+    try:
+        return Signer.load_or_create(path)[0].key
+    except FileExistsError:  # another process of serve created it first
+        return Signer.load_or_create(path)[0].key
+
+
 def read_file(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -94,18 +125,28 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def make_checkpoint(
-    conn: sqlite3.Connection, signer: Signer, file: Path, created_at: str, origin: str | None = None
+    conn: sqlite3.Connection,
+    signer: Signer,
+    file: Path,
+    created_at: str,
+    origin: str | None = None,
+    check: Callable[[sqlite3.Connection], None] | None = None,
 ) -> dict[str, Any]:
-    """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock.
+    """Sign the current head and append it to ``file`` (fsynced), then to the table, under the write lock,
+    without checking what it signs: ``serve`` and ``topic-audit checkpoint`` sign through
+    :func:`topic_audit.signing.checkpoint`, which does.
 
     The tree's new tiles are stored first, outside the lock (in commits of their own); the note signs
-    the tree at the head under ``origin`` (default: the latest note's, see :func:`default_origin`)."""
+    the tree at the head under ``origin`` (default: the latest note's, see :func:`default_origin`).
+    ``check`` runs under the lock before anything is signed; what it raises aborts the checkpoint."""
     tree.update(conn)
     origin = origin or default_origin(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         _drop_partial_line(file)
         lines = _catch_up(conn, file)
+        if check is not None:
+            check(conn)
         head = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
         size, head_hash = head if head is not None else (0, chain.GENESIS)
         last = conn.execute("SELECT digest FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
@@ -125,6 +166,7 @@ def make_checkpoint(
         erased = conn.execute("SELECT id, entry_hash FROM erasures ORDER BY id DESC LIMIT 1").fetchone()
         checkpoint["erasures_size"] = erased[0] if erased is not None else 0
         checkpoint["erasures_head"] = erased[1] if erased is not None else chain.GENESIS
+        checkpoint |= {name: value for name, value in facts(conn).items() if name in FACT_FIELDS}
         signed = statement_bytes(checkpoint)
         checkpoint["digest"] = hashlib.sha256(signed).hexdigest()
         checkpoint["signature"] = signer.key.sign(signed).hex()

@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from topic_audit import jobs
 from topic_audit.append import Append, Committed, Record, commit
 from topic_audit.runner import Runner
@@ -46,14 +48,20 @@ class Committer:
     """The write connection, and what is committed on it (one thread at a time)."""
 
     def __init__(
-        self, conn: sqlite3.Connection, observer: Observer | None = None, store_bodies: str = "all"
+        self,
+        conn: sqlite3.Connection,
+        observer: Observer | None = None,
+        store_bodies: str = "all",
+        record_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.conn = conn
         self.observer = observer
         self.store_bodies = store_bodies
         """``topics``: rows outside the topic family keep evidence only (:func:`topic_audit.append.commit`)."""
+        self.record_key = record_key
+        """Signs the erasure records written here (policy, retention): the checkpoint signing key."""
         self._episode = _Episode(observer)
-        self._jobs = Runner()
+        self._jobs = Runner(record_key)
 
     @property
     def failing(self) -> bool:
@@ -88,7 +96,7 @@ class Committer:
         started = time.perf_counter()
         appends = [r for r in batch if type(r) is Append]
         records = [r for r in batch if type(r) is Record]
-        done = commit(self.conn, appends, records, self.store_bodies)
+        done = commit(self.conn, appends, records, self.store_bodies, self.record_key)
         if self.observer is not None and appends:
             try:
                 self.observer.batch_committed(done.rows, time.perf_counter() - started, done.committed[-1].id)

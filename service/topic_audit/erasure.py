@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from topic_audit import chain, content, redaction, reindex, subjects
 from topic_audit.chain import GENESIS
 from topic_audit.database import transaction
@@ -108,10 +110,12 @@ def erase_batch(
     reason: str,
     selector: str | None,
     now: str,
+    key: Ed25519PrivateKey | None = None,
 ) -> Erasure | None:
     """Erase the content of entries ``ids`` (not yet erased; at most :data:`BATCH`) in one transaction
-    on the autocommit connection ``conn``; None when every one was erased meanwhile. Raises
-    :class:`Tampered` (and erases nothing) when one fails its own check."""
+    on the autocommit connection ``conn``, under a record signed with ``key`` (the checkpoint signing
+    key); None when every one was erased meanwhile. Raises :class:`Tampered` (and erases nothing) when
+    one fails its own check."""
     if cause not in CAUSES:
         raise ValueError(f"unknown cause {cause!r}")
     with transaction(conn):
@@ -123,7 +127,7 @@ def erase_batch(
         if found:
             raise Tampered(found)
         effects = [(r["id"], redaction.effects(r["callback_command"], r["request_body"])) for r in rows]
-        record = insert_record(conn, effects, cause, reason, selector, now)
+        record = insert_record(conn, effects, cause, reason, selector, now, key)
         indexed = _unindex(conn, rows)
         blank = [content.ERASED[c] for c in content.CONTENT]
         conn.executemany(f"UPDATE audit_log SET {_BLANKED} WHERE id = ?", [(*blank, i) for i in erased])
@@ -192,10 +196,13 @@ def erase(
     batch: int = BATCH,
     pause: float = 0.0,
     on_erased: Callable[[int], None] | None = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> Outcome:
     """Erase ``ids`` in records of at most ``batch`` entries (``pause`` seconds between them, so that
-    another writer gets the lock), then :func:`purge` the files. ``on_erased`` is told each record's
-    entries as it commits. Raises :class:`Tampered` before erasing any when one fails its check."""
+    another writer gets the lock), each signed with ``key``, then :func:`purge` the files -- always,
+    even when every entry was erased before (an earlier run's purge may not have finished).
+    ``on_erased`` is told each record's entries as it commits. Raises :class:`Tampered` before erasing
+    any when one fails its check."""
     found = tampered(conn, ids)
     if found:
         raise Tampered(found)
@@ -203,12 +210,12 @@ def erase(
     for start in range(0, len(ids), batch):
         if start and pause:
             time.sleep(pause)
-        done = erase_batch(conn, ids[start : start + batch], cause, reason, selector, now)
+        done = erase_batch(conn, ids[start : start + batch], cause, reason, selector, now, key)
         if done is not None:
             records.append(done)
             if on_erased is not None:
                 on_erased(done.entries)
-    purged = purge(conn, merge=any(r.indexed for r in records)) if records else True
+    purged = purge(conn, merge=any(r.indexed for r in records) or not records)
     return Outcome(records, purged)
 
 
@@ -219,10 +226,11 @@ def retain(
     batch: int = BATCH,
     pause: float = 0.0,
     on_erased: Callable[[int], None] | None = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> Outcome:
     """Erase the content of every entry received more than ``older_than`` ago (cause ``retention``)."""
     ids, reason = retention_plan(conn, older_than)
-    return erase(conn, ids, "retention", reason, None, now, batch, pause, on_erased)
+    return erase(conn, ids, "retention", reason, None, now, batch, pause, on_erased, key)
 
 
 def retention_plan(conn: sqlite3.Connection, older_than: timedelta) -> tuple[list[int], str]:
@@ -247,9 +255,11 @@ POLICY_REASON: Final = (
 )
 
 
-def record_policy(conn: sqlite3.Connection, ids: Sequence[int], now: str) -> Erasure | None:
+def record_policy(
+    conn: sqlite3.Connection, ids: Sequence[int], now: str, key: Ed25519PrivateKey | None = None
+) -> Erasure | None:
     """The record of entries written without their content (``TOPIC_AUDIT_STORE_BODIES=topics``), in
-    the transaction that appends them."""
+    the transaction that appends them, signed with ``key``."""
     if not ids:
         return None
-    return insert_record(conn, [(i, None) for i in ids], "policy", POLICY_REASON, None, now)
+    return insert_record(conn, [(i, None) for i in ids], "policy", POLICY_REASON, None, now, key)

@@ -475,6 +475,38 @@ def m016_effects_digest(db: Database) -> None:
     db.execute("ALTER TABLE erasures ADD COLUMN effects_digest TEXT")
 
 
+@migrations()
+def m017_signed_boundaries(db: Database) -> None:
+    """What a forged erasure could hide behind, fixed and signed (``topic_audit.signing``):
+
+    - ``log_facts``: facts about the log that never change once written (append-only):
+      ``commitments_from``, the first entry id that must carry a ``content_commitment`` (every entry
+      from there is hashed over its evidence and commitment, erased or not); ``signed_erasures_from``,
+      the first ``erasures`` record that must carry a signature. Both are signed in every checkpoint.
+    - ``erasures.signature``: the Ed25519 signature of the record's hash under the checkpoint signing
+      key (``topic_audit.records.sign``): the database alone cannot mint a record.
+    """
+    db.execute("CREATE TABLE log_facts (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
+    for action in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER log_facts_no_{action.lower()} BEFORE {action} ON log_facts "
+            f"BEGIN SELECT RAISE(ABORT, 'log_facts is append-only: {action} refused'); END"
+        )
+    # Every entry since m014 carries a commitment: the first one that does starts the rule.
+    first = db.execute(
+        "SELECT coalesce((SELECT min(id) FROM audit_log WHERE content_commitment IS NOT NULL), "
+        "(SELECT coalesce(max(id), 0) + 1 FROM audit_log))"
+    ).fetchone()[0]
+    records = db.execute("SELECT coalesce(max(id), 0) + 1 FROM erasures").fetchone()[0]
+    db.execute(
+        "INSERT INTO log_facts (name, value) VALUES ('commitments_from', ?), ('signed_erasures_from', ?)",
+        [first, records],
+    )
+    db.execute("ALTER TABLE erasures ADD COLUMN signature TEXT")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN commitments_from INTEGER")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN signed_erasures_from INTEGER")
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
     path.parent.mkdir(parents=True, exist_ok=True)

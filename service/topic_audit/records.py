@@ -1,7 +1,8 @@
 """The ``erasures`` records: what one says, its canonical form and hash, and the digests it commits to.
 
-A record is chained like ``deliveries`` (``prev_hash``, ``entry_hash`` over its canonical JSON) and
-commits to the ids it erased (``entries_digest``), to their evidence and their delivery attempts'
+A record is chained like ``deliveries`` (``prev_hash``, ``entry_hash`` over its canonical JSON), signed
+since ``m017`` (``signature``: Ed25519 under the checkpoint signing key over :func:`signed_bytes`, so that
+write access to the database alone cannot mint one), and commits to the ids it erased (``entries_digest``), to their evidence and their delivery attempts'
 (``evidence_digest``), to what the projection replays in place of its erased topic events
 (``effects_digest``, since ``m016``), and to its selector through a keyed digest
 (``selector_digest``), never the value itself. :mod:`topic_audit.integrity.erasures` checks them.
@@ -17,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from topic_audit import chain, content, outbox
@@ -107,6 +109,29 @@ def selector_digest(key: bytes, kind: str, value: str) -> str:
     return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
 
+def signed_bytes(entry_hash: str) -> bytes:
+    """What a record's ``signature`` signs: a context line, then its ``entry_hash`` (hex), each ending
+    in a newline -- a record signature can never be mistaken for a checkpoint's or a note's."""
+    return f"topic-audit erasure record\n{entry_hash}\n".encode()
+
+
+def sign(key: Ed25519PrivateKey, entry_hash: str) -> str:
+    """``erasures.signature`` (hex) of the record whose hash is ``entry_hash``."""
+    return key.sign(signed_bytes(entry_hash)).hex()
+
+
+def signature_ok(public_key_hex: str, entry_hash: str, signature: object) -> bool:
+    """Whether ``signature`` is the signature of ``entry_hash`` under the key ``public_key_hex``."""
+    if not isinstance(signature, str):
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
+        key.verify(bytes.fromhex(signature), signed_bytes(entry_hash))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def insert_record(
     conn: sqlite3.Connection,
     entries: Sequence[tuple[int, str | None]],
@@ -114,9 +139,12 @@ def insert_record(
     reason: str,
     selector: str | None,
     now: str,
+    key: Ed25519PrivateKey | None = None,
 ) -> Erasure:
     """Append the record of erasing ``entries`` ((id, effects), ascending) and list them under it, in the
-    caller's transaction; the entries' evidence must already be in the table."""
+    caller's transaction; the entries' evidence must already be in the table. Signed with ``key`` (the
+    checkpoint signing key); without it the record is unsigned, which ``verify`` reports as soon as
+    the log has a signer."""
     head = conn.execute("SELECT id, entry_hash FROM erasures ORDER BY id DESC LIMIT 1").fetchone()
     head_id, head_hash = head if head is not None else (0, GENESIS)
     erased = [entry_id for entry_id, _ in entries]
@@ -137,9 +165,13 @@ def insert_record(
         "prev_hash": head_hash,
     }
     record["entry_hash"] = record_hash(record)
+    columns = list(COLUMNS)
+    if key is not None:
+        columns.append("signature")
+        record["signature"] = sign(key, record["entry_hash"])
     conn.execute(
-        f"INSERT INTO erasures ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-        [record[c] for c in COLUMNS],
+        f"INSERT INTO erasures ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        [record[c] for c in columns],
     )
     conn.executemany(
         "INSERT INTO erased_entries (entry_id, erasure_id, effects) VALUES (?, ?, ?)",

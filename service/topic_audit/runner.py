@@ -9,8 +9,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from topic_audit import database, erasure, outbox, projection, purge
-from topic_audit.checkpoints import Signer, make_checkpoint
+from topic_audit.checkpoints import Signer
 from topic_audit.jobs import (
     Checkpoint,
     Counted,
@@ -21,6 +23,7 @@ from topic_audit.jobs import (
     Pragmas,
     Purge,
 )
+from topic_audit.signing import checkpoint
 
 T = TypeVar("T")
 
@@ -28,8 +31,10 @@ T = TypeVar("T")
 class Runner:
     """Runs jobs on the writer's connection, in the writer's thread; keeps the signing keys it loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_key: Ed25519PrivateKey | None = None) -> None:
         self._signers: dict[Path, Signer] = {}
+        self.record_key = record_key
+        """Signs the erasure records of :class:`Erase` jobs."""
 
     def run(self, conn: sqlite3.Connection, job: Job[T]) -> T:
         return cast(T, self._run(conn, job))
@@ -50,7 +55,7 @@ class Runner:
         if isinstance(job, Pragmas):
             return database.durability(conn)
         if isinstance(job, Erase | Purge):
-            return _forget(conn, job)
+            return _forget(conn, job, self.record_key)
         raise TypeError(f"the writer has no job {type(job).__name__}")
 
     def _checkpoint(self, conn: sqlite3.Connection, job: Checkpoint) -> dict[str, Any] | None:
@@ -61,15 +66,15 @@ class Runner:
         signer = self._signers.get(job.key_path)
         if signer is None:
             signer = self._signers[job.key_path] = Signer.load_or_create(job.key_path)[0]
-        return make_checkpoint(conn, signer, job.file, outbox.now_iso())
+        return checkpoint(conn, signer, job.file, outbox.now_iso())
 
 
-def _forget(conn: sqlite3.Connection, job: Erase | Purge) -> object:
+def _forget(conn: sqlite3.Connection, job: Erase | Purge, key: Ed25519PrivateKey | None) -> object:
     was = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
     conn.execute("PRAGMA secure_delete=ON")  # what an erasure frees is overwritten with zeros
     try:
         if isinstance(job, Erase):
-            done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now)
+            done = erasure.erase_batch(conn, job.ids, job.cause, job.reason, None, job.now, key)
             return (0, False) if done is None else (done.entries, done.indexed)
         return purge.run_step(conn, job, merge_pages=64)
     finally:

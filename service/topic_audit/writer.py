@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from topic_audit import jobs, models, outbox
 from topic_audit.append import Append, Committed, Forward, Record, append_batch
 from topic_audit.committer import AppendError, Committer, Observer
@@ -91,9 +93,12 @@ class AuditWriter:
         autocheckpoint: bool = True,
         checkpointer: bool | None = None,
         store_bodies: str = "all",
+        record_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.path = path
         self.store_bodies = store_bodies
+        self.record_key = record_key
+        """Signs the erasure records the writer writes (the checkpoint signing key)."""
         self.autocheckpoint = autocheckpoint
         self.max_batch = max_batch
         self.observer = observer
@@ -111,7 +116,7 @@ class AuditWriter:
     def start(self) -> None:
         """Open the connection and start the thread; requests queued before now are taken first."""
         conn = connect(self.path, self.autocheckpoint)
-        self._committer = committer = Committer(conn, self.observer, self.store_bodies)
+        self._committer = committer = Committer(conn, self.observer, self.store_bodies, self.record_key)
         indexer = SearchIndexer(conn, self.index_search)
         self._thread = threading.Thread(
             target=self._run, args=(committer, indexer), name="audit-writer", daemon=True

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from topic_audit import ipc, jobs
+from topic_audit.checkpoints import record_key
 from topic_audit.committer import Committer
 from topic_audit.database import connect
 from topic_audit.housekeeping import Checkpointer, SearchIndexer
@@ -215,7 +216,8 @@ async def serve(settings: Settings, path: Path, ready_fd: int | None) -> None:
     migrate(settings.db)
     autocheckpoint = settings.replica_url is None
     conn = connect(settings.db, autocheckpoint)
-    committer = Committer(conn, _Reported(Metrics()), settings.store_bodies)
+    key = record_key(settings.signing_key_path, create=settings.checkpoint_seconds > 0)
+    committer = Committer(conn, _Reported(Metrics()), settings.store_bodies, key)
     server = WriterServer(committer, SearchIndexer(conn), settings.max_batch)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -191,9 +191,13 @@ def checkpoint(
 
     The checkpoint also signs the log's Merkle tree as a C2SP checkpoint note (origin from --log-origin
     or --sdkappid; without either, the latest note's). The first one after an upgrade stores the tree.
+    Everything added since the last checkpoint is verified first: when anything does not verify, nothing
+    is signed and the command exits 1 with the findings.
     """
     from topic_audit.app import iso_now
-    from topic_audit.checkpoints import Signer, make_checkpoint
+    from topic_audit.checkpoints import Signer
+    from topic_audit.signing import Refused
+    from topic_audit.signing import checkpoint as sign_checkpoint
     from topic_audit.writer import connect
 
     settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
@@ -210,7 +214,9 @@ def checkpoint(
     conn = connect(db)
     try:
         origin = origin_named(log_origin, sdkappid)
-        cp = make_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()), origin=origin)
+        cp = sign_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()), origin=origin)
+    except Refused as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         conn.close()
     click.echo(

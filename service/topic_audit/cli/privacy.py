@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from topic_audit import erasure, migrations, purge, subjects
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
@@ -39,6 +40,21 @@ def _selector_key(signing_key: Path | None, db: Path) -> bytes:
         raise click.ClickException(f"the checkpoint signing key {path} does not exist (--signing-key)")
     signer, _ = Signer.load_or_create(path)
     return erasure.selector_key(signer.key)
+
+
+def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey | None:
+    """The key that signs the erasure records (the checkpoint signing key), when it exists."""
+    from topic_audit.checkpoints import record_key
+
+    path = Settings(db=db, signing_key=signing_key).signing_key_path
+    key = record_key(path, create=False)
+    if key is None:
+        click.echo(
+            f"warning: no checkpoint signing key at {path} (--signing-key): the erasure records are "
+            "unsigned, and `verify` reports them once the log has a signer",
+            err=True,
+        )
+    return key
 
 
 def _open(db: Path) -> sqlite3.Connection:
@@ -174,9 +190,10 @@ def erase(
         found = [] if yes else erasure.tampered(conn, ids)  # with --yes, erase() checks them first
         if found:
             raise erasure.Tampered(found)
-        if yes and ids:
-            digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value)
-            outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now())
+        if yes:
+            digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value) if ids else None
+            key = _record_key(signing_key, db) if ids else None
+            outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now(), key=key)
     except erasure.Tampered as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -186,6 +203,7 @@ def erase(
 
 @click.command(context_settings=CONTEXT)
 @db_option
+@signing_key_option
 @click.option(
     "--older-than",
     envvar="TOPIC_AUDIT_RETAIN_OLDER_THAN",
@@ -193,7 +211,7 @@ def erase(
     required=True,
     help="Erase the content of entries received longer ago than this: 90d, 12h, 30m, 2s.",
 )
-def retain(db: Path, older_than: str) -> None:
+def retain(db: Path, signing_key: Path | None, older_than: str) -> None:
     """Erase the content of entries older than --older-than now (what `serve` does every hour with
     TOPIC_AUDIT_RETENTION_DAYS), in records of at most 500 entries."""
     try:
@@ -202,7 +220,7 @@ def retain(db: Path, older_than: str) -> None:
         raise click.UsageError(str(exc)) from None
     conn = _open(db)
     try:
-        outcome = erasure.retain(conn, age, _now())
+        outcome = erasure.retain(conn, age, _now(), key=_record_key(signing_key, db))
     except erasure.Tampered as exc:
         raise click.ClickException(str(exc)) from None
     finally:

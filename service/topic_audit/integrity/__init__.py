@@ -56,7 +56,7 @@ class Checker:
         self.deliveries = Deliveries()
         self.checkpoints = Checkpoints(pinned_key)
         self.tree = Tree()
-        self.erasures = Erasures()
+        self.erasures = Erasures(pinned_key)
         self.checks: tuple[Check, ...] = (
             self.entries,
             self.deliveries,

@@ -126,7 +126,20 @@ deliveries_head = _signed_head("deliveries", "deliveries", "checkpoint_deliverie
 erasures_head = _signed_head("erasures", "erasure records", "checkpoint_erasures")
 
 
-LINE_CHECKS: tuple[LineCheck, ...] = (log_prefix, deliveries_head, erasures_head)
+def boundaries(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes) -> bool:
+    """The log's fixed boundaries (``log_facts``) are still those the line signs: raising one would
+    exempt a forged entry or erasure record from the rules that catch it."""
+    stored = signed.facts(snapshot.conn)
+    for name in signed.FACT_FIELDS:
+        if cp.get(name) is not None and stored.get(name) != cp[name]:
+            message = (
+                f"checkpoint {lines.number} signs {name} = {cp[name]}; log_facts says {stored.get(name)}"
+            )
+            note("log_facts", None, message)
+    return True
+
+
+LINE_CHECKS: tuple[LineCheck, ...] = (log_prefix, deliveries_head, erasures_head, boundaries)
 
 
 class Checkpoints:

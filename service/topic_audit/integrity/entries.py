@@ -56,10 +56,18 @@ def verify_chain(
     expected_id, prev_hash, before_prev = start or _start(conn, ids[0])
     count = 0
     erasable = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erased_entries'").fetchone()
+    keyed_from = commitments_from(conn)
     # Row by row, not fetchmany: a batch of 10,000 wide rows costs more than the rows themselves.
     for count, row in enumerate(conn.execute(_READ_ERASABLE if erasable else _READ, ids), 1):
         entry_id, row_prev, body, row_hash = row[_ID], row[_PREV], row[width], row[width + 1]
         erased, salt, committed = row[width + 2], row[width + 3], row[_COMMITMENT] is not None
+        unkeyed = not committed and entry_id >= keyed_from
+        if unkeyed:
+            note(
+                "content",
+                entry_id,
+                f"entry {entry_id} has no content commitment; every entry from {keyed_from} must have one",
+            )
         if entry_id != expected_id:
             note(
                 "ids",
@@ -82,9 +90,10 @@ def verify_chain(
                 )
             else:
                 note("chain", entry_id, "prev_hash is not the previous entry's entry_hash")
-        # An erased entry from before keyed commitments hashed its content: its evidence is checked
-        # against the erasure record that committed to it instead (integrity.erasures).
-        if (committed or not erased) and sha256(canonical(row[:width])).hexdigest() != row_hash:
+        # An erased entry from before keyed commitments (ids below ``log_facts.commitments_from``) hashed
+        # its content: its evidence is checked against the erasure record that committed to it instead
+        # (integrity.erasures). Any later entry is hashed over its evidence and commitment, erased or not.
+        if (committed or not erased or unkeyed) and sha256(canonical(row[:width])).hexdigest() != row_hash:
             note("hash", entry_id, "entry_hash does not match the entry's canonical form")
         before_prev, prev_hash, expected_id = prev_hash, row_hash, entry_id + 1
         if progress is not None and not count % PROGRESS_EVERY:
@@ -92,6 +101,15 @@ def verify_chain(
     if progress is not None:
         progress(count % PROGRESS_EVERY)
     return note.findings(), count, prev_hash
+
+
+def commitments_from(conn: sqlite3.Connection) -> int:
+    """``log_facts.commitments_from``: the first entry that must carry a keyed content commitment (no
+    bound before ``m017``)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_facts'").fetchone() is None:
+        return ALL[1] + 1
+    row = conn.execute("SELECT value FROM log_facts WHERE name = 'commitments_from'").fetchone()
+    return 1 if row is None else int(row[0])  # the fact removed: every entry must have one
 
 
 def _content(row: tuple[object, ...], body: object) -> dict[str, object]:

@@ -17,7 +17,7 @@ import sqlite3
 
 from topic_audit import chain, erasure, records
 from topic_audit.integrity.deliveries import Deliveries
-from topic_audit.integrity.findings import Finding, Notes
+from topic_audit.integrity.findings import Finding, Notes, Snapshot
 
 _READ = "SELECT * FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
 """Every column the table has: a log not yet migrated to ``m016`` has no ``effects_digest``."""
@@ -28,10 +28,12 @@ _LISTED = (
 
 
 def chain_range(
-    conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
+    conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None, key: str | None = None
 ) -> tuple[list[Finding], int, str]:
-    """The records with ``ids[0] < id <= ids[1]``: (findings, records, last hash)."""
+    """The records with ``ids[0] < id <= ids[1]``: (findings, records, last hash). With the log's public
+    ``key`` (hex), each record from ``log_facts.signed_erasures_from`` on must carry its signature."""
     note = Notes()
+    signed_from = _signed_from(conn) if key is not None else None
     if after is None:
         row = conn.execute("SELECT entry_hash FROM erasures WHERE id = ?", (ids[0],)).fetchone()
         after = row[0] if row is not None else chain.GENESIS
@@ -48,9 +50,26 @@ def chain_range(
             note("erasure_chain", None, f"erasure {number}: prev_hash is not the previous record's")
         if records.record_hash(record) != record["entry_hash"]:
             note("erasure_hash", None, f"erasure {number}: entry_hash does not match the record")
+        if (
+            key is not None
+            and signed_from is not None
+            and number >= signed_from
+            and not records.signature_ok(key, str(record["entry_hash"]), record.get("signature"))
+        ):
+            first = record["first_id"] if isinstance(record["first_id"], int) else None
+            message = f"erasure {number} is not signed by the log's key: not written by topic-audit"
+            note("erasure_signature", first, message)
         _check_listed(conn, record, note)
         prev, expected = record["entry_hash"], number + 1
     return note.findings(), count, prev
+
+
+def _signed_from(conn: sqlite3.Connection) -> int | None:
+    """``log_facts.signed_erasures_from`` (None before ``m017``; 1 when the fact was removed)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_facts'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT value FROM log_facts WHERE name = 'signed_erasures_from'").fetchone()
+    return 1 if row is None else int(row[0])
 
 
 def _check_listed(conn: sqlite3.Connection, record: dict[str, object], note: Notes) -> None:
@@ -102,10 +121,28 @@ class Erasures(Deliveries):
     table, noun, prefix = "erasures", "erasure", "erasure"
     rows_per_budget = erasure.BATCH
 
+    def __init__(self, pinned_key: str | None = None) -> None:
+        super().__init__()
+        self.pinned_key = pinned_key
+        self.key: str | None = pinned_key
+        """The log's public key (hex): pinned, else the first checkpoint's; None: no signer yet."""
+
+    def advance(self, snapshot: Snapshot) -> list[Finding]:
+        self._learn_key(snapshot)
+        return super().advance(snapshot)
+
+    def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
+        self._learn_key(snapshot)
+        return super().sweep(snapshot, budget)
+
+    def _learn_key(self, snapshot: Snapshot) -> None:
+        if self.key is None and snapshot.lines and isinstance(snapshot.lines[0].get("public_key"), str):
+            self.key = str(snapshot.lines[0]["public_key"])
+
     def check_range(
         self, conn: sqlite3.Connection, ids: tuple[int, int], after: str | None = None
     ) -> tuple[list[Finding], int, str]:
-        return chain_range(conn, ids, after)
+        return chain_range(conn, ids, after, self.key)
 
     def extra(self, conn: sqlite3.Connection) -> list[Finding]:
         return orphans(conn)

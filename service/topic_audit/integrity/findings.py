@@ -12,7 +12,9 @@ from typing import Any, Protocol
 @dataclass(frozen=True, slots=True)
 class Finding:
     check: str
-    """``ids``, ``body``, ``chain``, ``hash``, ``delivery_*``, ``checkpoint_*`` (among them the tree's
+    """``ids``, ``body``, ``chain``, ``hash``, ``content``, ``erasure_*`` (among them
+    ``erasure_signature``: a record not signed by the log's key), ``log_facts`` (a boundary changed
+    since a checkpoint signed it), ``delivery_*``, ``checkpoint_*`` (among them the tree's
     ``checkpoint_note``, ``checkpoint_tree`` and ``checkpoint_consistency``), ``tree_hashes`` (and, from
     ``verify`` alone, ``projection`` and ``replay``)."""
     entry_id: int | None

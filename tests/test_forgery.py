@@ -1,0 +1,148 @@
+"""Someone with write access to the database but not the signing key: a forged erasure that hides an
+edit to signed evidence is found by ``verify``, and never signed by ``checkpoint`` or ``serve``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import APP_ID, TOKEN, Post, run_cli
+from litestar.testing import TestClient
+from topic_audit import content, records, samples
+from topic_audit.app import create_app
+from topic_audit.checkpoints import Signer, record_key
+from topic_audit.metrics import Metrics
+from topic_audit.settings import Settings
+
+CREATE = "after-create"
+VICTIM = 6
+"""The entry whose evidence the forgery changes (from accepted to rejected)."""
+
+
+def forge(db: Path, victim: int = VICTIM, digest: str = "00" * 64) -> None:
+    """The review's forgery, step by step: past the triggers, blank ``victim``, drop its commitment,
+    change its evidence, delete its salt, append an erasure record that covers it (computed as our
+    own code computes one, but without the key), then put the triggers back."""
+    conn = sqlite3.connect(db)
+    triggers = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for name, _ in triggers:
+        conn.execute(f"DROP TRIGGER {name}")
+    blank = ", ".join(f"{c} = ?" for c in content.CONTENT)
+    conn.execute(
+        f"UPDATE audit_log SET {blank}, content_commitment = NULL, outcome = 'rejected', status_code = 401, "
+        "received_at = '2026-01-01T00:00:00.000Z' WHERE id = ?",
+        [*(content.ERASED[c] for c in content.CONTENT), victim],
+    )
+    conn.execute("DELETE FROM content_keys WHERE entry_id = ?", (victim,))
+    records.insert_record(conn, [(victim, None)], "request", "routine", digest, "2026-12-06T00:00:00.000Z")
+    conn.commit()
+    for _, sql in triggers:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
+def signed_lines(settings: Settings) -> int:
+    path = settings.checkpoint_path
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture
+def signed_log(post: Post, settings: Settings) -> Path:
+    """Ten accepted callbacks under a signed checkpoint."""
+    for i in range(10):
+        post(samples.sample(CREATE, TopicId=f"@TGS#_forgery-{i}"))
+    done = run_cli("checkpoint", "--db", str(settings.db), "--signing-key", str(settings.signing_key_path))
+    assert done.returncode == 0, done.stderr
+    return settings.db
+
+
+def public_key(settings: Settings) -> str:
+    return Signer.load_or_create(settings.signing_key_path)[0].public_key_hex
+
+
+def test_a_forged_erasure_hiding_an_edit_is_found_by_verify(signed_log: Path, settings: Settings) -> None:
+    forge(signed_log)
+    done = run_cli("verify", "--db", str(signed_log), "--public-key", public_key(settings), "--json")
+    assert done.returncode == 1, done.stdout
+    found = {f["check"]: f for f in json.loads(done.stdout)["findings"]}
+    assert found["content"]["entry_id"] == VICTIM  # no commitment where every entry must have one
+    assert "erasure_signature" in found  # and a record the log's key never signed
+
+
+def test_the_signer_refuses_to_sign_a_forgery(signed_log: Path, settings: Settings) -> None:
+    before = signed_lines(settings)
+    forge(signed_log)
+    done = run_cli("checkpoint", "--db", str(signed_log), "--signing-key", str(settings.signing_key_path))
+    assert done.returncode == 1
+    assert "refusing to sign" in done.stderr and "erasure" in done.stderr
+    assert signed_lines(settings) == before
+    conn = sqlite3.connect(signed_log)
+    assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == before
+    conn.close()
+
+
+def test_a_genuine_erasure_is_signed_and_verifies(signed_log: Path, settings: Settings) -> None:
+    erased = run_cli(
+        "erase", "--db", str(signed_log), "--id", str(VICTIM), "--reason", "request", "--yes",
+        "--signing-key", str(settings.signing_key_path),
+    )  # fmt: skip
+    assert erased.returncode == 0, erased.stderr
+    conn = sqlite3.connect(signed_log)
+    entry_hash, signature = conn.execute("SELECT entry_hash, signature FROM erasures").fetchone()
+    conn.close()
+    assert records.signature_ok(public_key(settings), entry_hash, signature)
+    signed = run_cli("checkpoint", "--db", str(signed_log), "--signing-key", str(settings.signing_key_path))
+    assert signed.returncode == 0, signed.stderr
+    done = run_cli("verify", "--db", str(signed_log), "--public-key", public_key(settings))
+    assert done.returncode == 0, done.stdout
+
+
+def test_raising_a_signed_boundary_is_found(signed_log: Path, settings: Settings) -> None:
+    """The boundaries are signed: raising ``commitments_from`` past the forged entry (to exempt it)
+    contradicts the checkpoint that signed it."""
+    forge(signed_log)
+    conn = sqlite3.connect(signed_log)
+    conn.execute("DROP TRIGGER log_facts_no_update")
+    conn.execute("UPDATE log_facts SET value = 1000 WHERE name IN ('commitments_from', 'signed_erasures_from')")
+    conn.commit()
+    conn.close()
+    done = run_cli("verify", "--db", str(signed_log), "--public-key", public_key(settings), "--json")
+    assert done.returncode == 1
+    assert "log_facts" in {f["check"] for f in json.loads(done.stdout)["findings"]}
+    refused = run_cli("checkpoint", "--db", str(signed_log), "--signing-key", str(settings.signing_key_path))
+    assert refused.returncode == 1 and "log_facts" in refused.stderr
+
+
+def test_serve_answers_on_but_signs_nothing_after_a_forgery(db_path: Path) -> None:
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=db_path, checkpoint_seconds=1)
+    key = record_key(settings.signing_key_path, create=True)
+    assert key is not None
+    with TestClient(create_app(settings, Metrics())) as client:
+        post = _poster(client)
+        for i in range(10):
+            assert post(i).status_code == 200
+        deadline = time.monotonic() + 10
+        while signed_lines(settings) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        forge(db_path)
+        time.sleep(1.2)  # any tick under way when the forgery landed has finished
+        before = signed_lines(settings)
+        for i in range(10, 13):
+            answered = post(i)
+            assert answered.status_code == 200 and answered.json()["ActionStatus"] == "OK"
+        time.sleep(2.5)  # two more ticks
+        assert signed_lines(settings) == before
+
+
+def _poster(client: TestClient[Any]) -> Any:
+    def post(i: int) -> Any:
+        body = samples.sample(CREATE, TopicId=f"@TGS#_serve-{i}")
+        query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+        return client.post(f"/callback?{query}", content=json.dumps(body).encode())
+
+    return post
