@@ -450,7 +450,9 @@ def hashed_with_the_content(db: Path) -> None:
             f"UPDATE audit_log SET prev_hash = '{row['prev_hash']}', entry_hash = '{prev}', "
             f"content_commitment = NULL WHERE id = {row['id']}"
         )
-    forge(db, "DELETE FROM content_keys", *links)
+    # a log migrated from that time: keyed commitments begin after its entries (log_facts, m017)
+    first = len(written) + 1
+    forge(db, "DELETE FROM content_keys", f"UPDATE log_facts SET value = {first} WHERE name = 'commitments_from'", *links)
     restore_triggers(db)
 
 

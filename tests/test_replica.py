@@ -330,3 +330,49 @@ def test_a_restore_after_an_erasure_holds_no_erased_value(store: SeaweedFS, tmp_
     assert holding(restored, SUBJECT.encode()) == [] and holding(restored, b"leckie")
     checked = cli("verify", "--db", str(restored), "--json", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _copies(db: Path, needle: bytes) -> list[str]:
+    """Every file of the database and of Litestream's local folder whose raw bytes hold ``needle``."""
+    found = []
+    for path in sorted(db.parent.rglob("*")):
+        named = path.name.startswith(db.name) or any(p.name.startswith(f".{db.name}") for p in path.parents)
+        if path.is_file() and named and needle in path.read_bytes():
+            found.append(str(path.relative_to(db.parent)))
+    return found
+
+
+def test_erase_says_no_copy_remains_only_when_none_does(store: SeaweedFS, tmp_path: Path) -> None:
+    """With serve replicating, Litestream holds the WAL open and keeps local copies of recent pages: no
+    run of erase may say "no copy remains" while a file still holds an erased value; once serve has
+    stopped, erase purges the WAL and Litestream's local folder, and a raw scan of every file agrees."""
+    from test_erasure import SUBJECT, SUBJECT_IP, message, send
+
+    db = tmp_path / "audit.db"
+    env = replica_env(store, "purge-status")
+    secret = b"zqxjkv-purge-status"
+    erase = ("erase", "--db", str(db), "--account", SUBJECT, "--reason", "status", "--yes")
+    server = Server(db, tmp_path / "server.log", env).start()
+    try:
+        for i in range(6):
+            if i % 2:
+                sent = send(server.url, message(SUBJECT, f"{secret.decode()} {i}"), client_ip=SUBJECT_IP)
+            else:
+                sent = send(server.url, message("leckie", f"text {i}"))
+            assert sent.status_code == 200
+        time.sleep(1.5)  # Litestream has copied the pages holding them
+        assert _copies(db, SUBJECT.encode())
+        for _ in range(2):  # the review's second run said "no copy remains" while the WAL held them
+            done = cli(*erase, env=env)
+            assert done.returncode == 0, done.stdout + done.stderr
+            held = {needle: _copies(db, needle) for needle in (SUBJECT.encode(), secret, SUBJECT_IP.encode())}
+            assert "no copy remains" not in done.stdout or not any(held.values()), (done.stdout, held)
+            assert "NOT YET PURGED" in done.stdout and f"{db.name}-wal" in done.stdout, done.stdout
+    finally:
+        server.stop()
+    last = cli(*erase, env=env)
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "no copy remains" in last.stdout, last.stdout
+    for needle in (SUBJECT.encode(), secret, SUBJECT_IP.encode()):
+        assert _copies(db, needle) == [], needle
+    assert not (tmp_path / f".{db.name}-litestream").exists()

@@ -96,14 +96,23 @@ def _records_without_effects(conn: sqlite3.Connection) -> None:
     _rechain(conn, "erasures", hashed)
 
 
+def _unsigned(conn: sqlite3.Connection) -> None:
+    """Before m017 an erasure record carried no signature and a checkpoint signed no boundaries: the
+    columns do not exist then, so there is nothing to rewrite (what the copy drops is that)."""
+
+
 BEFORE: dict[str, Callable[[sqlite3.Connection], None]] = {
     "m014_forgetting": _hashed_with_the_content,
     "m016_effects_digest": _records_without_effects,
+    "m017_signed_boundaries": _unsigned,
 }
 """How a log written before a migration differs from today's rows (see above)."""
 REWRITTEN: dict[str, str] = {
     "audit_log.content_commitment": "m014_forgetting",
     "erasures.effects_digest": "m016_effects_digest",
+    "erasures.signature": "m017_signed_boundaries",
+    "checkpoints.commitments_from": "m017_signed_boundaries",
+    "checkpoints.signed_erasures_from": "m017_signed_boundaries",
 }
 """Columns today's rows fill that a BEFORE function accounts for (the migration that added them)."""
 

@@ -180,6 +180,9 @@ class Outcome:
     records: list[Erasure]
     purged: bool = True
     """Whether the purge completed (see :func:`purge`)."""
+    erased_at: float = 0.0
+    """When the last record committed, before the purge (``time.time()``): copies written before it may
+    hold erased values (:func:`topic_audit.purge.copies_left`)."""
 
     @property
     def entries(self) -> int:
@@ -215,8 +218,9 @@ def erase(
             records.append(done)
             if on_erased is not None:
                 on_erased(done.entries)
+    erased_at = time.time()
     purged = purge(conn, merge=any(r.indexed for r in records) or not records)
-    return Outcome(records, purged)
+    return Outcome(records, purged, erased_at)
 
 
 def retain(

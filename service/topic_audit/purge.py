@@ -13,9 +13,11 @@ were before, until it is checkpointed into the database and truncated.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any, Final
 
 from topic_audit import jobs, reindex
@@ -179,6 +181,59 @@ def wipe_step(conn: sqlite3.Connection, pages: int = WIPE_PAGES) -> bool:
             return False
         conn.execute("ALTER TABLE erasure_scratch RENAME TO erasure_scratch_full")
         return False
+
+
+LITESTREAM_WAIT_SECONDS: Final = 60.0
+"""How long ``erase`` waits for Litestream to delete its local copies written before the purge (it
+deletes them once compacted into the replica: ``l0-retention`` in :func:`topic_audit.replica.config`)."""
+
+
+def litestream_folder(db: Path) -> Path:
+    """Where Litestream keeps its local copies of the database's changes (LTX files of whole pages)."""
+    return db.with_name(f".{db.name}-litestream")
+
+
+def _older_files(folder: Path, before: float) -> list[Path]:
+    found = []
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and path.stat().st_mtime <= before:
+                found.append(path)
+        except FileNotFoundError:  # deleted by Litestream meanwhile
+            continue
+    return found
+
+
+def copies_left(db: Path, truncated: bool, before: float, wait: float = LITESTREAM_WAIT_SECONDS) -> list[str]:
+    """What may still hold a copy of values erased before ``before`` (a time.time()), once a purge ran:
+    each place named, with why. Empty: the database, its WAL and Litestream's local folder hold none.
+
+    - ``truncated`` is what the purge said: False when a reader kept the WAL from being truncated.
+      Litestream always holds one while it replicates, so with ``serve`` replicating the WAL keeps its
+      older frames until the log outgrows them or ``serve`` stops.
+    - Litestream's local folder holds page images of every recent transaction. While Litestream runs it
+      deletes those written before the purge within about half a minute (waited for, up to ``wait``
+      seconds). When the WAL could be truncated no reader holds it, so Litestream is not running: its
+      folder is removed (it holds only copies of what the database holds, and Litestream rebuilds it at
+      its next start)."""
+    left = []
+    if not truncated:
+        left.append(
+            f"{db.name}-wal: a reader held the WAL (Litestream holds it open while serve replicates), so its "
+            "older frames were not truncated (or the full-text indexes did not settle)"
+        )
+    folder = litestream_folder(db)
+    if truncated and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+    deadline = time.monotonic() + wait
+    while folder.is_dir() and (older := _older_files(folder, before)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if folder.is_dir() and (older := _older_files(folder, before)):
+        left.append(
+            f"{folder.name}/: Litestream's local folder still holds {len(older)} files written before the "
+            "purge (Litestream deletes them once they are in the replica, while serve runs)"
+        )
+    return left
 
 
 def connect(path: Any) -> sqlite3.Connection:

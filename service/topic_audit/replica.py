@@ -48,6 +48,11 @@ litestream_log = logging.getLogger("topic_audit.litestream")
 SYNC_INTERVAL = "500ms"
 """How often Litestream ships what it has seen to the store."""
 MONITOR_INTERVAL = "100ms"
+L0_RETENTION = "10s"
+L0_RETENTION_CHECK = "2s"
+"""How long Litestream keeps a local (and stored) level-0 file once compacted into level 1, and how
+often it looks: measured here, a file written before an erasure is gone from the local folder
+15-20 s after it (``topic-audit erase`` waits for that)."""
 SNAPSHOT_INTERVAL = "1h"
 SNAPSHOT_RETENTION = "24h"
 """Litestream takes a snapshot every hour and deletes older snapshots and their changes after a day,
@@ -174,6 +179,10 @@ def config(db: Path, target: Target) -> str:
         )
     document = {
         "snapshot": {"interval": SNAPSHOT_INTERVAL, "retention": SNAPSHOT_RETENTION},
+        # Litestream's local copies of recent transactions (whole pages, erased values among them) go
+        # once compacted into the replica, so that `erase` finds none left from before its purge.
+        "l0-retention": L0_RETENTION,
+        "l0-retention-check-interval": L0_RETENTION_CHECK,
         "dbs": [
             {
                 "path": str(db.resolve()),
@@ -454,7 +463,10 @@ def restore(
 ) -> Restored:
     """The newest replica (or the one at ``timestamp``) to ``to``, and the published checkpoints to
     ``to.checkpoints.jsonl``. Returns (checkpoints, Litestream's output)."""
+    from topic_audit.database import private, private_folder
+
     check(target)
+    private_folder(to.parent)  # Litestream (a child: umask 077) writes the copy 0600 in a 0700 folder
     with tempfile.TemporaryDirectory(prefix="topic-audit-restore-") as folder:
         path = Path(folder) / "litestream.yml"
         path.write_text(config(to, target))
@@ -477,6 +489,7 @@ def restore(
     recovered, stopped = recover_checkpoints(to, lines)
     file = to.with_name(to.name + ".checkpoints.jsonl")
     file.write_text("".join(line + "\n" for line in [*lines, *recovered]))
+    private(to)  # whatever mode Litestream gave the copy and its -wal/-shm
     return Restored(len(lines), len(recovered), (done.stderr or done.stdout).strip(), stopped)
 
 

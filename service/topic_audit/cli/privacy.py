@@ -77,7 +77,7 @@ def _read_only(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) -> None:
+def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int], db: Path) -> None:
     if dry_run:
         shown = ", ".join(map(str, ids[:20])) + (" …" if len(ids) > 20 else "")
         click.echo(
@@ -90,14 +90,7 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) 
             f"erasure {record.id}: {record.entries} entries ({record.first_id}..{record.last_id}), "
             f"record {record.entry_hash}"
         )
-    if outcome.purged:
-        click.echo(f"erased {outcome.entries} entries ({what}); no copy remains in the database files")
-    else:
-        click.echo(
-            f"erased {outcome.entries} entries ({what}); NOT YET PURGED: the full-text indexes did not settle or a "
-            "reader (Litestream) kept the WAL, so freed copies may remain in the files until SQLite reuses them; "
-            "run the same erase again later to purge"
-        )
+    _purge_status(f"erased {outcome.entries} entries ({what})", outcome, db)
     if outcome.entries and os.environ.get("TOPIC_AUDIT_REPLICA_URL"):
         from topic_audit.replica import KEEPS_ERASED_SECONDS
 
@@ -106,6 +99,21 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int]) 
             f"the off-box replica keeps older snapshots holding these values until {until:%Y-%m-%dT%H:%MZ} at the "
             "latest (Litestream's snapshot retention); backups of the database keep them as long as they are kept"
         )
+
+
+def _purge_status(done: str, outcome: erasure.Outcome, db: Path) -> None:
+    """Say "no copy remains" only once every place named holds none (:func:`purge.copies_left`)."""
+    left = purge.copies_left(db, outcome.purged, outcome.erased_at)
+    if not left:
+        click.echo(
+            f"{done}; no copy remains in the database files ({db.name}, {db.name}-wal) or Litestream's "
+            f"local folder ({purge.litestream_folder(db).name})"
+        )
+        return
+    click.echo(
+        f"{done}; NOT YET PURGED: " + "; ".join(left) + ". Run the same command again later (with serve "
+        "replicating, stop serve first to purge the WAL now; see docs: Privacy)"
+    )
 
 
 @click.command(context_settings=CONTEXT)
@@ -198,7 +206,7 @@ def erase(
         raise click.ClickException(str(exc)) from None
     finally:
         conn.close()
-    _report(outcome, f"--{kind}", not yes, ids)
+    _report(outcome, f"--{kind}", not yes, ids, db)
 
 
 @click.command(context_settings=CONTEXT)
@@ -225,7 +233,9 @@ def retain(db: Path, signing_key: Path | None, older_than: str) -> None:
         raise click.ClickException(str(exc)) from None
     finally:
         conn.close()
-    click.echo(
-        f"retention: erased {outcome.entries} entries older than {older_than} in {len(outcome.records)} records"
+    _purge_status(
+        f"retention: erased {outcome.entries} entries older than {older_than} in {len(outcome.records)} records",
+        outcome,
+        db,
     )
     sys.stdout.flush()
