@@ -20,8 +20,8 @@ from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
 from topic_audit import chain, content, erasure, purge, records, samples, search
 from topic_audit.checkpoints import Signer, record_key
-from topic_audit.settings import Settings
 from topic_audit.purge import connect
+from topic_audit.settings import Settings
 
 SUBJECT = "erin_subject_42"
 OTHER = "leckie"
@@ -452,7 +452,12 @@ def hashed_with_the_content(db: Path) -> None:
         )
     # a log migrated from that time: keyed commitments begin after its entries (log_facts, m017)
     first = len(written) + 1
-    forge(db, "DELETE FROM content_keys", f"UPDATE log_facts SET value = {first} WHERE name = 'commitments_from'", *links)
+    forge(
+        db,
+        "DELETE FROM content_keys",
+        f"UPDATE log_facts SET value = {first} WHERE name = 'commitments_from'",
+        *links,
+    )
     restore_triggers(db)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,9 @@ def test_raising_a_signed_boundary_is_found(signed_log: Path, settings: Settings
     forge(signed_log)
     conn = sqlite3.connect(signed_log)
     conn.execute("DROP TRIGGER log_facts_no_update")
-    conn.execute("UPDATE log_facts SET value = 1000 WHERE name IN ('commitments_from', 'signed_erasures_from')")
+    conn.execute(
+        "UPDATE log_facts SET value = 1000 WHERE name IN ('commitments_from', 'signed_erasures_from')"
+    )
     conn.commit()
     conn.close()
     done = run_cli("verify", "--db", str(signed_log), "--public-key", public_key(settings), "--json")
@@ -146,3 +150,29 @@ def _poster(client: TestClient[Any]) -> Any:
         return client.post(f"/callback?{query}", content=json.dumps(body).encode())
 
     return post
+
+
+def test_the_readme_scripts_catch_the_forgery(signed_log: Path, settings: Settings) -> None:
+    """The auditor's own scripts (README) find it too, without our code: the chain script sees an entry
+    that lost its commitment, the checkpoint script a record the pinned key never signed."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    scripts = {
+        section: readme.split(section, 1)[1]
+        .split("```python", 1)[1]
+        .split("```", 1)[0]
+        .replace('"file:audit.db', f'"file:{signed_log}')
+        for section in ("### Canonical form", "### Signed checkpoints")
+    }
+    (signed_log.parent / "checkpoint-public-key.hex").write_text(public_key(settings))
+    for script in scripts.values():  # the genuine log passes both
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd=signed_log.parent
+        )
+        assert done.returncode == 0, done.stderr
+    forge(signed_log)
+    chain_check, checkpoint_check = (
+        subprocess.run([sys.executable, "-c", s], capture_output=True, text=True, cwd=signed_log.parent)
+        for s in scripts.values()
+    )
+    assert chain_check.returncode != 0 and f"entry {VICTIM} lost its content commitment" in chain_check.stderr
+    assert checkpoint_check.returncode != 0 and "InvalidSignature" in checkpoint_check.stderr
