@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, run_cli
 from litestar.testing import TestClient
@@ -176,3 +177,44 @@ def test_the_readme_scripts_catch_the_forgery(signed_log: Path, settings: Settin
     )
     assert chain_check.returncode != 0 and f"entry {VICTIM} lost its content commitment" in chain_check.stderr
     assert checkpoint_check.returncode != 0 and "InvalidSignature" in checkpoint_check.stderr
+
+
+def test_a_forgery_under_a_running_serve_stops_signing_and_alerts(tmp_path: Path) -> None:
+    """A real ``serve`` (its supervisor signs every second): after the forgery it answers on, signs
+    nothing more, says why in its log, and "Checkpoints not signed" fires in a real Prometheus."""
+    from conftest import Server, require_tool, wait_for
+    from grafana_files import alert_rules, evaluate
+    from test_grafana_prometheus import Prometheus
+
+    binary = require_tool("prometheus")
+    db = tmp_path / "audit.db"
+    server = Server(db, tmp_path / "server.log", {"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}).start()
+    prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path)
+    rule = next(r for r in alert_rules() if r["uid"] == "topic-audit-checkpoints-not-signed")
+    settings = Settings(db=db)
+
+    def send(i: int) -> httpx.Response:
+        body = samples.sample(CREATE, TopicId=f"@TGS#_live-{i}")
+        query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+        return httpx.post(f"{server.url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
+
+    try:
+        for i in range(10):
+            assert send(i).status_code == 200
+        wait_for(lambda: signed_lines(settings) >= 2, 20, "checkpoints")
+        assert not evaluate(rule, prometheus.query)
+        forge(db)
+        started = time.monotonic()
+        wait_for(lambda: "refusing to sign a checkpoint" in server.log.read_text(), 20, "the refusal")
+        before = signed_lines(settings)
+        for i in range(10, 20):
+            answered = send(i)
+            assert answered.status_code == 200 and answered.json()["ActionStatus"] == "OK"
+        wait_for(lambda: evaluate(rule, prometheus.query), 30, "Checkpoints not signed to fire")
+        fired = time.monotonic() - started
+        assert signed_lines(settings) == before
+    finally:
+        prometheus.stop()
+        server.stop()
+    assert signed_lines(settings) == before  # not even the last one, at shutdown
+    print(f"\nCheckpoints not signed fired {fired:.1f} s after the forgery")

@@ -93,6 +93,7 @@ def test_alert_rules_are_consistent() -> None:
         "exhausted",
         "integrity finding",
         "replica behind",
+        "checkpoints not signed",
     ):
         assert any(title in r["title"].lower() for r in rules), title
 

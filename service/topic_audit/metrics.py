@@ -205,6 +205,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.checkpoint_age = Gauge(
+            "topic_audit_checkpoint_age_seconds",
+            "Seconds since the last signed checkpoint (0 before the first): grows when the signer refuses "
+            "to sign what does not verify, or cannot sign.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.checkpoint_interval = Gauge(
+            "topic_audit_checkpoint_interval_seconds",
+            "How often serve signs a checkpoint (TOPIC_AUDIT_CHECKPOINT_SECONDS); 0 when it does not.",
+            registry=r,
+            multiprocess_mode="max",
+        )
 
         self._callbacks = {
             (command, outcome, reason): self.callbacks.labels(command, outcome, reason)

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TypeVar
 
-from topic_audit import erasure, jobs, models, purge
+from topic_audit import checkpoints, erasure, jobs, models, purge
 from topic_audit.metrics import Metrics
 from topic_audit.settings import Settings
 from topic_audit.writer import Writer
@@ -241,6 +241,17 @@ async def report(db: Path, counted: Callable[[dict[str, int], float], None], eve
         await asyncio.sleep(every)
 
 
+async def report_checkpoint_age(db: Path, age: Callable[[float], None], every: float = 5.0) -> None:
+    """Keep ``topic_audit_checkpoint_age_seconds`` current (cancelled on shutdown): it grows when the
+    signer refuses what does not verify (:mod:`topic_audit.signing`), whichever process signs."""
+    while True:
+        try:
+            age(await asyncio.to_thread(checkpoints.age_seconds, db))
+        except Exception:
+            log.exception("could not read the last checkpoint's time; will retry")
+        await asyncio.sleep(every)
+
+
 async def every_hour(on: OnTheWriter, db: Path, days: float) -> None:
     """The retention timer of ``serve`` (cancelled on shutdown; a failed run is logged and retried)."""
     await asyncio.sleep(FIRST_AFTER_SECONDS)
@@ -270,8 +281,12 @@ def start(
 ) -> list[asyncio.Task[None]]:
     """The tasks of ``serve`` that forget on their own, and keep the privacy metrics current."""
     metrics.retention.set((settings.retention_days or 0) * 86400)
+    metrics.checkpoint_interval.set(settings.checkpoint_seconds)
     db, on = settings.db, OnTheWriter(writer, now)
-    tasks = [asyncio.create_task(report(db, metrics.privacy_counted), name="privacy-metrics")]
+    tasks = [
+        asyncio.create_task(report(db, metrics.privacy_counted), name="privacy-metrics"),
+        asyncio.create_task(report_checkpoint_age(db, metrics.checkpoint_age.set), name="checkpoint-age"),
+    ]
     if settings.retention_days:
         tasks.append(asyncio.create_task(every_hour(on, db, settings.retention_days), name="retention"))
     if settings.store_bodies == "topics":

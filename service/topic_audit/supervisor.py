@@ -120,6 +120,7 @@ class Supervisor:
             log.error("serve could not start: %s", failed)
             return 1
         self.checkpointer.start()
+        self.metrics.checkpoint_interval.set(self.checkpointer.interval)  # receivers report 0: they sign none
         self._announce("serving")
         sockets.notify("READY=1")
         while True:
@@ -164,6 +165,7 @@ class Supervisor:
         old, self.current, self.settings = self.current, fresh, settings
         self.writers.promote(writer)
         self.checkpointer.interval = settings.checkpoint_seconds
+        self.metrics.checkpoint_interval.set(settings.checkpoint_seconds)
         deadline = time.monotonic() + DRAIN_SECONDS
         for receiver in old:
             receiver.drain_deadline = deadline

@@ -216,7 +216,7 @@ async def serve(settings: Settings, path: Path, ready_fd: int | None) -> None:
     migrate(settings.db)
     autocheckpoint = settings.replica_url is None
     conn = connect(settings.db, autocheckpoint)
-    key = record_key(settings.signing_key_path, create=settings.checkpoint_seconds > 0)
+    key = record_key(settings.signing_key_path, create=True)
     committer = Committer(conn, _Reported(Metrics()), settings.store_bodies, key)
     server = WriterServer(committer, SearchIndexer(conn), settings.max_batch)
     loop = asyncio.get_running_loop()
