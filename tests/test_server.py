@@ -137,6 +137,7 @@ def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_p
     import stat
 
     from topic_audit import checkpoints
+    from topic_audit.settings import Settings
 
     running = Server(db_path, tmp_path / "server.log", env={"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}).start()
     file = db_path.with_name("audit.db.checkpoints.jsonl")
@@ -149,7 +150,7 @@ def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_p
     lines = checkpoints.read_file(file)
     assert len(lines) >= 3
     assert lines[-1]["log_size"] == 5  # the last one, at shutdown, covers everything answered
-    key = db_path.with_name("checkpoint-signing.key")
+    key = Settings(db=db_path).signing_key_path
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert "created checkpoint signing key" in (tmp_path / "server.log").read_text()
     pem = run_cli("public-key", "--db", str(db_path))

@@ -228,7 +228,7 @@ def _sign_checkpoints(conn: sqlite3.Connection, reference: Path) -> list[dict[st
     table has, those not NULL (the statement form of ``topic_audit.checkpoints``), each head read from the
     rows as they now stand (``head_hash`` from ``audit_log``, ``X_head`` from table X at ``X_size``)."""
     columns = [c for c in _columns(conn, "checkpoints") if c not in ("id", "digest", "signature")]
-    key = serialization.load_pem_private_key(reference.with_name("checkpoint-signing.key").read_bytes(), None)
+    key = serialization.load_pem_private_key(Settings(db=reference).signing_key_path.read_bytes(), None)
     assert isinstance(key, Ed25519PrivateKey)
     public_key = (
         key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
@@ -293,7 +293,7 @@ def written_before(name: str, reference: Path, folder: Path) -> tuple[Path, list
     db = Database(db_path)
     migrations.apply(db, stop_before=FIRST_RELEASE[0] if name in FIRST_RELEASE else name)
     db.close()
-    shutil.copy(reference.with_name("checkpoint-signing.key"), folder)
+    shutil.copy(Settings(db=reference).signing_key_path, folder / "checkpoint-signing.key")  # the old default
     conn = sqlite3.connect(db_path)
     conn.execute("ATTACH DATABASE ? AS reference", (str(reference),))  # read only
     tables, virtual, triggers = _schema(conn)
@@ -424,7 +424,7 @@ def test_erasure_records_written_before_effects_digest_still_verify(reference: P
     source.backup(target)
     source.close()
     target.close()
-    shutil.copy(reference.with_name("checkpoint-signing.key"), erased.parent)
+    shutil.copy(Settings(db=reference).signing_key_path, erased.parent / "checkpoint-signing.key")
     topic = _scalar(reference, "SELECT topic_id FROM topics WHERE deleted_entry_id IS NULL LIMIT 1")
     for selector in (["--topic", topic], ["--from-id", "3", "--to-id", "9"]):
         done = run_cli("erase", "--db", str(erased), *selector, "--reason", "before m016", "--yes")

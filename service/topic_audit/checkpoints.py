@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,6 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from topic_audit import chain, note, tree
+
+log = logging.getLogger("topic_audit.checkpoints")
 
 STATEMENT_FIELDS: Final = ("log_size", "head_hash", "created_at", "prev_digest", "public_key")
 DELIVERY_FIELDS: Final = ("deliveries_size", "deliveries_head")
@@ -88,13 +92,18 @@ class Signer:
 
     @classmethod
     def load_or_create(cls, path: Path) -> tuple[Signer, bool]:
-        """The key at ``path``; created (permissions 0600) when absent. Returns (signer, created)."""
+        """The key at ``path``; created (permissions 0600, its folder 0700 when new) when absent. Returns
+        (signer, created). A key that group or others may read or write is refused
+        (:class:`topic_audit.settings.SettingsError`, saying how to fix it)."""
+        from topic_audit.settings import check_key_file
+
         if path.exists():
+            check_key_file(path)
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"{path} is not an Ed25519 private key")
             return cls(key, path), False
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -107,14 +116,22 @@ class Signer:
 
 def record_key(path: Path, create: bool) -> Ed25519PrivateKey | None:
     """The signing key that signs erasure records (:func:`topic_audit.records.sign`): the checkpoint
-    signing key at ``path``, created when absent if ``create`` (``serve`` signs checkpoints), else None
-    (records are then written unsigned, and ``verify`` says so once the log has a signer)."""
+    signing key at ``path``, created when absent if ``create`` (``serve``'s writer does: its policy and
+    retention records are always signed), else None (``erase`` without a key: the records are written
+    unsigned, and ``verify`` reports them once the log has a signer)."""
     if not create and not path.exists():
         return None
     try:
-        return Signer.load_or_create(path)[0].key
+        signer, created = Signer.load_or_create(path)
     except FileExistsError:  # another process of serve created it first
-        return Signer.load_or_create(path)[0].key
+        signer, created = Signer.load_or_create(path)
+    if created:
+        log.warning(
+            "created checkpoint signing key %s (0600); export its public key with `topic-audit public-key` "
+            "and keep it where the auditors are",
+            path,
+        )
+    return signer.key
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
@@ -182,6 +199,21 @@ def make_checkpoint(
             conn.execute("ROLLBACK")
         raise
     return checkpoint
+
+
+def age_seconds(db: Path) -> float:
+    """Seconds since the last checkpoint of the database at ``db`` was signed (0 before the first)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT created_at FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # not migrated yet
+        return 0.0
+    finally:
+        conn.close()
+    if row is None:
+        return 0.0
+    signed = datetime.fromisoformat(str(row[0]).replace("Z", "+00:00"))
+    return max((datetime.now(UTC) - signed).total_seconds(), 0.0)
 
 
 def note_origin(conn: sqlite3.Connection) -> str | None:

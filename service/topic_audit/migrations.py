@@ -508,8 +508,14 @@ def m017_signed_boundaries(db: Database) -> None:
 
 
 def migrate(path: Path) -> None:
-    """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once).
+
+    Every command that writes the database migrates it first, so this is where it is made private
+    (:func:`topic_audit.database.private`): folder 0700, files 0600, this process's umask 077.
+    """
+    from topic_audit.database import private
+
+    private(path)
     db = Database(path)
     try:
         db.execute("PRAGMA journal_mode=WAL")

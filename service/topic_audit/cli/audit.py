@@ -42,23 +42,37 @@ from topic_audit.settings import Settings
     show_envvar=True,
     help="Port to bind Datasette to.",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_host",
+    multiple=True,
+    envvar="TOPIC_AUDIT_EXPLORE_ALLOWED_HOSTS",
+    show_envvar=True,
+    help="A Host name Datasette answers (name: any port; name:port: that port only); repeat it, or "
+    "space-separate in the variable. Any other Host is answered 400 (DNS rebinding). Required when --host "
+    "is not loopback. [default: localhost 127.0.0.1 [::1]]",
+)
 @db_option
-def explore(host: str, port: int, db: Path) -> None:
+def explore(host: str, port: int, allowed_host: tuple[str, ...], db: Path) -> None:
     """Serve the audit database read-only in Datasette, as `audit`, for auditors."""
     import asyncio
 
     import uvicorn
 
-    from topic_audit.explore import AccessError, make_datasette
+    from topic_audit.explore import AccessError, HostCheck, allowed_hosts, make_datasette
 
-    migrations.migrate(db)
     try:
+        allowed = allowed_hosts(host, allowed_host)
+        migrations.migrate(db)
         ds = make_datasette(db, host)
     except AccessError as exc:
         raise click.UsageError(str(exc)) from None
     asyncio.run(ds.invoke_startup())
-    click.echo(f"Datasette on http://{host}:{port}/audit (read-only view of {db})", err=True)
-    uvicorn.run(ds.app(), host=host, port=port, log_level="warning")
+    click.echo(
+        f"Datasette on http://{host}:{port}/audit (read-only view of {db}; Host: {' '.join(allowed)})",
+        err=True,
+    )
+    uvicorn.run(HostCheck(ds.app(), allowed), host=host, port=port, log_level="warning")
 
 
 @click.command("hash-password", context_settings=CONTEXT)
@@ -196,6 +210,8 @@ def checkpoint(
     """
     from topic_audit.app import iso_now
     from topic_audit.checkpoints import Signer
+    from topic_audit.database import private
+    from topic_audit.settings import SettingsError
     from topic_audit.signing import Refused
     from topic_audit.signing import checkpoint as sign_checkpoint
     from topic_audit.writer import connect
@@ -203,7 +219,11 @@ def checkpoint(
     settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    signer, created = Signer.load_or_create(settings.signing_key_path)
+    private(db, settings.checkpoint_path)  # folder 0700, files 0600, umask 077
+    try:
+        signer, created = Signer.load_or_create(settings.signing_key_path)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     if created:
         click.echo(
             f"created signing key {settings.signing_key_path} (0600); export its public key with "
@@ -260,7 +280,10 @@ def public_key(
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():
         raise click.ClickException(f"no signing key at {path}; `topic-audit checkpoint` creates one")
-    signer, _ = Signer.load_or_create(path)
+    try:
+        signer, _ = Signer.load_or_create(path)
+    except ValueError as exc:  # a key others may read (SettingsError), or not an Ed25519 key
+        raise click.ClickException(str(exc)) from None
     if as_vkey:
         origin = origin_named(log_origin, sdkappid) or (latest_origin(db) if db.exists() else None)
         if origin is None:

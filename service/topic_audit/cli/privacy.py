@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from topic_audit import erasure, migrations, purge, subjects
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
-from topic_audit.settings import Settings
+from topic_audit.settings import Settings, SettingsError
 
 _SELECTORS = (
     ("account", "USERID", "every entry whose body holds this account in any *_Account field"),
@@ -38,7 +38,10 @@ def _selector_key(signing_key: Path | None, db: Path) -> bytes:
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():
         raise click.ClickException(f"the checkpoint signing key {path} does not exist (--signing-key)")
-    signer, _ = Signer.load_or_create(path)
+    try:
+        signer, _ = Signer.load_or_create(path)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     return erasure.selector_key(signer.key)
 
 
@@ -47,7 +50,10 @@ def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey | None:
     from topic_audit.checkpoints import record_key
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
-    key = record_key(path, create=False)
+    try:
+        key = record_key(path, create=False)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     if key is None:
         click.echo(
             f"warning: no checkpoint signing key at {path} (--signing-key): the erasure records are "
