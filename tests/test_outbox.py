@@ -102,6 +102,10 @@ def _request(reason: str) -> checks.RawRequest:
         changes["timed_out"] = True
     elif reason == "body_too_large":
         changes["body_truncated"] = True
+    elif reason == "header_timeout":
+        changes["head_timed_out"] = True
+    elif reason == "headers_too_large":
+        changes["header_count"] = 101
     elif reason == "app_id_missing":
         del fields["SdkAppid"]
     elif reason == "app_id_mismatch":

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -45,6 +47,19 @@ from topic_audit.writer_client import WRITER_SOCKET, RemoteWriter
 log = logging.getLogger("topic_audit")
 
 REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+SECRET_HEADER = re.compile(
+    r"auth|token|secret|passw|pwd|credential|key|session|cookie|signature|sign$|csrf|xsrf|jwt|bearer"
+)
+"""Header names that look like they carry a credential: their values are stored as ``[redacted]`` (on
+top of :data:`REDACTED_HEADERS`). Over-matching costs a header's value in the log; under-matching
+stores a secret."""
+HEAD_EXTENSION = "topic_audit.head"
+"""``scope["extensions"]`` key by which the server hands over a request whose head it stopped reading
+(too large, or not in time): ``{"timed_out": bool, "head_bytes": int, "header_count": int}``
+(:mod:`topic_audit.worker`). The request is recorded like any other, whatever its path."""
+TRUNCATED_KEY = "[truncated]"
+"""Key of the ``request_headers`` JSON that says what of the headers was not kept (never a header name:
+brackets are not allowed in one)."""
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_ELAPSED_MS = 1e8  # keeps the float inside the range where the canonical form is unambiguous
 _FIELD_LIMIT = 256  # query-derived columns are bounded; the full query string is kept in query_string
@@ -71,13 +86,59 @@ def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
     return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
 
 
-def headers_json(headers: tuple[tuple[str, str], ...]) -> str:
-    """Request headers as a JSON object; repeated names joined with ", "; credentials redacted."""
+@functools.lru_cache(maxsize=1024)
+def redacted(name: str) -> bool:
+    """Whether the value of header ``name`` (lowercase) is a credential, never stored."""
+    return name in REDACTED_HEADERS or SECRET_HEADER.search(name) is not None
+
+
+def headers_json(headers: tuple[tuple[str, str], ...], truncated: str | None = None) -> str:
+    """Request headers as a JSON object; repeated names joined with ", "; credentials redacted; with
+    ``truncated``, the key :data:`TRUNCATED_KEY` says what was not kept."""
     merged: dict[str, str] = {}
     for name, value in headers:
-        shown = "[redacted]" if name in REDACTED_HEADERS else value
+        shown = "[redacted]" if redacted(name) else value
         merged[name] = f"{merged[name]}, {shown}" if name in merged else shown
+    if truncated is not None:
+        merged[TRUNCATED_KEY] = truncated
     return msgspec.json.encode(merged).decode()
+
+
+def head_size(scope: Any) -> int:
+    """Bytes of the request head as sent: request line and header fields, with their line ends."""
+    query = scope["query_string"]
+    line = len(scope["method"]) + len(scope.get("raw_path") or scope["path"]) + 13  # spaces, version, CRLF
+    fields = sum(len(name) + len(value) for name, value in scope["headers"]) + 4 * len(scope["headers"])
+    return line + (len(query) + 1 if query else 0) + fields + 2
+
+
+def bounded_headers(
+    headers: tuple[tuple[str, str], ...], max_bytes: int, max_fields: int
+) -> tuple[tuple[str, str], ...]:
+    """The first header fields that fit ``max_bytes`` and ``max_fields`` (the one that crosses the byte
+    limit cut short)."""
+    kept: list[tuple[str, str]] = []
+    room = max_bytes
+    for name, value in headers[:max_fields]:
+        room -= len(name) + 4
+        if room <= 0:
+            break
+        kept.append((name, value[:room]))
+        room -= len(value)
+        if room <= 0:
+            break
+    return tuple(kept)
+
+
+def _truncation(request: checks.RawRequest) -> str | None:
+    """What :data:`TRUNCATED_KEY` says of a request whose headers were not all kept."""
+    if not request.headers_truncated:
+        return None
+    kept = sum(len(n) + len(v) + 4 for n, v in request.headers)
+    return (
+        f"truncated: kept {len(request.headers)} of {request.header_count} header fields ({kept} bytes) "
+        f"of a request head of {request.head_bytes} bytes as received"
+    )
 
 
 async def read_body(receive: Receive, declared: int | None, limit: int) -> tuple[bytes, bool]:
@@ -137,7 +198,7 @@ def build_row(
         "opt_platform": _bounded(query.get("OptPlatform")),
         "request_time": _bounded(query.get("RequestTime")),
         "remote_addr": request.remote_addr,
-        "request_headers": headers_json(request.headers),
+        "request_headers": headers_json(request.headers, _truncation(request)),
         "request_body": chain.stored_body(request.body),
         "request_body_sha256": hashlib.sha256(request.body).hexdigest(),
         "request_body_bytes": len(request.body),
@@ -167,7 +228,9 @@ class Receiver(Litestar):
     callback: Callable[[Scope, Receive, Send], Awaitable[None]]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == self.callback_path:
+        if scope["type"] == "http" and (
+            scope["path"] == self.callback_path or HEAD_EXTENSION in (scope.get("extensions") or ())
+        ):
             scope["app"] = scope["litestar_app"] = self
             try:
                 await self.callback(scope, receive, send)
@@ -183,10 +246,15 @@ async def _send_json(send: Send, status: int, answer: bytes, allow: bool = False
     headers = [*_JSON_HEADERS, (b"content-length", str(len(answer)).encode())]
     if allow:
         headers.append((b"allow", b"POST"))
+    if status in _CLOSING:  # the rest of what the client sends is not read: no next request on it
+        headers.append((b"connection", b"close"))
     start: HTTPResponseStartEvent = {"type": "http.response.start", "status": status, "headers": headers}
     await send(start)
     body_event: HTTPResponseBodyEvent = {"type": "http.response.body", "body": answer, "more_body": False}
     await send(body_event)
+
+
+_CLOSING = frozenset({408, 431})
 
 
 class BodyDeadlines:
@@ -236,26 +304,38 @@ def make_callback_handler(
     settings: Settings, metrics: Metrics, deadlines: BodyDeadlines
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     limit = settings.max_body_bytes
+    max_head, max_fields = settings.max_header_bytes, settings.max_headers
+    proxies = tuple(ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies)
 
     async def callback(scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         received = time.time()
         headers = _headers(scope)
-        declared = _declared_length(headers)
         client = scope.get("client")
-        body, truncated, timed_out = await deadlines.read(receive, declared, limit)
-        request = checks.RawRequest(
-            method=scope["method"],  # type: ignore[typeddict-item]
-            path=scope["path"],
-            query_string=scope["query_string"].decode("latin-1"),
-            headers=headers,
-            body=body,
-            remote_addr=client[0] if client else None,
-            declared_length=declared,
-            body_truncated=truncated,
-            timed_out=timed_out,
-            client_cert=_client_cert(scope),
-        )
+        peer = client[0] if client else None
+        extensions = scope.get("extensions")
+        handed_over: dict[str, Any] | None = extensions.get(HEAD_EXTENSION) if extensions else None  # type: ignore[assignment]
+        size = head_size(scope)
+        if handed_over is None and size <= max_head and len(headers) <= max_fields:
+            declared = _declared_length(headers)
+            remote = checks.client_address(peer, _forwarded_for(headers), proxies) if proxies else peer
+            body, truncated, timed_out = await deadlines.read(receive, declared, limit)
+            request = checks.RawRequest(
+                method=scope["method"],  # type: ignore[typeddict-item]
+                path=scope["path"],
+                query_string=scope["query_string"].decode("latin-1"),
+                headers=headers,
+                body=body,
+                remote_addr=remote,
+                declared_length=declared,
+                body_truncated=truncated,
+                timed_out=timed_out,
+                client_cert=_client_cert(scope),
+                head_bytes=size,
+                header_count=len(headers),
+            )
+        else:  # the head alone is refused: its body is not read, the row keeps what fits the limits
+            request = _refused_head(scope, headers, size, peer, handed_over or {}, max_head, max_fields)
         try:
             decision = checks.decide(request, settings, received)
         except Exception:
@@ -285,6 +365,39 @@ def make_callback_handler(
         metrics.answered(decision.command, time.perf_counter() - started)
 
     return callback
+
+
+def _forwarded_for(headers: tuple[tuple[str, str], ...]) -> list[str]:
+    return [value for name, value in headers if name == "x-forwarded-for"]
+
+
+def _refused_head(
+    scope: Scope,
+    headers: tuple[tuple[str, str], ...],
+    size: int,
+    peer: str | None,
+    handed_over: dict[str, Any],
+    max_head: int,
+    max_fields: int,
+) -> checks.RawRequest:
+    """The request whose head is too large, or was handed over by the server (see
+    :data:`HEAD_EXTENSION`), bounded: the first header fields that fit, the query cut to the limit, no
+    body. ``remote_addr`` is the peer: nothing in a refused head is trusted."""
+    kept = bounded_headers(headers, max_head, max_fields)
+    query = scope["query_string"].decode("latin-1")
+    return checks.RawRequest(
+        method=str(scope.get("method", ""))[:32],
+        path=scope["path"][:max_head],
+        query_string=query[:max_head],
+        headers=kept,
+        body=b"",
+        remote_addr=peer,
+        client_cert=_client_cert(scope),
+        head_bytes=max(size, int(handed_over.get("head_bytes", 0))),
+        header_count=max(len(headers), int(handed_over.get("header_count", 0))),
+        headers_truncated=kept != headers or bool(handed_over) or len(query) > max_head,
+        head_timed_out=bool(handed_over.get("timed_out", False)),
+    )
 
 
 async def _ask_the_app(
@@ -403,7 +516,7 @@ def create_app(
                 observer=metrics,
                 autocheckpoint=settings.replica_url is None,
                 store_bodies=settings.store_bodies,
-                record_key=record_key(settings.signing_key_path, create=settings.checkpoint_seconds > 0),
+                record_key=record_key(settings.signing_key_path, create=True),
             )
             writer.start()
         counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -40,6 +41,15 @@ class RawRequest:
     """The client did not send the whole body in time: ``body`` holds what arrived."""
     client_cert: str | None = None
     """Subject of the TLS client certificate the server verified, when it exposes it."""
+    head_bytes: int = 0
+    """Bytes of the request head: request line and header fields (as far as the server read it)."""
+    header_count: int = 0
+    """Header fields in the request head (all of them, also those not kept in ``headers``)."""
+    headers_truncated: bool = False
+    """``headers`` (and ``query_string``) hold only what fits the limits: the head was too large, or the
+    server stopped reading it."""
+    head_timed_out: bool = False
+    """The head did not arrive in time: the request is what had arrived of it (the server closes)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +90,47 @@ def parse_query(query_string: str) -> dict[str, str]:
     return query
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[Network]) -> str | None:
+    """The address recorded as ``remote_addr``: the connection's peer; when the peer is one of your trusted
+    ``proxies``, the hop that reached them, read from ``X-Forwarded-For`` (its values) right to left: the
+    first address that is not a trusted proxy. A value that is not an address stops the walk at the last
+    trusted hop, so nothing but an address your proxies vouch for is ever recorded."""
+    if not proxies or peer is None or not forwarded_for or not _trusted(peer, proxies):
+        return peer
+    hop = peer
+    for value in reversed(",".join(forwarded_for).split(",")):
+        address = _address(value.strip())
+        if address is None:
+            return hop
+        hop = str(address)
+        if not any(address in network for network in proxies):
+            return hop
+    return hop
+
+
+def _trusted(peer: str, proxies: Sequence[Network]) -> bool:
+    address = _address(peer)
+    return address is not None and any(address in network for network in proxies)
+
+
+def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, also written ``1.2.3.4:port`` or ``[v6]:port``; None when it is none."""
+    if value.startswith("[") and "]" in value:
+        value = value[1 : value.index("]")]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(value[:64])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _reject(status: int, reason: str, detail: str, **kwargs: Any) -> Decision:
     return Decision(status, "rejected", reason, detail, **kwargs)
 
@@ -89,6 +140,23 @@ def decide(request: RawRequest, settings: Settings, now: float) -> Decision:
     query = parse_query(request.query_string)
     command = query.get("CallbackCommand") or None
     common: dict[str, Any] = {"command": command, "query": query}
+
+    if request.head_timed_out:
+        return _reject(
+            408,
+            "header_timeout",
+            f"request head not complete within {settings.header_timeout_seconds:g} s "
+            f"({request.head_bytes} bytes received)",
+            **common,
+        )
+    if request.head_bytes > settings.max_header_bytes or request.header_count > settings.max_headers:
+        return _reject(
+            431,
+            "headers_too_large",
+            f"request head of {request.head_bytes} bytes in {request.header_count} header fields (as far "
+            f"as received); limits {settings.max_header_bytes} bytes, {settings.max_headers} fields",
+            **common,
+        )
 
     if request.method != "POST":
         return _reject(405, "method_not_allowed", f"{request.method} is not allowed; use POST", **common)

@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 from topic_audit import models
 
 REASONS: Final = (
+    "header_timeout",
+    "headers_too_large",
     "method_not_allowed",
     "request_timeout",
     "body_too_large",
@@ -39,6 +41,7 @@ OUTCOME_REASONS: Final = (
     ("error", "internal_error"),
 )
 RESTART_KINDS: Final = ("reload", "crash")
+HEADER_TIMEOUT_RECEIVED: Final = ("nothing", "partial")
 ERASURE_CAUSES: Final = ("request", "retention", "policy")
 FORWARD_RESULTS: Final = ("delivered", "http_error", "timeout", "connection_error")
 COMMAND_LABELS: Final = (*models.KNOWN_COMMANDS, "other")
@@ -100,6 +103,16 @@ class Metrics:
             buckets=APPEND_BUCKETS,
             registry=r,
         )
+        self.header_timeouts = Counter(
+            "topic_audit_header_timeouts",
+            "Connections closed because the request head did not arrive in time "
+            "(TOPIC_AUDIT_HEADER_TIMEOUT_SECONDS), by what had arrived: nothing (closed, not recorded) or "
+            "partial (answered 408 and recorded, reason header_timeout).",
+            ["received"],
+            registry=r,
+        )
+        for received in HEADER_TIMEOUT_RECEIVED:
+            self.header_timeouts.labels(received)
         self.append_errors = Counter(
             "topic_audit_audit_append_errors",
             "Callback rows that could not be committed to the audit log (answered 503).",

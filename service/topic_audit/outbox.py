@@ -56,6 +56,8 @@ NOT_FORWARDED: Final = frozenset(
         "signature_missing",
         "request_time_skewed",
         "signature_invalid",
+        "header_timeout",
+        "headers_too_large",
     }
 )
 """The rejections that are never forwarded: those of the checks up to and including the signature (the

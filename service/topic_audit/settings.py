@@ -5,7 +5,11 @@ and passed down explicitly. Only secrets are read from the environment directly,
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
+import os
+import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,6 +53,25 @@ class Settings:
     """A request body must arrive within this many seconds, or the request is answered 408 and recorded
     (``TOPIC_AUDIT_BODY_TIMEOUT_SECONDS``). Tencent itself gives up after 2 s."""
 
+    max_header_bytes: int = 16384
+    """The request head (request line and header fields, as received) may hold this many bytes; a larger
+    one is answered 431 and recorded with what fits of its headers, marked truncated
+    (``TOPIC_AUDIT_MAX_HEADER_BYTES``). Tencent's callbacks need well under 1 KiB."""
+
+    max_headers: int = 100
+    """A request may carry this many header fields; more are answered 431 and recorded with the first
+    ones, marked truncated (``TOPIC_AUDIT_MAX_HEADERS``)."""
+
+    header_timeout_seconds: float = 5.0
+    """The request head must arrive within this many seconds of the connection (or of the request's first
+    byte on a kept-alive connection), or the connection is closed; a request of which anything arrived is
+    answered 408 and recorded with reason ``header_timeout`` (``TOPIC_AUDIT_HEADER_TIMEOUT_SECONDS``)."""
+
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (CIDR) of your own reverse proxies (``TOPIC_AUDIT_TRUSTED_PROXIES``,
+    comma-separated; default none). Only a connection from one of them may name the client in
+    ``X-Forwarded-For``; otherwise ``remote_addr`` is the connection's peer address."""
+
     allow_unauthenticated: bool = False
     """Let ``serve`` bind a non-loopback address without a token (``TOPIC_AUDIT_ALLOW_UNAUTHENTICATED``)."""
 
@@ -64,8 +87,11 @@ class Settings:
     default: beside the database, ``<db>.checkpoints.jsonl``)."""
 
     signing_key: Path | None = None
-    """Ed25519 private key (PEM) that signs checkpoints; created 0600 on first use
-    (``TOPIC_AUDIT_SIGNING_KEY``; default: ``checkpoint-signing.key`` beside the database)."""
+    """Ed25519 private key (PEM) that signs checkpoints; created 0600 (in a 0700 folder) on first use;
+    refused when group or others may read or write it (``TOPIC_AUDIT_SIGNING_KEY``; default: outside
+    the data folder, in a sibling folder: ``data-keys/audit.db.signing.key`` for ``data/audit.db``, see
+    :func:`default_signing_key`; a key at the old default, ``checkpoint-signing.key`` beside the
+    database, is still used, with a warning)."""
 
     tls_cert: Path | None = None
     """Serve HTTPS with this certificate chain (PEM; ``TOPIC_AUDIT_TLS_CERT``), with ``tls_key``."""
@@ -134,7 +160,16 @@ class Settings:
 
     @property
     def signing_key_path(self) -> Path:
-        return self.signing_key or self.db.with_name("checkpoint-signing.key")
+        """``signing_key``; else the default outside the data folder, unless only the old default
+        beside the database holds a key (an installation from before the move): then that one, with a
+        warning saying how to move it. An upgrade never switches keys by itself."""
+        if self.signing_key is not None:
+            return self.signing_key
+        default, legacy = default_signing_key(self.db), self.db.with_name(LEGACY_SIGNING_KEY)
+        if not default.exists() and legacy.exists():
+            _warn_legacy_key(legacy, default)
+            return legacy
+        return default
 
     def __repr__(self) -> str:  # the token never appears in logs or tracebacks
         shown = ", ".join(
@@ -169,7 +204,9 @@ class Settings:
                 "litestream",
             )
         }
-        tuples = {name: tuple(given[name]) for name in ("forward_url", "forward_retry_schedule")}
+        tuples = {
+            name: tuple(given[name]) for name in ("forward_url", "forward_retry_schedule", "trusted_proxies")
+        }
         return replace(cls(**{**given, **paths, **tuples}), token=token)
 
     def validate(self) -> None:
@@ -177,6 +214,21 @@ class Settings:
             raise SettingsError(f"{PREFIX}CALLBACK_PATH must start with '/', got {self.callback_path!r}")
         if self.max_body_bytes < 1024:
             raise SettingsError(f"{PREFIX}MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
+        if not 1024 <= self.max_header_bytes <= 1048576:
+            raise SettingsError(
+                f"{PREFIX}MAX_HEADER_BYTES must be between 1024 and 1048576, got {self.max_header_bytes}"
+            )
+        if not 1 <= self.max_headers <= 1000:
+            raise SettingsError(f"{PREFIX}MAX_HEADERS must be between 1 and 1000, got {self.max_headers}")
+        if not 0 < self.header_timeout_seconds <= 600:
+            raise SettingsError(f"{PREFIX}HEADER_TIMEOUT_SECONDS must be between 0 and 600 seconds")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"{PREFIX}TRUSTED_PROXIES: {proxy!r} is not an IP address or network (CIDR)"
+                ) from None
         if self.sign_tolerance_seconds < 1:
             raise SettingsError(f"{PREFIX}SIGN_TOLERANCE_SECONDS must be positive")
         if self.checkpoint_seconds < 0:
@@ -212,6 +264,54 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}FORWARD_RETRY_SCHEDULE needs at least one delay, each between 0 and 604800 seconds"
             )
+
+
+LEGACY_SIGNING_KEY = "checkpoint-signing.key"
+"""The signing key's old default name, beside the database (in the data folder)."""
+
+
+def default_signing_key(db: Path) -> Path:
+    """Where the signing key of ``db`` lives by default: in a sibling folder of the data folder named
+    after it, under a name of this database's own -- ``data-keys/audit.db.signing.key`` for
+    ``data/audit.db``, ``/srv/log-keys/a.db.signing.key`` for ``/srv/log/a.db``. A copy or a reader of
+    the data folder never holds the key, and two databases never share one by accident."""
+    folder = db.parent if db.parent.name not in ("", ".", "..") else Path(os.path.abspath(db)).parent
+    keys = folder.with_name(f"{folder.name}-keys") if folder.name else folder / "topic-audit-keys"
+    return keys / f"{db.name}.signing.key"
+
+
+_warned: set[Path] = set()
+
+
+def _warn_legacy_key(legacy: Path, default: Path) -> None:
+    if legacy in _warned:
+        return
+    _warned.add(legacy)
+    logging.getLogger("topic_audit.settings").warning(
+        "the checkpoint signing key %s is beside the database (the old default): anyone who can read or copy "
+        "the data folder has it. Stop topic-audit, then move it: mkdir -m 700 -p %s && mv %s %s "
+        "(or set %sSIGNING_KEY=%s to keep using it there)",
+        legacy,
+        default.parent,
+        legacy,
+        default,
+        PREFIX,
+        legacy,
+    )
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a private key file that group or others may read or write (it must be 0600 or 0400); the
+    message says how to fix it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise SettingsError(
+            f"refusing the signing key {path}: its mode {mode:04o} lets other users read or change it; "
+            f"run chmod 600 {path} (and check who may have copied it), or set {PREFIX}SIGNING_KEY"
+        )
 
 
 def check_destination(url: str, setting: str) -> None:

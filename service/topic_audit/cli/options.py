@@ -29,8 +29,10 @@ def signing_key_option(f: Any) -> Any:
         type=click.Path(dir_okay=False, path_type=Path),
         envvar="TOPIC_AUDIT_SIGNING_KEY",
         show_envvar=True,
-        help="Ed25519 key (PEM) that signs checkpoints; created 0600 when absent. "
-        "[default: checkpoint-signing.key beside the database]",
+        help="Ed25519 key (PEM) that signs checkpoints; created 0600 when absent, refused when group or "
+        "others may read or write it. [default: outside the data folder, <folder>-keys/<db name>.signing.key "
+        "(data-keys/audit.db.signing.key); an existing checkpoint-signing.key beside the database is still "
+        "used, with a warning]",
     )(f)
 
 

@@ -27,7 +27,7 @@ from topic_audit.cli.options import (
     retry_schedule_option,
     signing_key_option,
 )
-from topic_audit.settings import Settings, SettingsError
+from topic_audit.settings import Settings, SettingsError, check_key_file
 
 
 @click.command(context_settings=CONTEXT)
@@ -98,6 +98,44 @@ from topic_audit.settings import Settings, SettingsError
     show_default=True,
     show_envvar=True,
     help="A request body must arrive within this time, or it is answered 408 (and recorded).",
+)
+@click.option(
+    "--max-header-bytes",
+    envvar="TOPIC_AUDIT_MAX_HEADER_BYTES",
+    default=16384,
+    type=click.IntRange(1024, 1048576),
+    show_default=True,
+    show_envvar=True,
+    help="A larger request head (request line and headers) is answered 431 and recorded with what fits of "
+    "its headers, marked truncated.",
+)
+@click.option(
+    "--max-headers",
+    envvar="TOPIC_AUDIT_MAX_HEADERS",
+    default=100,
+    type=click.IntRange(1, 1000),
+    show_default=True,
+    show_envvar=True,
+    help="More header fields are answered 431 and recorded with the first ones, marked truncated.",
+)
+@click.option(
+    "--header-timeout-seconds",
+    envvar="TOPIC_AUDIT_HEADER_TIMEOUT_SECONDS",
+    default=5.0,
+    type=click.FloatRange(0, 600, min_open=True),
+    show_default=True,
+    show_envvar=True,
+    help="The request head must arrive within this time, or the connection is closed (a request of which "
+    "anything arrived is answered 408 and recorded; counted in topic_audit_header_timeouts_total).",
+)
+@click.option(
+    "--trusted-proxies",
+    envvar="TOPIC_AUDIT_TRUSTED_PROXIES",
+    default="",
+    show_envvar=True,
+    callback=lambda _ctx, _param, value: tuple(p.strip() for p in (value or "").split(",") if p.strip()),
+    help="Comma-separated addresses or CIDR networks of your own reverse proxies: only their X-Forwarded-For "
+    "names the recorded remote_addr. [default: none; remote_addr is the connection's peer]",
 )
 @click.option(
     "--allow-unauthenticated",
@@ -308,10 +346,12 @@ def serve(**params: Any) -> None:
 
 def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], server: str, workers: int) -> int:
     from topic_audit import sockets
+    from topic_audit.database import private
     from topic_audit.metrics import Metrics
     from topic_audit.migrations import migrate
     from topic_audit.supervisor import Supervisor
 
+    private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
     migrate(settings.db)  # once, before any receiver starts
     handed_over = sock is not None
     if sock is None:
@@ -372,6 +412,7 @@ def _settings(params: dict[str, Any]) -> Settings:
         )
     settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
     settings.validate()
+    check_key_file(settings.signing_key_path)
     tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     _replica_target(settings)
     return settings
