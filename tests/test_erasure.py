@@ -618,3 +618,14 @@ def test_a_thousand_purges_keep_the_index_sound(tmp_path: Path) -> None:
     assert purging.execute("SELECT count(*) FROM t WHERE t MATCH 'word1800'").fetchone() == (1,)
     indexer.close()
     purging.close()
+
+
+def test_erase_refuses_a_row_holding_a_value_of_the_wrong_type(db_path: Path, post: Post) -> None:
+    """A row altered to hold what the receiver never writes (an integer body) is refused in one line,
+    not with a traceback."""
+    post(message(SUBJECT, "typed"))
+    forge(db_path, "UPDATE audit_log SET request_body = 5 WHERE id = 1")
+    Signer.load_or_create(Settings(db=db_path).signing_key_path)
+    done = cli("erase", "--db", str(db_path), "--id", "1", "--reason", "typed", "--yes")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "entry 1 " in done.stderr and "not erasing it" in done.stderr, done.stderr

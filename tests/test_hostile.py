@@ -10,17 +10,20 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from click.testing import CliRunner
 from conftest import APP_ID, TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
 from topic_audit import models, samples
 from topic_audit.app import create_app
+from topic_audit.checkpoints import Signer
+from topic_audit.cli import main
 from topic_audit.settings import Settings
 
 pytestmark = pytest.mark.slow  # thousands of generated requests (make test-fast leaves them out)
 
-ALLOWED = {200, 400, 401, 403, 405, 408, 413}
+ALLOWED = {200, 400, 401, 403, 405, 408, 413, 431}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -55,6 +58,8 @@ nasty_bodies = st.one_of(
     st.integers(1, 5000).map(lambda n: b"9" * n),
     st.just(b'{"CallbackCommand": "Group.CallbackAfterCreateTopic", "CallbackCommand": "x"}'),
     st.just(b'{"x": 1e999}'),
+    st.sampled_from([b'{"x": NaN}', b'{"x": "\\ud800"}', b'{"From_Account": "\xff\xfe"}', b"-", b'"x"']),
+    st.integers(0, 400).map(lambda n: json.dumps(samples.sample("after-create")).encode()[:n]),  # cut short
     st.text().map(
         lambda t: json.dumps({"CallbackCommand": models.AFTER_CREATE, "GroupId": t, "TopicId": t}).encode()
     ),
@@ -130,3 +135,23 @@ def test_memory_stays_bounded(hostile_client: Any) -> None:
         hostile_client.post(f"/callback?{query}", content=big if n % 2 else b"x" * 20000)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 50 * 1024, f"resident memory grew {grown_kib} KiB over 3000 requests"
+
+
+def test_every_tool_runs_over_the_hostile_log(hostile_client: Any) -> None:
+    """What the tests above recorded (thousands of hostile requests, while the receiver still runs):
+    erase by every selector, retention, rebuild-projection and verify run over it and succeed."""
+    db = hostile_client.db
+    Signer.load_or_create(Settings(db=db).signing_key_path)  # what erase keys and signs its records with
+    for args in (
+        ["erase", "--account", "group_root", "--reason", "r"],
+        ["erase", "--topic", "@TGS#_x@TOPIC#_y", "--reason", "r"],
+        ["erase", "--ip", "203.0.113.7", "--reason", "r"],
+        ["erase", "--from-id", "1", "--to-id", str(count(db)), "--reason", "r"],
+        ["erase", "--account", "group_root", "--reason", "r", "--yes"],
+        ["erase", "--from-id", "1", "--to-id", "50", "--reason", "r", "--yes"],
+        ["retain", "--older-than", "0s"],
+        ["rebuild-projection"],
+        ["verify"],
+    ):
+        result = CliRunner().invoke(main, [args[0], "--db", str(db), *args[1:]])
+        assert result.exit_code == 0, (args, result.output, result.exception)

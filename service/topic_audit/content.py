@@ -16,6 +16,15 @@ confirm a guessed value, and the chain still verifies entry by entry.
 
 Entries written before ``m014`` (``content_commitment`` NULL) hash their content directly; once erased,
 only their chain links can still be checked (README, "Privacy").
+
+A stored body is whatever bytes anyone on the network sent: every tool that reads one as JSON (the
+selectors of ``erase``, the redaction of an erased topic event, the projection's replay, Datasette's
+pages) goes through :func:`parse_json` or :func:`decode`, which turn every way a body can fail to be JSON
+-- nested past msgspec's depth, not UTF-8, cut short, numbers out of range, a bare ``NaN``, not text at
+all -- into "not JSON" (:data:`NOT_JSON`, or :class:`msgspec.DecodeError`) and never into an exception
+that stops the tool. How deep a body may nest does not depend on where it is decoded from: a decode that
+runs out of stack is tried again on a fresh thread (the receiver's own check runs deeper in its stack than
+that, so every body it accepted decodes there).
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
-from typing import Final
+import threading
+from collections.abc import Callable, Mapping
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -90,6 +100,74 @@ def seal(row: dict[str, object], keep: bool) -> bytes | None:
 def is_erased(entry: Mapping[str, object]) -> bool:
     """Every content column holds its erased value."""
     return all(entry[name] == ERASED[name] for name in CONTENT)
+
+
+class NotJson:
+    """The type of :data:`NOT_JSON`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_JSON"
+
+
+NOT_JSON: Final = NotJson()
+"""What :func:`parse_json` gives for a body that is not JSON (None is a JSON value: ``null``)."""
+
+T = TypeVar("T")
+_any_json = msgspec.json.Decoder()
+
+
+def parse_json(stored: object) -> object:
+    """The JSON value of a stored ``request_body`` (TEXT, or a BLOB when not UTF-8), or :data:`NOT_JSON`
+    for anything else it may hold -- whatever the bytes; never raises. Duplicate keys: the last wins (as
+    the receiver read them); numbers beyond 64-bit integers or doubles, ``NaN`` and lone surrogates are
+    not JSON here (msgspec's rules, the receiver's)."""
+    try:
+        return decode(_any_json.decode, stored)
+    except ValueError:  # msgspec.DecodeError
+        return NOT_JSON
+
+
+def decode(decoder: Callable[[str | bytes], T], stored: object) -> T:
+    """``decoder(stored)`` (a msgspec decoder's ``decode``) for a stored body, raising only
+    :class:`msgspec.DecodeError` (a ``ValueError``; :class:`msgspec.ValidationError` for a body of the
+    wrong shape) when the body does not decode: also when it is not text or bytes, and when it nests
+    deeper than a decode on a fresh thread's stack allows (see the module docstring)."""
+    if isinstance(stored, memoryview | bytearray):
+        stored = bytes(stored)
+    if not isinstance(stored, str | bytes):
+        raise msgspec.DecodeError(f"not JSON text: {type(stored).__name__}")
+    try:
+        return decoder(stored)
+    except RecursionError:
+        return _on_fresh_stack(decoder, stored)
+    except UnicodeError as exc:  # text with lone surrogates (never read from SQLite, but say so)
+        raise msgspec.DecodeError(f"not UTF-8: {exc}") from None
+
+
+def _on_fresh_stack(decoder: Callable[[str | bytes], T], stored: str | bytes) -> T:
+    """``decoder(stored)`` on a new thread, whose stack holds nothing else: the depth a body may nest to
+    is then the same wherever it is decoded from."""
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(decoder(stored))
+        except RecursionError:
+            outcome.append(msgspec.DecodeError("JSON is nested too deeply"))
+        except UnicodeError as exc:
+            outcome.append(msgspec.DecodeError(f"not UTF-8: {exc}"))
+        except Exception as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="topic-audit-decode", daemon=True)
+    thread.start()
+    thread.join()
+    found = outcome[0] if outcome else msgspec.DecodeError("JSON could not be decoded")
+    if isinstance(found, BaseException):
+        raise found
+    return found
 
 
 def _body_hex(stored: object) -> str | None:

@@ -93,13 +93,16 @@ def tampered(conn: sqlite3.Connection, ids: Sequence[int]) -> list[tuple[int, st
 def _changed(row: dict[str, Any], before: str | None, salt: bytes | None) -> str | None:
     if row["prev_hash"] != (GENESIS if row["id"] == 1 else before):
         return "does not link to the entry before it"
-    if chain.entry_hash(row) != row["entry_hash"]:
-        return "does not match its entry_hash"
-    if hashlib.sha256(chain.body_bytes(row["request_body"])).hexdigest() != row["request_body_sha256"]:
-        return "has a request_body that does not match its request_body_sha256"
-    committed = row.get("content_commitment")
-    if committed is not None and (salt is None or content.commitment(salt, row) != committed):
-        return "has content that does not match its commitment"
+    try:
+        if chain.entry_hash(row) != row["entry_hash"]:
+            return "does not match its entry_hash"
+        if hashlib.sha256(chain.body_bytes(row["request_body"])).hexdigest() != row["request_body_sha256"]:
+            return "has a request_body that does not match its request_body_sha256"
+        committed = row.get("content_commitment")
+        if committed is not None and (salt is None or content.commitment(salt, row) != committed):
+            return "has content that does not match its commitment"
+    except (TypeError, ValueError):  # a value of a type the receiver never writes (an integer body, say)
+        return "holds a value of a type the receiver never writes"
     return None
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from topic_audit import models
+from topic_audit import content, models
 
 COLUMNS: Final = (
     "topic_id",
@@ -451,9 +451,11 @@ def _replayed(conn: sqlite3.Connection, where: str) -> str:
     )
 
 
-def parse_event(command: str, body: str | bytes) -> models.TopicEvent:
-    """A logged topic event, decoded exactly as the receiver decoded it."""
-    return _DECODERS[command].decode(body)
+def parse_event(command: str, body: object) -> models.TopicEvent:
+    """A logged topic event, decoded exactly as the receiver decoded it. Whatever ``body`` holds, raises
+    only :class:`msgspec.DecodeError` when it is not such an event (:func:`topic_audit.content.decode`),
+    and KeyError for a command that is not projected."""
+    return content.decode(_DECODERS[command].decode, body)
 
 
 # Decoding straight into the payload type gives the same struct as the receiver's decode-then-convert

@@ -18,9 +18,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any, Final
 
-import msgspec
-
-from topic_audit import models, projection, search
+from topic_audit import content, models, projection, search
 
 PROJECTED: Final = (models.AFTER_CREATE, models.AFTER_INFO_CHANGED, models.AFTER_DESTROYED)
 EVIDENCE_FIELDS: Final = ("CallbackCommand", "GroupId", "TopicId", "TopicIdList", "Type", "EventTime")
@@ -36,16 +34,17 @@ def erased_sha(entry_id: int) -> str:
     return f"erased:{entry_id}"
 
 
-def effects(command: str | None, body: str | bytes | None) -> str | None:
-    """The evidence of a topic event's body that its replay needs (see the module docstring)."""
+def effects(command: str | None, body: object) -> str | None:
+    """The evidence of a topic event's body that its replay needs (see the module docstring); None for
+    any other body, whatever bytes it holds (:func:`topic_audit.content.parse_json`)."""
     if command not in PROJECTED or body is None:
         return None
-    try:
-        decoded = msgspec.json.decode(body)
-        projection.parse_event(command, body)  # only bodies the receiver could have projected
-    except (msgspec.MsgspecError, ValueError):
-        return None
+    decoded = content.parse_json(body)
     if not isinstance(decoded, dict):
+        return None
+    try:
+        projection.parse_event(command, body)  # only bodies the receiver could have projected
+    except ValueError:  # msgspec.DecodeError
         return None
     kept: dict[str, Any] = {k: decoded[k] for k in EVIDENCE_FIELDS if k in decoded}
     for key, value in decoded.items():
@@ -67,7 +66,7 @@ def touched_topics(rows: Iterable[dict[str, Any]]) -> list[str]:
         elif row["callback_command"] == models.AFTER_DESTROYED and row["request_body"] is not None:
             try:
                 event = projection.parse_event(models.AFTER_DESTROYED, row["request_body"])
-            except (msgspec.MsgspecError, ValueError):
+            except ValueError:  # msgspec.DecodeError: not a destroy, whatever it holds
                 continue
             touched.update(projection.topic_ids(event))
     return sorted(touched)
@@ -96,12 +95,16 @@ def replay_topics(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> b
     for entry_id, at, command, body, erased, sha in entries:
         if body is None:
             continue
-        parsed = projection.parse_event(command, body)
-        event = projection.only(parsed, [t for t in projection.topic_ids(parsed) if t in wanted])
-        if event is None:
-            continue
         sha = erased_sha(entry_id) if erased else sha
-        store.write(projection.project(event, entry_id, at, sha, store.lookup), sha, entry_id)
+        try:
+            parsed = projection.parse_event(command, body)
+            event = projection.only(parsed, [t for t in projection.topic_ids(parsed) if t in wanted])
+            if event is None:
+                continue
+            effect = projection.project(event, entry_id, at, sha, store.lookup)
+        except (KeyError, TypeError, ValueError):  # an altered entry: skipped as a replay skips it
+            continue
+        store.write(effect, sha, entry_id)
     stored = {
         row[0]: row
         for row in conn.execute(

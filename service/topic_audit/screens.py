@@ -27,6 +27,8 @@ import pluggy
 from datasette.utils import tilde_encode
 from markupsafe import Markup, escape
 
+from topic_audit import content
+
 hookimpl = pluggy.HookimplMarker("datasette")
 
 DATABASE_NAME = "audit"
@@ -42,31 +44,35 @@ _HREF = re.compile(r'href="([^"]+)"')
 
 def pretty_json(value: object) -> str:
     """A JSON object or array indented by two spaces (members in their order, non-ASCII as is); any
-    other value (not JSON, a scalar, bytes that are not UTF-8) as it is."""
+    other value (not JSON -- nested too deep, cut short, ``NaN`` --, a scalar, bytes that are not UTF-8)
+    as it is. Whatever anyone sent, never raises (:func:`topic_audit.content.parse_json`)."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return f"<{len(value):,} bytes, not UTF-8>"
     text = "" if value is None else str(value)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return text
+    parsed = content.parse_json(text)
     if not isinstance(parsed, dict | list):
         return text
-    return json.dumps(parsed, indent=2, ensure_ascii=False)
+    return _dumps(parsed, indent=2) or text
 
 
 def json_items(value: object) -> list[tuple[str, str]]:
     """The members of a JSON object, values as text (JSON for nested ones); empty for anything else."""
-    try:
-        parsed = json.loads(value) if isinstance(value, str | bytes) else None
-    except ValueError:
-        return []
+    parsed = content.parse_json(value)
     if not isinstance(parsed, dict):
         return []
-    return [(k, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in parsed.items()]
+    return [(k, v if isinstance(v, str) else _dumps(v) or "") for k, v in parsed.items()]
+
+
+def _dumps(value: object, indent: int | None = None) -> str | None:
+    """``value`` (as :func:`topic_audit.content.parse_json` gives it) as JSON text; None when it cannot
+    be written (nested deeper than the writer goes from here)."""
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        return None
 
 
 def query_params(query: object) -> list[tuple[str, str]]:
@@ -103,10 +109,7 @@ def topics_of(topic_id: str | None, body: object) -> list[str]:
     """The topics an entry is about: its ``topic_id``, or a multi-topic destroy's ``TopicIdList``."""
     if topic_id:
         return [topic_id]
-    try:
-        parsed = json.loads(body) if isinstance(body, str | bytes) else None
-    except ValueError:
-        return []
+    parsed = content.parse_json(body)
     listed = parsed.get("TopicIdList") if isinstance(parsed, dict) else None
     return [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
 

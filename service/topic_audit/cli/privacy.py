@@ -17,9 +17,23 @@ from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
 from topic_audit.settings import Settings, SettingsError
 
 _SELECTORS = (
-    ("account", "USERID", "every entry whose body holds this account in any *_Account field"),
-    ("ip", "ADDR", "every entry whose ClientIP (the end user's address) is this"),
-    ("topic", "TOPICID", "every entry naming this topic (its events, and destroys that list it)"),
+    (
+        "account",
+        "USERID",
+        "every entry whose body holds this account in any *_Account field (a body that is not JSON: "
+        "anywhere as a JSON string)",
+    ),
+    (
+        "ip",
+        "ADDR",
+        "every entry whose ClientIP (the end user's address), or whose query string anywhere, holds this",
+    ),
+    (
+        "topic",
+        "TOPICID",
+        "every entry naming this topic (its events, destroys that list it, bodies that name it; a body "
+        "that is not JSON: anywhere as a JSON string)",
+    ),
     ("id", "N", "the entry with this id"),
 )
 
