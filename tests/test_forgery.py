@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, run_cli
 from litestar.testing import TestClient
-from topic_audit import content, records, samples
+from topic_audit import checkpoints, content, records, samples, signing
 from topic_audit.app import create_app
 from topic_audit.checkpoints import Signer, record_key
 from topic_audit.metrics import Metrics
@@ -218,3 +218,142 @@ def test_a_forgery_under_a_running_serve_stops_signing_and_alerts(tmp_path: Path
         server.stop()
     assert signed_lines(settings) == before  # not even the last one, at shutdown
     print(f"\nCheckpoints not signed fired {fired:.1f} s after the forgery")
+
+
+def _checkpoint(settings: Settings) -> subprocess.CompletedProcess[str]:
+    return run_cli("checkpoint", "--db", str(settings.db), "--signing-key", str(settings.signing_key_path))
+
+
+def test_raised_boundaries_are_found_before_any_checkpoint_signs_them(post: Post, settings: Settings) -> None:
+    """Between the upgrade that fixes the boundaries and the first checkpoint that signs them, raising
+    them is still found: no entry below commitments_from may carry a commitment."""
+    for i in range(10):
+        post(samples.sample(CREATE, TopicId=f"@TGS#_window-{i}"))
+    conn = sqlite3.connect(settings.db)
+    kept = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE tbl_name = 'log_facts' AND sql IS NOT NULL"
+    ).fetchall()
+    facts = conn.execute("SELECT name, value FROM log_facts").fetchall()
+    conn.execute("DROP TABLE log_facts")  # the log as the version before signed its checkpoints
+    conn.commit()
+    signer = Signer.load_or_create(settings.signing_key_path)[0]
+    checkpoints.make_checkpoint(conn, signer, settings.checkpoint_path, "2026-12-06T00:00:00.000Z")
+    for (sql,) in kept:  # then the upgrade: the boundaries fixed, not yet signed
+        conn.execute(sql)
+    conn.executemany("INSERT INTO log_facts (name, value) VALUES (?, ?)", facts)
+    conn.commit()
+    conn.close()
+    assert "commitments_from" not in signed_line(settings)
+    forge(settings.db)
+    conn = sqlite3.connect(settings.db)
+    conn.execute("DROP TRIGGER log_facts_no_update")
+    conn.execute("UPDATE log_facts SET value = 1000000")
+    conn.commit()
+    conn.close()
+    refused = _checkpoint(settings)
+    assert refused.returncode == 1 and "log_facts" in refused.stderr, refused.stderr
+    done = run_cli("verify", "--db", str(settings.db), "--public-key", public_key(settings), "--json")
+    assert done.returncode == 1 and "log_facts" in {f["check"] for f in json.loads(done.stdout)["findings"]}
+
+
+def signed_line(settings: Settings) -> dict[str, Any]:
+    last: dict[str, Any] = json.loads(settings.checkpoint_path.read_text().splitlines()[-1])
+    return last
+
+
+def test_a_removed_checkpoint_history_is_not_restarted_over_a_forgery(
+    signed_log: Path, settings: Settings
+) -> None:
+    settings.checkpoint_path.unlink()
+    conn = sqlite3.connect(signed_log)
+    conn.execute("DROP TRIGGER IF EXISTS checkpoints_no_delete")
+    conn.execute("DELETE FROM checkpoints")
+    conn.commit()
+    conn.close()
+    forge(signed_log)
+    conn = sqlite3.connect(signed_log)
+    conn.execute("DROP TRIGGER log_facts_no_update")
+    conn.execute("UPDATE log_facts SET value = 1000000")  # and the boundaries raised past it
+    conn.commit()
+    conn.close()
+    refused = _checkpoint(settings)  # vetted from scratch: the raised boundaries do not fit the log
+    assert refused.returncode == 1 and "log_facts" in refused.stderr, refused.stderr
+    assert not settings.checkpoint_path.exists()
+
+
+def test_a_log_with_a_stored_tree_and_no_checkpoints_is_not_signed_afresh(
+    post: Post, settings: Settings
+) -> None:
+    """Only signing stores the tree: a log that has one but no checkpoint file lost its history."""
+    for i in range(300):
+        post(samples.sample(CREATE, TopicId=f"@TGS#_history-{i}"))
+    assert _checkpoint(settings).returncode == 0
+    settings.checkpoint_path.unlink()
+    conn = sqlite3.connect(settings.db)
+    conn.execute("DROP TRIGGER IF EXISTS checkpoints_no_delete")
+    conn.execute("DELETE FROM checkpoints")
+    conn.commit()
+    conn.close()
+    refused = _checkpoint(settings)
+    assert refused.returncode == 1 and "restore the checkpoint file" in refused.stderr, refused.stderr
+
+
+def test_a_half_written_last_line_is_dropped_and_signing_goes_on(
+    signed_log: Path, settings: Settings
+) -> None:
+    text = settings.checkpoint_path.read_bytes()
+    settings.checkpoint_path.write_bytes(text + text[:40])  # a crash while appending the next line
+    done = _checkpoint(settings)
+    assert done.returncode == 0, done.stderr
+    assert len(settings.checkpoint_path.read_text().splitlines()) == 2
+
+
+def test_the_boundaries_are_checked_again_under_the_lock(signed_log: Path, settings: Settings) -> None:
+    """What changes between the signer's two passes is caught by the second."""
+    conn = sqlite3.connect(signed_log)
+    vetting = signing.Vetting(public_key(settings), signing.last_signed(conn, settings.checkpoint_path))
+    assert vetting.advance(conn) == []
+    conn.execute("DROP TRIGGER log_facts_no_update")
+    conn.execute("UPDATE log_facts SET value = value + 1 WHERE name = 'signed_erasures_from'")
+    conn.commit()
+    assert "log_facts" in {f.check for f in vetting.advance(conn)}
+    conn.close()
+
+
+def test_a_rewritten_signed_record_is_not_signed_again(signed_log: Path, settings: Settings) -> None:
+    erased = run_cli(
+        "erase", "--db", str(signed_log), "--id", "3", "--reason", "request", "--yes",
+        "--signing-key", str(settings.signing_key_path),
+    )  # fmt: skip
+    assert erased.returncode == 0, erased.stderr
+    assert _checkpoint(settings).returncode == 0
+    conn = sqlite3.connect(signed_log)
+    conn.row_factory = sqlite3.Row
+    record = dict(conn.execute("SELECT * FROM erasures WHERE id = 1").fetchone())
+    record["reason"] = "nothing to see"
+    conn.execute("DROP TRIGGER erasures_no_update")
+    conn.execute(
+        "UPDATE erasures SET reason = ?, entry_hash = ? WHERE id = 1",
+        (record["reason"], records.record_hash(record)),
+    )
+    conn.commit()
+    conn.close()
+    refused = _checkpoint(settings)
+    assert refused.returncode == 1 and "checkpoint_erasures" in refused.stderr, refused.stderr
+
+
+def test_retain_without_the_key_writes_no_record(signed_log: Path, settings: Settings) -> None:
+    """An unsigned record would stop every later checkpoint: retain refuses instead."""
+    done = run_cli(
+        "retain",
+        "--db",
+        str(signed_log),
+        "--older-than",
+        "0s",
+        "--signing-key",
+        str(signed_log.parent / "nokey"),
+    )
+    assert done.returncode == 1 and "does not exist" in done.stderr, done.stderr
+    conn = sqlite3.connect(signed_log)
+    assert conn.execute("SELECT count(*) FROM erasures").fetchone()[0] == 0
+    conn.close()

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from topic_audit.checkpoints import Signer
 from topic_audit.settings import Settings
-from topic_audit.signing import Refused, checkpoint
+from topic_audit.signing import Refused, boundaries_unsigned, checkpoint
 from topic_audit.writer import connect
 
 log = logging.getLogger("topic_audit.checkpoints")
@@ -65,7 +65,16 @@ class Checkpointer:
         finally:
             conn.close()
 
+    def _boundaries_unsigned(self) -> bool:
+        conn = connect(self.settings.db, autocheckpoint=self.settings.replica_url is None)
+        try:
+            return boundaries_unsigned(conn, self.settings.checkpoint_path)
+        finally:
+            conn.close()
+
     def _run(self) -> None:
+        if self._boundaries_unsigned():
+            self.sign()  # the boundaries a migration fixed are signed at once, not a tick later
         while not self._stop.wait(self.interval or 1):
             if self.interval:
                 self.sign()

@@ -160,7 +160,7 @@ def make_checkpoint(
     origin = origin or default_origin(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _drop_partial_line(file)
+        drop_partial_line(file)
         lines = _catch_up(conn, file)
         if check is not None:
             check(conn)
@@ -262,7 +262,7 @@ def _catch_up(conn: sqlite3.Connection, file: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def _drop_partial_line(file: Path) -> None:
+def drop_partial_line(file: Path) -> None:
     """A crash while appending can leave half a line (never recorded in the table): cut it off."""
     if not file.exists():
         return

@@ -143,8 +143,8 @@ def insert_record(
 ) -> Erasure:
     """Append the record of erasing ``entries`` ((id, effects), ascending) and list them under it, in the
     caller's transaction; the entries' evidence must already be in the table. Signed with ``key`` (the
-    checkpoint signing key); without it the record is unsigned, which ``verify`` reports as soon as
-    the log has a signer."""
+    checkpoint signing key); without it the record is unsigned, and ``verify`` and the signer take it
+    for a forgery (every caller in the product passes the key; tests build records without it)."""
     head = conn.execute("SELECT id, entry_hash FROM erasures ORDER BY id DESC LIMIT 1").fetchone()
     head_id, head_hash = head if head is not None else (0, GENESIS)
     erased = [entry_id for entry_id, _ in entries]

@@ -6,10 +6,13 @@ append what looks like a record of ours (an erasure that blanks an entry and hid
 evidence, say); were the next checkpoint to sign it, the forgery would carry our signature. So before
 signing, :class:`Vetting` verifies everything added since the last checkpoint -- the new entries'
 chain, hashes and commitments, the new deliveries, each new erasure record (its chain, its signature
-under our key, and the entries it lists, checked again), the boundaries unchanged, and the tree: the
+under our key, and the entries it lists, checked again), the boundaries where the log says they must be
+and unchanged since signed (again under the lock), and the tree: the
 stored tiles still give the last signed root and, extended by the new entries, the root about to be
 signed. Most of that runs before the write lock is taken; what arrived meanwhile is checked under it,
-just before signing (:func:`checkpoint`). Any finding refuses the checkpoint (:class:`Refused`):
+just before signing (:func:`checkpoint`). A log without a checkpoint file that was signed before (its
+tree is stored) is not signed afresh: a new chain would hide what changed. Any finding refuses the
+checkpoint (:class:`Refused`):
 ``serve`` keeps answering and logs the findings at each tick, signing nothing more; ``topic-audit
 checkpoint`` exits non-zero.
 """
@@ -55,6 +58,50 @@ def last_signed(conn: sqlite3.Connection, file: Path) -> dict[str, Any] | None:
     return None if row is None else dict(zip([d[0] for d in cursor.description], row, strict=True))
 
 
+def _listed_entries(conn: sqlite3.Connection, record: int) -> list[Finding]:
+    """The entries an erasure record lists, each checked as a pass over the log would (its link to the
+    entry before, its hash over evidence and commitment): work in the entries listed, not in the span
+    of ids they cover."""
+    ids = [
+        i
+        for (i,) in conn.execute(
+            "SELECT entry_id FROM erased_entries WHERE erasure_id = ? ORDER BY entry_id", (record,)
+        )
+    ]
+    found: list[Finding] = []
+    start = 0
+    while start < len(ids):  # contiguous runs, one range each
+        end = start
+        while end + 1 < len(ids) and ids[end + 1] == ids[end] + 1:
+            end += 1
+        found += entry_chain.verify_chain(conn, ids=(ids[start] - 1, ids[end]))[0]
+        start = end + 1
+    return found
+
+
+def history_without_checkpoints(conn: sqlite3.Connection) -> str | None:
+    """Why a log with no checkpoint looks signed before (its stored tree, or checkpoints in its table):
+    then its checkpoint file was lost or removed, and a new chain of checkpoints would hide whatever
+    changed since the last one."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree_hashes'").fetchone() is None:
+        return None
+    if conn.execute("SELECT 1 FROM tree_hashes LIMIT 1").fetchone() is not None:
+        return "its Merkle tree is stored (only signing a checkpoint stores it)"
+    if conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is not None:
+        return "its checkpoints table holds checkpoints"
+    return None
+
+
+def boundaries_unsigned(conn: sqlite3.Connection, file: Path) -> bool:
+    """Whether the log has boundaries (``log_facts``) that no checkpoint has signed yet: until one
+    does, only their plausibility (:func:`~topic_audit.integrity.erasures.boundaries`) guards them, so
+    ``serve`` signs one as soon as it starts."""
+    if not checkpoints.facts(conn):
+        return False
+    last = last_signed(conn, file)
+    return last is None or last.get("commitments_from") is None
+
+
 class Vetting:
     """What has been verified since the last checkpoint, advanced in two steps (before and under the
     write lock), each from where the last one stopped."""
@@ -77,7 +124,13 @@ class Vetting:
         found: list[Finding] = []
         if not self.started:
             self.started = True
-            found += self._last_checkpoint(conn)
+            if self.last and not checkpoints.signature_ok(self.last):
+                found.append(
+                    Finding("checkpoint_signature", None, "the last checkpoint's signature is invalid")
+                )
+            elif self.last and self.last.get("public_key") != self.key:
+                found.append(Finding("checkpoint_key", None, "the last checkpoint is not signed by this key"))
+        found += self._facts(conn)  # every pass: a change between the two is caught under the lock
         found += self._entries(conn)
         found += self._chain(conn, "deliveries", delivery_chain.chain_range)
         erasures_before = self.erasures[0]
@@ -86,15 +139,10 @@ class Vetting:
         found += self._tree(conn)
         return sorted(found, key=lambda f: f.entry_id or 0)
 
-    def _last_checkpoint(self, conn: sqlite3.Connection) -> list[Finding]:
-        """The last checkpoint is ours, and what it fixed is still what the database says."""
-        if not self.last:
-            return []
-        found = []
-        if not checkpoints.signature_ok(self.last) or self.last.get("public_key") != self.key:
-            found.append(
-                Finding("checkpoint_signature", None, "the last checkpoint is not signed by this key")
-            )
+    def _facts(self, conn: sqlite3.Connection) -> list[Finding]:
+        """The boundaries are where the log says they must be, and still what the last checkpoint
+        signed, if it signed them."""
+        found = erasure_chain.boundaries(conn)
         stored = checkpoints.facts(conn)
         for name in checkpoints.FACT_FIELDS:
             signed = self.last.get(name)
@@ -123,6 +171,10 @@ class Vetting:
         head = _head(conn, table)[0]
         if head < size:
             return [Finding(f"checkpoint_{table}", None, f"{table} has {head} rows; {size} were signed")]
+        if size:
+            row = conn.execute(f"SELECT entry_hash FROM {table} WHERE id = ?", (size,)).fetchone()
+            if row is None or row[0] != signed_hash:
+                return [Finding(f"checkpoint_{table}", None, f"{table} {size} is no longer the one signed")]
         if head == size:
             return []
         found, _, head_hash = check(conn, (size, head), signed_hash)
@@ -144,14 +196,10 @@ class Vetting:
             if needs and not records.signature_ok(
                 self.key, str(record["entry_hash"]), record.get("signature")
             ):
-                message = (
-                    f"erasure {record['id']} is not signed by this log's key: not written by topic-audit"
-                )
-                found.append(Finding("erasure_signature", int(record["first_id"]), message))
-            listed, _, _ = entry_chain.verify_chain(
-                conn, ids=(int(record["first_id"]) - 1, int(record["last_id"]))
-            )
-            found += listed
+                message = f"erasure {record['id']} does not carry this log's signature (forged, or written without the key)"
+                first = record["first_id"] if isinstance(record["first_id"], int) else None
+                found.append(Finding("erasure_signature", first, message))
+            found += _listed_entries(conn, int(record["id"]))
         return found
 
     def _tree(self, conn: sqlite3.Connection) -> list[Finding]:
@@ -198,8 +246,16 @@ def checkpoint(
     """Verify everything since the last checkpoint, then sign the head (what arrived while verifying is
     verified under the write lock, just before signing). Raises :class:`Refused` and signs nothing when
     anything does not verify."""
+    checkpoints.drop_partial_line(file)  # a crash while appending left half a line: not a checkpoint
+    last = last_signed(conn, file)
+    if last is None and (why := history_without_checkpoints(conn)) is not None:
+        message = (
+            f"{file} holds no checkpoint, but this log was signed before ({why}): restore the checkpoint "
+            "file (it is published beside the replica) rather than start a new chain over what changed"
+        )
+        raise Refused([Finding("checkpoint_file", None, message)])
     tree.update(conn)  # the tiles the note will sign, stored outside the lock (and checked below)
-    vetting = Vetting(signer.public_key_hex, last_signed(conn, file))
+    vetting = Vetting(signer.public_key_hex, last)
     found = vetting.advance(conn)
     if found:
         raise Refused(found)

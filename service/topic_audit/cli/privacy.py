@@ -59,8 +59,10 @@ def _selector_key(signing_key: Path | None, db: Path) -> bytes:
     return erasure.selector_key(signer.key)
 
 
-def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey | None:
-    """The key that signs the erasure records (the checkpoint signing key), when it exists."""
+def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey:
+    """The key that signs the erasure records (the checkpoint signing key): required, since a record
+    without the log's signature is, to the signer and to ``verify``, one the database alone could have
+    minted -- and records cannot be removed again."""
     from topic_audit.checkpoints import record_key
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
@@ -69,10 +71,9 @@ def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey | None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     if key is None:
-        click.echo(
-            f"warning: no checkpoint signing key at {path} (--signing-key): the erasure records are "
-            "unsigned, and `verify` reports them once the log has a signer",
-            err=True,
+        raise click.ClickException(
+            f"the checkpoint signing key {path} does not exist (--signing-key): erasure records are signed "
+            "with it"
         )
     return key
 

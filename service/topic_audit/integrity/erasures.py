@@ -72,6 +72,36 @@ def _signed_from(conn: sqlite3.Connection) -> int | None:
     return 1 if row is None else int(row[0])
 
 
+def boundaries(conn: sqlite3.Connection) -> list[Finding]:
+    """The log's boundaries (``log_facts``) are where the log says they must be, whether or not a
+    checkpoint has signed them yet: no entry below ``commitments_from`` carries a commitment and no
+    record below ``signed_erasures_from`` a signature (raising either would exempt a forgery), and
+    neither lies past the end of its table."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_facts'").fetchone() is None:
+        return []
+    facts = dict(conn.execute("SELECT name, value FROM log_facts").fetchall())
+    found = []
+    keyed, signed = facts.get("commitments_from"), facts.get("signed_erasures_from")
+    if keyed is not None:
+        below = conn.execute(
+            "SELECT id FROM audit_log WHERE id >= 1 AND id < ? AND content_commitment IS NOT NULL ORDER BY id LIMIT 1",
+            (keyed,),
+        ).fetchone()
+        head = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]
+        if below is not None or keyed > head + 1:
+            message = f"log_facts.commitments_from is {keyed}, past the first entry with a commitment or the log's end"
+            found.append(Finding("log_facts", below[0] if below is not None else None, message))
+    if signed is not None:
+        below = conn.execute(
+            "SELECT id FROM erasures WHERE id < ? AND signature IS NOT NULL ORDER BY id LIMIT 1", (signed,)
+        ).fetchone()
+        head = conn.execute("SELECT coalesce(max(id), 0) FROM erasures").fetchone()[0]
+        if below is not None or signed > head + 1:
+            message = f"log_facts.signed_erasures_from is {signed}, past a signed record or the table's end"
+            found.append(Finding("log_facts", None, message))
+    return found
+
+
 def _check_listed(conn: sqlite3.Connection, record: dict[str, object], note: Notes) -> None:
     count, first, last, listed = conn.execute(_LISTED, (record["id"],)).fetchone()
     ids = [int(i) for i in listed.split(",")] if listed else []
@@ -145,4 +175,4 @@ class Erasures(Deliveries):
         return chain_range(conn, ids, after, self.key)
 
     def extra(self, conn: sqlite3.Connection) -> list[Finding]:
-        return orphans(conn)
+        return orphans(conn) + boundaries(conn)
