@@ -21,10 +21,10 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from topic_audit import samples
-from topic_audit.app import create_app
 from topic_audit.metrics import Metrics
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
 
 APP_ID = "1400000001"
 TOKEN = "test-token-7f3a9c1e5b"

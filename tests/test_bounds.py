@@ -16,11 +16,11 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, metric, rows, run_cli
 from litestar.testing import TestClient
-from topic_audit import checks, models, samples
 from topic_audit.settings import Settings
+from topic_audit.tencent import checks, models, samples
 
 SUBJECT_IP = "198.51.100.77"
-TRUNCATED_KEY = "[truncated]"  # topic_audit.app.TRUNCATED_KEY: what of the headers was not kept
+TRUNCATED_KEY = "[truncated]"  # topic_audit.receiver.app.TRUNCATED_KEY: what of the headers was not kept
 
 
 def answer_of(response: httpx.Response, status: int, reason: str) -> None:
@@ -69,7 +69,7 @@ def test_credential_like_headers_are_redacted(post: Post, db_path: Path) -> None
 
 @pytest.fixture
 def bounded_client(tmp_path: Path) -> Any:
-    from topic_audit.app import create_app
+    from topic_audit.receiver.app import create_app
 
     settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=tmp_path / "audit.db", checkpoint_seconds=0)
     with TestClient(create_app(settings)) as client:

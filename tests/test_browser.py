@@ -19,8 +19,8 @@ import pytest
 from benchmarks.logs import generate_log
 from conftest import free_port, require_tool
 from test_explore import deliver_some
-from topic_audit import erasure
-from topic_audit.writer import connect
+from topic_audit.privacy import erasure
+from topic_audit.writer.thread import connect
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_FLAGS = [

@@ -7,8 +7,8 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from topic_audit import chain
-from topic_audit.app import MAX_ELAPSED_MS
+from topic_audit.log import chain
+from topic_audit.receiver.app import MAX_ELAPSED_MS
 
 values = st.one_of(
     st.none(),
@@ -53,7 +53,7 @@ def test_body_bytes_round_trip() -> None:
 def test_received_at_matches_datetime(now: float) -> None:
     from datetime import UTC, datetime
 
-    from topic_audit.app import iso_now
+    from topic_audit.receiver.app import iso_now
 
     assert iso_now(now) == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -63,7 +63,7 @@ def test_received_at_matches_datetime(now: float) -> None:
 def test_fast_query_parsing_matches_the_standard_library(query: str) -> None:
     from urllib.parse import parse_qsl
 
-    from topic_audit.checks import parse_query
+    from topic_audit.tencent.checks import parse_query
 
     expected: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):

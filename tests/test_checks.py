@@ -12,9 +12,9 @@ import msgspec
 import pytest
 from conftest import APP_ID, TOKEN, Post, rows
 from litestar.testing import TestClient
-from topic_audit import app as app_module
-from topic_audit import checks, models, samples
+from topic_audit.receiver import app as app_module
 from topic_audit.settings import Settings
+from topic_audit.tencent import checks, models, samples
 
 
 def assert_answer(response: Any, status: int, reason: str | None = None) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def test_checks_run_in_the_contract_order(client: TestClient[Any], settings: Set
 
 
 def test_signature_is_not_required_without_a_token(db_path: Any) -> None:
-    from topic_audit.app import create_app
+    from topic_audit.receiver.app import create_app
 
     settings = Settings(sdk_app_id=APP_ID, token=None, db=db_path)
     with TestClient(create_app(settings)) as client:

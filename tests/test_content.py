@@ -8,7 +8,7 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from topic_audit import chain, content
+from topic_audit.log import chain, content
 
 values = st.one_of(st.none(), st.text())
 bodies = st.one_of(st.none(), st.text(), st.binary())

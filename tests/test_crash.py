@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from conftest import APP_ID, TOKEN, Server
 from test_server import run_cli
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 OK = {"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0}
 

@@ -6,8 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from topic_audit import database
-from topic_audit.migrations import migrate
+from topic_audit.log import database
+from topic_audit.log.migrations import migrate
 
 
 @pytest.fixture

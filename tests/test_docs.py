@@ -55,7 +55,7 @@ def test_help_runs(command: str) -> None:
 
 
 def test_every_metric_is_in_the_metrics_table() -> None:
-    from topic_audit.watch import WatchMetrics
+    from topic_audit.integrity.watch import WatchMetrics
 
     names = {m.name for m in Metrics().registry.collect()} | {
         m.name for m in WatchMetrics().registry.collect()
@@ -68,7 +68,7 @@ def test_every_metric_is_in_the_metrics_table() -> None:
 
 
 def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings, tmp_path: Path) -> None:
-    from topic_audit import samples
+    from topic_audit.tencent import samples
 
     for name in ("after-create", "info-changed", "destroyed", "group-created"):
         post(samples.sample(name))
@@ -86,10 +86,10 @@ def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings,
 
 
 def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path: Path) -> None:
-    from topic_audit import samples
-    from topic_audit.app import iso_now
-    from topic_audit.checkpoints import Signer, make_checkpoint
-    from topic_audit.writer import connect
+    from topic_audit.receiver.app import iso_now
+    from topic_audit.tencent import samples
+    from topic_audit.transparency.checkpoints import Signer, make_checkpoint
+    from topic_audit.writer.thread import connect
 
     signer, _ = Signer.load_or_create(tmp_path / "key.pem")
     file = tmp_path / "audit.db.checkpoints.jsonl"

@@ -18,10 +18,12 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, Server, rows, topics
 from sqlite_utils import Database
-from topic_audit import chain, content, erasure, purge, records, samples, search
-from topic_audit.checkpoints import Signer, record_key
-from topic_audit.purge import connect
+from topic_audit.log import chain, content, search
+from topic_audit.privacy import erasure, purge, records
+from topic_audit.privacy.purge import connect
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
+from topic_audit.transparency.checkpoints import Signer, record_key
 
 SUBJECT = "erin_subject_42"
 OTHER = "leckie"
@@ -462,7 +464,7 @@ def hashed_with_the_content(db: Path) -> None:
 
 
 def restore_triggers(db: Path) -> None:
-    from topic_audit.migrations import migrations
+    from topic_audit.log.migrations import migrations
 
     fresh = db.with_name("schema.db")
     conn = sqlite3.connect(fresh)
@@ -531,7 +533,7 @@ def test_a_dry_run_opens_the_database_read_only(db_path: Path, post: Post, tmp_p
 
 def test_a_dry_run_does_not_migrate(db_path: Path, post: Post, tmp_path: Path) -> None:
     """A log written before erasures existed (m014) is read as it is, and left so."""
-    from topic_audit.migrations import migrations
+    from topic_audit.log.migrations import migrations
 
     for i in range(3):
         post(message(SUBJECT if i == 1 else OTHER, f"text {i}"))

@@ -15,10 +15,12 @@ import pytest
 import yaml
 from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
-from topic_audit import erasure, explore, outbox
-from topic_audit.app import iso_now
-from topic_audit.checkpoints import Signer, make_checkpoint
-from topic_audit.writer import connect
+from topic_audit.auditor import explore
+from topic_audit.forwarding import outbox
+from topic_audit.privacy import erasure
+from topic_audit.receiver.app import iso_now
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint
+from topic_audit.writer.thread import connect
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from conftest import (
     unavailable,
     wait_for,
 )
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,11 +15,15 @@ import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Post, run_cli
 from litestar.testing import TestClient
-from topic_audit import checkpoints, content, records, samples, signing
-from topic_audit.app import create_app
-from topic_audit.checkpoints import Signer, record_key
+from topic_audit.log import content
 from topic_audit.metrics import Metrics
+from topic_audit.privacy import records
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
+from topic_audit.transparency import checkpoints
+from topic_audit.transparency.checkpoints import Signer, record_key
+from topic_audit.writer import signer
 
 CREATE = "after-create"
 VICTIM = 6
@@ -311,7 +315,7 @@ def test_a_half_written_last_line_is_dropped_and_signing_goes_on(
 def test_the_boundaries_are_checked_again_under_the_lock(signed_log: Path, settings: Settings) -> None:
     """What changes between the signer's two passes is caught by the second."""
     conn = sqlite3.connect(signed_log)
-    vetting = signing.Vetting(public_key(settings), signing.last_signed(conn, settings.checkpoint_path))
+    vetting = signer.Vetting(public_key(settings), signer.last_signed(conn, settings.checkpoint_path))
     assert vetting.advance(conn) == []
     conn.execute("DROP TRIGGER log_facts_no_update")
     conn.execute("UPDATE log_facts SET value = value + 1 WHERE name = 'signed_erasures_from'")

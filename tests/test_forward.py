@@ -31,7 +31,7 @@ from conftest import (
     wait_for,
 )
 from destination import OK, VETO, Destination
-from topic_audit import checks, samples
+from topic_audit.tencent import checks, samples
 
 BEFORE = "Group.CallbackBeforeCreateTopic"
 
@@ -414,7 +414,7 @@ def delivery_processes(serve: int) -> list[int]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if b"topic_audit.delivery" in (proc / "cmdline").read_bytes():
+            if b"topic_audit.serve.delivery_process" in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile

@@ -33,7 +33,7 @@ from conftest import (
 )
 from destination import Destination
 from grafana_files import alert_rules, dashboard_queries, evaluate
-from topic_audit import load
+from topic_audit.demo import load
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ from conftest import APP_ID, TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
-from topic_audit import models, samples
-from topic_audit.app import create_app
-from topic_audit.checkpoints import Signer
 from topic_audit.cli import main
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import models, samples
+from topic_audit.transparency.checkpoints import Signer
 
 pytestmark = pytest.mark.slow  # thousands of generated requests (make test-fast leaves them out)
 

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from benchmarks.logs import generate_log
 from conftest import alter
-from topic_audit import chain, checkpoints, outbox, verify
-from topic_audit.checkpoints import Signer, make_checkpoint
-from topic_audit.integrity import Finding
-from topic_audit.replica import recover_checkpoints
-from topic_audit.watch import Watch
-from topic_audit.writer import connect
+from topic_audit.forwarding import outbox
+from topic_audit.integrity import Finding, verify
+from topic_audit.integrity.watch import Watch
+from topic_audit.log import chain
+from topic_audit.offbox.replica import recover_checkpoints
+from topic_audit.transparency import checkpoints
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint
+from topic_audit.writer.thread import connect
 
 ENTRIES, DELIVERIES, SWEEP = 60, 12, 8  # checkpoints after entries 20, 40, 60 and deliveries 4, 8, 12
 Case = Callable[[Path], None]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from benchmarks.logs import generate_log
-from topic_audit import note, tlog, tree
-from topic_audit.app import iso_now
-from topic_audit.checkpoints import Signer, make_checkpoint, statement_bytes
-from topic_audit.verify import verify_all
-from topic_audit.watch import Watch
-from topic_audit.writer import connect
+from topic_audit.integrity.verify import verify_all
+from topic_audit.integrity.watch import Watch
+from topic_audit.receiver.app import iso_now
+from topic_audit.transparency import note, tlog, tree
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint, statement_bytes
+from topic_audit.writer.thread import connect
 
 ORIGIN = "topic-audit/1400000000"
 

@@ -8,9 +8,9 @@ from typing import Any
 from conftest import APP_ID, Post, require_tool, rows
 from litestar.testing import TestClient
 from topic_audit import metrics as metrics_module
-from topic_audit import models, samples
 from topic_audit.metrics import Metrics
 from topic_audit.settings import Settings
+from topic_audit.tencent import models, samples
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from sqlite_utils import Database
-from topic_audit import chain
-from topic_audit.migrations import migrate, migrations
+from topic_audit.log import chain
+from topic_audit.log.migrations import migrate, migrations
 
 
 def triggers(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""Signed notes and checkpoints (topic_audit.note) against the specs' own vectors.
+"""Signed notes and checkpoints (topic_audit.transparency.note) against the specs' own vectors.
 
 Go's golang.org/x/mod/sumdb/note example (sumdb/note/example_test.go: ExampleSign, ExampleOpen) and the
 example of c2sp.org/signed-note ("Verifier keys"); Ed25519 is deterministic, so our signature of Go's
@@ -11,7 +11,7 @@ import base64
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from topic_audit import note
+from topic_audit.transparency import note
 
 GO_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
 GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"

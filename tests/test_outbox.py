@@ -10,10 +10,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from topic_audit import checks, metrics, outbox, samples
-from topic_audit.database import connect
-from topic_audit.migrations import migrate
+from topic_audit import metrics
+from topic_audit.forwarding import outbox
+from topic_audit.log.database import connect
+from topic_audit.log.migrations import migrate
 from topic_audit.settings import Settings
+from topic_audit.tencent import checks, samples
 
 AT = "2026-11-25T10:00:00.000Z"
 URL = "http://app.example/cb"

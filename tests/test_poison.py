@@ -22,12 +22,16 @@ from conftest import APP_ID, TOKEN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
-from topic_audit import chain, content, explore, models, projection, redaction, retention, samples, subjects
-from topic_audit.app import create_app
-from topic_audit.checkpoints import Signer
+from topic_audit.auditor import explore
 from topic_audit.cli import main
+from topic_audit.log import chain, content, projection
 from topic_audit.metrics import Metrics
+from topic_audit.privacy import redaction, subjects
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import models, samples
+from topic_audit.transparency.checkpoints import Signer
+from topic_audit.writer import retention
 
 SUBJECT = "erin"
 OTHER = "leckie"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import APP_ID, TOKEN, Server, deliver_concurrently, run_cli, wait_for
-from topic_audit import checkpoints
-from topic_audit.checkpoints import Signer
 from topic_audit.settings import Settings
+from topic_audit.transparency import checkpoints
+from topic_audit.transparency.checkpoints import Signer
 
 
 @pytest.fixture(autouse=True)

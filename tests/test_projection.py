@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from conftest import Post, random_history, rows, topics
-from topic_audit import models, projection, rebuild, samples
+from topic_audit.log import projection, rebuild
 from topic_audit.settings import Settings
+from topic_audit.tencent import models, samples
 
 TOPIC = samples.DOC_TOPIC
 

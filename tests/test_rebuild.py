@@ -14,9 +14,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import APP_ID, TOKEN, Post, Server, alter, random_history, topics
-from topic_audit import projection, rebuild, samples
 from topic_audit.cli import main
+from topic_audit.log import projection, rebuild
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
 
 
 @pytest.fixture

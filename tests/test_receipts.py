@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,11 @@ import tlog_reference as reference
 from benchmarks.logs import generate_log
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from topic_audit import cli, note, tlog, tree
-from topic_audit.app import iso_now
-from topic_audit.checkpoints import Signer, make_checkpoint, signature_ok
-from topic_audit.writer import connect
+from topic_audit import cli
+from topic_audit.receiver.app import iso_now
+from topic_audit.transparency import note, tlog, tree
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint, signature_ok
+from topic_audit.writer.thread import connect
 
 ORIGIN = "topic-audit/1400000000"
 ENTRIES = 600
@@ -330,21 +330,3 @@ def test_the_readme_script_checks_a_real_receipt(log: Path, tmp_path: Path) -> N
             [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=30
         )
         assert ran.returncode != 0, what
-
-
-def test_the_keeper_stores_the_tree_behind_the_writer(tmp_path: Path) -> None:
-    db = tmp_path / "kept.db"
-    generate_log(db, 10, seed=1)
-    keeper = tree.Keeper(db, interval=0.05).start()
-    try:
-        generate_log(db, 1100, seed=2)
-        conn = sqlite3.connect(db)
-        deadline = time.monotonic() + 30
-        while tree.stored_count(conn, 1) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert tree.stored_count(conn, 1) == 4
-        assert tlog.root(tree.StoredTree(conn, 1110), 1110) == tlog.root(tlog.MemoryTree(leaves(db)), 1110)
-        conn.close()
-    finally:
-        keeper.stop()
-    assert not keeper.thread.is_alive()

@@ -1,4 +1,4 @@
-"""Rebuilding a full-text index beside the one in use (:mod:`topic_audit.reindex`): while callbacks keep
+"""Rebuilding a full-text index beside the one in use (:mod:`topic_audit.log.reindex`): while callbacks keep
 arriving, topics change and entries are erased, the rebuilt index ends up holding exactly what an index
 rebuilt in one go holds, and the old one leaves nothing behind."""
 
@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Post
-from topic_audit import erasure, purge, reindex, samples, search
-from topic_audit.database import connect
+from topic_audit.log import reindex, search
+from topic_audit.log.database import connect
+from topic_audit.privacy import erasure, purge
+from topic_audit.tencent import samples
 
 GROUP = "@TGS#_reindex"
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import APP_ID, TOKEN, Server, rows
 from s3store import SeaweedFS
 from test_forward import metric, wait_for
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow
 
@@ -176,9 +176,9 @@ def test_durability_and_group_commit_hold_with_the_replica(store: SeaweedFS, tmp
 
 def test_the_writer_keeps_synchronous_full_and_leaves_checkpoints_to_litestream(tmp_path: Path) -> None:
     from litestar.testing import TestClient
-    from topic_audit import jobs
-    from topic_audit.app import create_app
+    from topic_audit.receiver.app import create_app
     from topic_audit.settings import Settings
+    from topic_audit.writer import jobs
 
     settings = Settings(
         sdk_app_id=APP_ID, db=tmp_path / "audit.db", checkpoint_seconds=0, replica_url="s3://b/p"

@@ -29,7 +29,8 @@ from benchmarks.restarts import APP_ID, TOKEN, Load, environment, start_serve, w
 from conftest import deliver_concurrently, free_port, require_tool
 from destination import Destination
 from prometheus_client.parser import text_string_to_metric_families
-from topic_audit import envfile, samples, sockets
+from topic_audit.serve import envfile, sockets
+from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +46,11 @@ def children(pid: int, module: str) -> set[int]:
 
 
 def receivers(pid: int) -> set[int]:
-    return children(pid, "topic_audit.worker")
+    return children(pid, "topic_audit.serve.receiver_process")
 
 
 def writers(pid: int) -> set[int]:
-    return children(pid, "topic_audit.writer_process")
+    return children(pid, "topic_audit.serve.writer_process")
 
 
 def one_writer(pid: int, timeout: float = 30) -> int:
@@ -402,7 +403,9 @@ def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -
         # delivery process (one per receiver, one delivering) has a write connection.
         (writer,) = writers(serve.pid)
         assert f"{db}-wal" in writable(writer)
-        deliverers = {d for pid in receivers(serve.pid) for d in children(pid, "topic_audit.delivery")}
+        deliverers = {
+            d for pid in receivers(serve.pid) for d in children(pid, "topic_audit.serve.delivery_process")
+        }
         assert len(deliverers) == 3
         for pid in receivers(serve.pid):
             assert not writable(pid) & {str(db), f"{db}-wal"}

@@ -18,11 +18,15 @@ from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
 from litestar.testing import TestClient
 from test_erasure import findings, forge, holding, message
 from test_reindex import instances, rebuilt_in_one_go
-from topic_audit import erasure, load, purge, reindex, retention, samples, search
-from topic_audit.app import create_app
+from topic_audit.demo import load
+from topic_audit.log import reindex, search
 from topic_audit.metrics import Metrics
-from topic_audit.purge import connect
+from topic_audit.privacy import erasure, purge
+from topic_audit.privacy.purge import connect
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
+from topic_audit.writer import retention
 
 
 def kept_and_erased(db: Path) -> tuple[int, int]:

@@ -1,10 +1,10 @@
-"""The auditor's screens' helpers (topic_audit.screens): readable values, list cells, a callback's topics."""
+"""The auditor's screens' helpers (topic_audit.auditor.screens): readable values, list cells, a callback's topics."""
 
 from __future__ import annotations
 
 import pytest
 from markupsafe import Markup
-from topic_audit import screens
+from topic_audit.auditor import screens
 
 
 @pytest.mark.parametrize(

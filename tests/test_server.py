@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import APP_ID, TOKEN, Server, deliver_concurrently, metric_in, rows, run_cli, topics, wait_for
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
 
@@ -136,8 +136,8 @@ def test_serve_requires_an_app_id(tmp_path: Path) -> None:
 def test_serve_signs_checkpoints_while_idle_and_at_shutdown(db_path: Path, tmp_path: Path) -> None:
     import stat
 
-    from topic_audit import checkpoints
     from topic_audit.settings import Settings
+    from topic_audit.transparency import checkpoints
 
     running = Server(db_path, tmp_path / "server.log", env={"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}).start()
     file = db_path.with_name("audit.db.checkpoints.jsonl")

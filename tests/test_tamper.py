@@ -12,9 +12,11 @@ import pytest
 from benchmarks.logs import generate_log
 from conftest import alter
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from topic_audit import chain, checkpoints, content, rebuild, verify
-from topic_audit.checkpoints import Signer, make_checkpoint
-from topic_audit.writer import connect
+from topic_audit.integrity import verify
+from topic_audit.log import chain, content, rebuild
+from topic_audit.transparency import checkpoints
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint
+from topic_audit.writer.thread import connect
 
 SIZE = 60  # checkpoints after entries 20, 40 and 60
 

@@ -1,4 +1,4 @@
-"""The tree math (topic_audit.tlog) checked against code that did not make it.
+"""The tree math (topic_audit.transparency.tlog) checked against code that did not make it.
 
 Every proof of trees of 1 to 70 leaves is verified by an independent implementation of RFC 9162's
 verification algorithms (tests/tlog_reference.py) and by ours; roots are compared with pymerkle's
@@ -13,7 +13,7 @@ import hashlib
 import pytest
 import tlog_reference as reference
 from pymerkle import InmemoryTree
-from topic_audit import tlog
+from topic_audit.transparency import tlog
 
 SIZES = range(1, 71)
 DATA = [hashlib.sha256(str(i).encode()).digest() for i in range(70)]

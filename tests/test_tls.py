@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
 

@@ -45,12 +45,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from destination import Destination
 from litestar.testing import TestClient
 from sqlite_utils import Database
-from topic_audit import chain, note, samples
-from topic_audit.app import create_app
 from topic_audit.cli import main as cli_main
+from topic_audit.log import chain
+from topic_audit.log.migrations import LATENCY_BUCKETS_MS, migrate, migrations
 from topic_audit.metrics import Metrics
-from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate, migrations
+from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
+from topic_audit.tencent import samples
+from topic_audit.transparency import note
 
 
 def _rechain(conn: sqlite3.Connection, table: str, hashed: Callable[[dict[str, Any]], str]) -> None:
@@ -225,7 +227,7 @@ def _copy(conn: sqlite3.Connection, table: str, before: str) -> None:
 
 def _sign_checkpoints(conn: sqlite3.Connection, reference: Path) -> list[dict[str, Any]]:
     """The reference's checkpoints signed again, as the code of this schema signed them: over the fields its
-    table has, those not NULL (the statement form of ``topic_audit.checkpoints``), each head read from the
+    table has, those not NULL (the statement form of ``topic_audit.transparency.checkpoints``), each head read from the
     rows as they now stand (``head_hash`` from ``audit_log``, ``X_head`` from table X at ``X_size``)."""
     columns = [c for c in _columns(conn, "checkpoints") if c not in ("id", "digest", "signature")]
     key = serialization.load_pem_private_key(Settings(db=reference).signing_key_path.read_bytes(), None)

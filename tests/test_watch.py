@@ -15,10 +15,10 @@ import httpx
 import pytest
 from benchmarks.logs import generate_log
 from conftest import alter, free_port
-from topic_audit.app import iso_now
-from topic_audit.checkpoints import Signer, make_checkpoint
-from topic_audit.watch import Watch
-from topic_audit.writer import connect
+from topic_audit.integrity.watch import Watch
+from topic_audit.receiver.app import iso_now
+from topic_audit.transparency.checkpoints import Signer, make_checkpoint
+from topic_audit.writer.thread import connect
 
 ENTRIES, SWEEP = 3000, 500
 

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from topic_audit import append, chain, checkpoints, database, jobs, outbox, verify
-from topic_audit import writer as writer_module
-from topic_audit.migrations import LATENCY_BUCKETS_MS, migrate
-from topic_audit.writer import AppendError, AuditWriter, Forward
+from topic_audit.forwarding import outbox
+from topic_audit.integrity import verify
+from topic_audit.log import chain, database
+from topic_audit.log.migrations import LATENCY_BUCKETS_MS, migrate
+from topic_audit.transparency import checkpoints
+from topic_audit.writer import append, jobs
+from topic_audit.writer import thread as writer_module
+from topic_audit.writer.thread import AppendError, AuditWriter, Forward
 
 
 def make_row(n: int, **changes: Any) -> dict[str, Any]:
@@ -407,9 +411,9 @@ def _logged_history(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:
     import random
 
     from benchmarks.logs import APP_ID, TOKEN, _bodies, _request
-    from topic_audit import checks, models
-    from topic_audit.app import build_row
+    from topic_audit.receiver.app import build_row
     from topic_audit.settings import Settings
+    from topic_audit.tencent import checks, models
 
     settings = Settings(sdk_app_id=APP_ID, token=TOKEN)
     rng = random.Random(seed)

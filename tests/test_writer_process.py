@@ -1,7 +1,7 @@
 """The writer process: receivers feed it over its socket; it commits for all of them, one chain.
 
-Real processes on a real file: a writer process (``python -m topic_audit.writer_process``) and clients
-(:class:`topic_audit.writer_client.RemoteWriter`) in this process, and ``serve`` with several receivers.
+Real processes on a real file: a writer process (``python -m topic_audit.serve.writer_process``) and clients
+(:class:`topic_audit.writer.client.RemoteWriter`) in this process, and ``serve`` with several receivers.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from benchmarks.logs import decided
 from conftest import APP_ID, TOKEN, run_cli
-from topic_audit import ipc, jobs
-from topic_audit.append import Committed
-from topic_audit.committer import AppendError
 from topic_audit.settings import WORKER_SETTINGS, Settings
-from topic_audit.writer_client import WRITER_SOCKET, RemoteWriter
+from topic_audit.writer import jobs, wire
+from topic_audit.writer.append import Committed
+from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
+from topic_audit.writer.committer import AppendError
 
 
 class WriterProcess:
-    """``python -m topic_audit.writer_process`` on ``db``, listening on ``sock``."""
+    """``python -m topic_audit.serve.writer_process`` on ``db``, listening on ``sock``."""
 
     def __init__(self, db: Path, sock: Path, **settings: Any) -> None:
         self.db, self.sock = db, sock
@@ -40,7 +40,7 @@ class WriterProcess:
         env = {**os.environ, WORKER_SETTINGS: self.settings.for_workers(), WRITER_SOCKET: str(self.sock)}
         env["TOPIC_AUDIT_READY_FD"] = str(write)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "topic_audit.writer_process"], env=env, pass_fds=(write,)
+            [sys.executable, "-m", "topic_audit.serve.writer_process"], env=env, pass_fds=(write,)
         )
         os.close(write)
         with os.fdopen(read, "rb") as ready:
@@ -126,9 +126,9 @@ def test_jobs_cross_the_socket_with_their_results(writer_process: WriterProcess,
 
 
 def test_every_job_has_a_result_type() -> None:
-    assert set(ipc.JOBS) == set(ipc.RESULTS)
-    assert set(ipc.JOBS) == {
-        c.__name__ for c in jobs.Job.__subclasses__() if c.__module__ == "topic_audit.jobs"
+    assert set(wire.JOBS) == set(wire.RESULTS)
+    assert set(wire.JOBS) == {
+        c.__name__ for c in jobs.Job.__subclasses__() if c.__module__ == "topic_audit.writer.jobs"
     }
 
 
@@ -213,12 +213,12 @@ def _connects_as(sock: Path, uid: int, gid: int) -> bool:
             sys.executable,
             "-c",
             "import os, socket, sys\n"
-            "from topic_audit import ipc, jobs\n"
+            "from topic_audit.writer import jobs, wire\n"
             "folder = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY)\n"  # (its parents are root's)
             f"os.setgid({gid}); os.setuid({uid})\n"
             "s = socket.socket(socket.AF_UNIX); s.settimeout(5)\n"
             "s.connect(f'/proc/self/fd/{folder}/' + os.path.basename(sys.argv[1]))\n"
-            "s.sendall(ipc.hello() + ipc.job_frame(1, jobs.Counts()))\n"
+            "s.sendall(wire.hello() + wire.job_frame(1, jobs.Counts()))\n"
             "print('served' if s.recv(65536) else 'refused')\n",
             str(sock),
         ],
@@ -244,7 +244,7 @@ def test_a_receiver_speaking_another_protocol_is_answered_503(
     writer_process: WriterProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As after an upgrade in place, when a crashed writer restarts from code newer than the receivers'."""
-    monkeypatch.setattr(ipc, "VERSION", ipc.VERSION + 1)
+    monkeypatch.setattr(wire, "VERSION", wire.VERSION + 1)
 
     async def main() -> None:
         client = RemoteWriter(writer_process.sock)
@@ -267,7 +267,7 @@ def test_a_writer_that_hangs_is_answered_503_in_time_and_then_served_again(
 ) -> None:
     """SIGSTOP (a stalled disk looks the same): nothing waits past ANSWER_SECONDS, nothing hangs, and
     once the writer goes on the receiver is served again."""
-    from topic_audit import writer_client
+    from topic_audit.writer import client
 
     assert writer_process.process is not None
 
@@ -292,14 +292,14 @@ def test_a_writer_that_hangs_is_answered_503_in_time_and_then_served_again(
 
     waited, refused, after = asyncio.run(main())
     assert refused == 199
-    assert writer_client.ANSWER_SECONDS <= waited < writer_client.ANSWER_SECONDS + 0.5
+    assert client.ANSWER_SECONDS <= waited < client.ANSWER_SECONDS + 0.5
     assert after.id >= 2
 
 
 def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) -> None:
     """The deadlines hold on every connection, not just the first: a writer that was killed and started
     again, then hangs, still has its receivers' appends answered 503 within ANSWER_SECONDS."""
-    from topic_audit import writer_client
+    from topic_audit.writer import client
 
     db, sock = tmp_path / "audit.db", tmp_path / "writer.sock"
     first = WriterProcess(db, sock)
@@ -319,7 +319,7 @@ def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) ->
             second.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
             started = time.monotonic()
             with pytest.raises(AppendError):
-                await asyncio.wait_for(client.append(*ITEMS[2]), writer_client.ANSWER_SECONDS + 3)
+                await asyncio.wait_for(client.append(*ITEMS[2]), client.ANSWER_SECONDS + 3)
             return time.monotonic() - started
         finally:
             client.stop()
@@ -330,7 +330,7 @@ def test_a_replaced_writer_that_hangs_is_answered_503_in_time(tmp_path: Path) ->
                 second.stop()
 
     waited = asyncio.run(main())
-    assert writer_client.ANSWER_SECONDS <= waited < writer_client.ANSWER_SECONDS + 0.5
+    assert client.ANSWER_SECONDS <= waited < client.ANSWER_SECONDS + 0.5
 
 
 async def _garbage_writer(sock: Path, replies: list[bytes]) -> asyncio.AbstractServer:
@@ -350,7 +350,7 @@ async def _garbage_writer(sock: Path, replies: list[bytes]) -> asyncio.AbstractS
 def test_an_answer_that_cannot_be_read_fails_its_request(tmp_path: Path) -> None:
     """Not a hang: the request fails (503), and so does what else waited on that connection."""
     sock = tmp_path / "garbage.sock"
-    bad = ipc.answer(1, ipc.OK, {"not": "a commit"})
+    bad = wire.answer(1, wire.OK, {"not": "a commit"})
 
     async def main() -> list[Any]:
         server = await _garbage_writer(sock, [bad])
@@ -374,7 +374,7 @@ def test_an_answer_that_cannot_be_read_fails_its_request(tmp_path: Path) -> None
 def test_a_row_too_large_for_a_frame_fails_alone(
     writer_process: WriterProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ipc, "MAX_FRAME", 100_000)
+    monkeypatch.setattr(wire, "MAX_FRAME", 100_000)
     row, event = ITEMS[0]
 
     async def main() -> Committed:

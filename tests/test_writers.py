@@ -1,4 +1,4 @@
-"""How ``serve``'s supervisor keeps its writer processes (:mod:`topic_audit.writers`): stand-in
+"""How ``serve``'s supervisor keeps its writer processes (:mod:`topic_audit.serve.writers`): stand-in
 processes (named so: ``sleep``, not writers) on real pids, killed for real."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from topic_audit import writers
-from topic_audit.children import Receiver
+from topic_audit.serve import writers
+from topic_audit.serve.children import Receiver
 from topic_audit.settings import Settings
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from topic_audit import models
+from topic_audit.tencent import models
 
 REASONS: Final = (
     "header_timeout",
@@ -62,7 +62,7 @@ def package_version() -> str:
 
 class ErasedEntries(Collector):
     """``topic_audit_erased_entries_total{cause}``: entries whose content was erased, as the ``erasures``
-    records say (refreshed by :func:`topic_audit.retention.report`)."""
+    records say (refreshed by :func:`topic_audit.writer.retention.report`)."""
 
     def __init__(self) -> None:
         self.erased: dict[str, int] = {}
@@ -262,7 +262,7 @@ class Metrics:
         self.forward_attempts.labels(destination, result).inc()
         self.forward_duration.labels(kind).observe(seconds)
 
-    # -- reported by the writer (topic_audit.writer.Observer) ----------------------------------------
+    # -- reported by the writer (topic_audit.writer.thread.Observer) ----------------------------------------
     def batch_committed(self, rows: list[dict[str, Any]], seconds: float, head_id: int) -> None:
         self.append_seconds.observe(seconds)
         self.batch_rows.observe(len(rows))
@@ -280,7 +280,7 @@ class Metrics:
         self.append_errors.inc(count)
 
     def privacy_counted(self, erased: dict[str, int], oldest_content_age: float) -> None:
-        """What the erasures records say (:func:`topic_audit.retention.counts`)."""
+        """What the erasures records say (:func:`topic_audit.writer.retention.counts`)."""
         self.erased_entries.erased = dict(erased)
         self.oldest_content_age.set(max(oldest_content_age, 0.0))
 

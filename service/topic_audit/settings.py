@@ -1,6 +1,6 @@
 """Settings, built once by the CLI from its options (each with its ``TOPIC_AUDIT_*`` environment variable)
 and passed down explicitly. Only secrets are read from the environment directly, never from options:
-``TOPIC_AUDIT_TOKEN`` (by the CLI) and the Datasette credentials (by ``topic_audit.explore``).
+``TOPIC_AUDIT_TOKEN`` (by the CLI) and the Datasette credentials (by ``topic_audit.auditor.explore``).
 """
 
 from __future__ import annotations

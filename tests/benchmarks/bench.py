@@ -41,8 +41,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from topic_audit import samples, writer
-from topic_audit.migrations import migrate
+from topic_audit.log.migrations import migrate
+from topic_audit.tencent import samples
+from topic_audit.writer import thread
 
 HERE = Path(__file__).resolve().parent
 APP_ID, TOKEN = "1400000000", "bench-token"
@@ -309,10 +310,10 @@ def writer_benchmark(folder: Path) -> list[str]:
         db = folder / f"writer-{size}.db"
         migrate(db)
         items = decided(count, size)
-        conn = writer.connect(db)
+        conn = thread.connect(db)
         started = time.perf_counter()
         for i in range(0, count, size):
-            writer.append_batch(conn, items[i : i + size])
+            thread.append_batch(conn, items[i : i + size])
         elapsed = time.perf_counter() - started
         conn.close()
         lines.append(f"| {size} | {count / elapsed:.0f} |")
@@ -325,14 +326,14 @@ def writer_process_benchmark(folder: Path) -> list[str]:
     import asyncio
 
     from topic_audit.settings import Settings
-    from topic_audit.writer_client import RemoteWriter
+    from topic_audit.writer.client import RemoteWriter
 
     from tests.benchmarks.logs import decided
 
     count = int(setting("WRITER_ROWS", "20000"))
     window = int(setting("WRITER_WINDOW", "512"))
     items = decided(count, 7)
-    db, sock = folder / "writer-process.db", folder / "writer.sock"
+    db, sock = folder / "writer-process.db", folder / "thread.sock"
     read, write = os.pipe()
     env = {
         **ENV,
@@ -341,7 +342,7 @@ def writer_process_benchmark(folder: Path) -> list[str]:
         "TOPIC_AUDIT_READY_FD": str(write),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "topic_audit.writer_process"], env=env, pass_fds=(write,)
+        [sys.executable, "-m", "topic_audit.serve.writer_process"], env=env, pass_fds=(write,)
     )
     os.close(write)
     with os.fdopen(read, "rb") as ready:
@@ -401,7 +402,7 @@ def memory_benchmark(folder: Path) -> list[str]:
     deliveries = int(setting("DELIVERIES", "1000000"))
     process = serve(folder / "memory.db")
     try:
-        from topic_audit import load
+        from topic_audit.demo import load
 
         warm = load.run_blocking(
             url=process.url.replace("/healthz", "/callback"),
@@ -453,7 +454,7 @@ for row in conn.execute("SELECT * FROM audit_log"):
 """
 REBUILD = """
 import sqlite3, sys
-from topic_audit import rebuild
+from topic_audit.log import rebuild
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 print(f"{rebuild.rebuild(conn, processes=int(sys.argv[2]) or None).locked:.2f}")
 """
@@ -768,8 +769,8 @@ def rpo(folder: Path, replica: dict[str, str]) -> list[str]:
 def rto_and_watch(folder: Path, store: object, replica: dict[str, str]) -> list[str]:
     """RTO: the LOG_ROWS log replicated (its first upload timed), then restored and verified. Then the
     cost of a watch round on it, by new entries, and on a log a tenth of its size."""
-    from topic_audit import replica as offbox
-    from topic_audit.watch import Watch
+    from topic_audit.integrity.watch import Watch
+    from topic_audit.offbox import replica as offbox
 
     from tests.benchmarks.logs import generate_log
 

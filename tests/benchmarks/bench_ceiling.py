@@ -1,7 +1,7 @@
 """How fast SQLite itself takes these rows (`python -m tests.benchmarks.bench_ceiling`), against the
 writer's append transaction, in the same run, printed as Markdown.
 
-1. The real append transaction (:func:`topic_audit.append.append_batch`: chain, projection, rollups,
+1. The real append transaction (:func:`topic_audit.writer.append.append_batch`: chain, projection, rollups,
    content keys, the rows), in groups, ``synchronous=FULL``.
 2. The very rows it stored, read back and INSERTed into a fresh ``audit_log`` with its indexes and
    triggers, nothing else (no projection, no rollups, no Python per row): what the log's own table costs.
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from topic_audit import chain
-from topic_audit.append import append_batch
-from topic_audit.migrations import migrate
-from topic_audit.writer import connect
+from topic_audit.log import chain
+from topic_audit.log.migrations import migrate
+from topic_audit.writer.append import append_batch
+from topic_audit.writer.thread import connect
 
 from tests.benchmarks.logs import decided
 

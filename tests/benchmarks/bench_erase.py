@@ -7,7 +7,7 @@ appended to it (40 messages and topic events naming one account), indexed, then 
 ``topic-audit erase --account`` does, each phase timed: finding the entries (one pass over the bodies),
 the erasure records (one transaction per 500 entries), and the purge (merging the full-text indexes,
 zeroing free pages, truncating the WAL). Then both full-text indexes are rebuilt beside the ones in
-use, the way a purge does once their structure grew too long (:mod:`topic_audit.reindex`): the steps
+use, the way a purge does once their structure grew too long (:mod:`topic_audit.log.reindex`): the steps
 and the longest any held the write lock, against rebuilding in place in one transaction. Prints the
 tables quoted in the README.
 """
@@ -19,10 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from topic_audit import append, checks, erasure, models, purge, reindex, samples, search, subjects
-from topic_audit.app import build_row, iso_now
-from topic_audit.database import connect
+from topic_audit.log import reindex, search
+from topic_audit.log.database import connect
+from topic_audit.privacy import erasure, purge, subjects
+from topic_audit.receiver.app import build_row, iso_now
 from topic_audit.settings import Settings
+from topic_audit.tencent import checks, models, samples
+from topic_audit.writer import append
 
 SUBJECT = "bench_subject_7"
 APP_ID, TOKEN = "1400000001", "bench-token"

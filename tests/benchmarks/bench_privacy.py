@@ -22,7 +22,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from conftest import APP_ID, TOKEN, Server
-from topic_audit import load, samples
+from topic_audit.demo import load
+from topic_audit.tencent import samples
 
 from benchmarks.logs import generate_log
 

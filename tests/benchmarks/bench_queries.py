@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from topic_audit import explore
+from topic_audit.auditor import explore
 
 
 def chart_sql(sql: str, filters: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from topic_audit import checks, models, samples, search, writer
-from topic_audit.app import build_row
-from topic_audit.migrations import migrate
+from topic_audit.log import search
+from topic_audit.log.migrations import migrate
+from topic_audit.receiver.app import build_row
 from topic_audit.settings import Settings
+from topic_audit.tencent import checks, models, samples
+from topic_audit.writer import thread
 
 APP_ID = "1400000000"
 TOKEN = "bench-token"
@@ -100,7 +102,7 @@ def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000, span_d
     migrate(path)
     settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=path)
     rng = random.Random(seed)
-    conn = writer.connect(path)
+    conn = thread.connect(path)
     conn.execute("PRAGMA synchronous=OFF")  # generation only: durability is not what is measured here
     started = time.perf_counter()
     first = time.time() - span_days * 86400
@@ -118,7 +120,7 @@ def generate_log(path: Path, rows: int, seed: int = 1, batch: int = 5000, span_d
                 received = first + (done + len(items)) * step if span_days else now
                 elapsed = rng.lognormvariate(-7.6, 0.6)  # ~0.5 ms typical, a long tail
                 items.append((build_row(request, decision, received, elapsed, answer), decision.event))
-            writer.append_batch(conn, items)
+            thread.append_batch(conn, items)
             done += size
         search.index_everything(conn)
     finally:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from topic_audit import samples
+from topic_audit.tencent import samples
 
 APP_ID, TOKEN = "1400000000", "restarts-token"
 

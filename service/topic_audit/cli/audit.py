@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from topic_audit import migrations
 from topic_audit.cli.options import (
     CONTEXT,
     checkpoint_file_option,
@@ -20,6 +19,7 @@ from topic_audit.cli.options import (
     signing_key_option,
 )
 from topic_audit.cli.options import log_origin as origin_named
+from topic_audit.log import migrations
 from topic_audit.settings import Settings
 
 
@@ -59,7 +59,7 @@ def explore(host: str, port: int, allowed_host: tuple[str, ...], db: Path) -> No
 
     import uvicorn
 
-    from topic_audit.explore import AccessError, HostCheck, allowed_hosts, make_datasette
+    from topic_audit.auditor.explore import AccessError, HostCheck, allowed_hosts, make_datasette
 
     try:
         allowed = allowed_hosts(host, allowed_host)
@@ -105,7 +105,7 @@ def rebuild_projection(db: Path) -> None:
     topics that differ from the replay are rewritten. Readers keep seeing the old table until it
     commits; a running receiver waits only for that transaction.
     """
-    from topic_audit import rebuild
+    from topic_audit.log import rebuild
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
@@ -154,7 +154,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
     """
     file = Settings(db=db, checkpoint_file=checkpoint_file).checkpoint_path
     pinned = pinned_key(public_key)
-    from topic_audit import verify as checks
+    from topic_audit.integrity.verify import first_bad_id, verify_all
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
@@ -162,7 +162,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
     started = time.perf_counter()
     try:
         total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
-        findings, count, head = checks.verify_all(conn, file, pinned, not as_json and total >= 100000)
+        findings, count, head = verify_all(conn, file, pinned, not as_json and total >= 100000)
     finally:
         conn.close()
     seconds = time.perf_counter() - started
@@ -173,7 +173,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
                     "ok": not findings,
                     "entries": count,
                     "head": head,
-                    "first_bad_id": checks.first_bad_id(findings),
+                    "first_bad_id": first_bad_id(findings),
                     "seconds": round(seconds, 3),
                     "findings": [f.as_dict() for f in findings],
                 }
@@ -208,13 +208,13 @@ def checkpoint(
     Everything added since the last checkpoint is verified first: when anything does not verify, nothing
     is signed and the command exits 1 with the findings.
     """
-    from topic_audit.app import iso_now
-    from topic_audit.checkpoints import Signer
-    from topic_audit.database import private
+    from topic_audit.log.database import private
+    from topic_audit.receiver.app import iso_now
     from topic_audit.settings import SettingsError
-    from topic_audit.signing import Refused
-    from topic_audit.signing import checkpoint as sign_checkpoint
-    from topic_audit.writer import connect
+    from topic_audit.transparency.checkpoints import Signer
+    from topic_audit.writer.signer import Refused
+    from topic_audit.writer.signer import checkpoint as sign_checkpoint
+    from topic_audit.writer.thread import connect
 
     settings = Settings(db=db, checkpoint_file=checkpoint_file, signing_key=signing_key)
     if not db.exists():
@@ -274,8 +274,8 @@ def public_key(
     sdkappid: str | None,
 ) -> None:
     """Print the checkpoint signer's public key, for auditors to pin with `verify --public-key`."""
-    from topic_audit.checkpoints import Signer, latest_origin
-    from topic_audit.note import Verifier, raw_public_key
+    from topic_audit.transparency.checkpoints import Signer, latest_origin
+    from topic_audit.transparency.note import Verifier, raw_public_key
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():

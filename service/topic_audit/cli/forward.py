@@ -77,7 +77,7 @@ def replay(
     Before-callbacks are never replayed (their answer was due within 2 s), nor requests rejected before
     the signature check.
     """
-    from topic_audit import outbox
+    from topic_audit.forwarding import outbox
 
     if entry_id is not None:
         if from_id is not None or to_id is not None:
@@ -127,7 +127,7 @@ def replay(
 def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedule: tuple[int, ...]) -> None:
     """Set the outbox to what the log and the deliveries say (it is derived data, like topics):
     delivered, failed, or pending and due now. Stop serve first."""
-    from topic_audit import outbox
+    from topic_audit.forwarding import outbox
 
     try:
         for url in forward_url:
@@ -176,7 +176,7 @@ def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedul
 def sink(host: str, port: int, veto: bool) -> None:
     """A stand-in for the app's own callback handler: prints every callback forwarded to it and answers
     OK (checking the re-computed Sign when TOPIC_AUDIT_TOKEN is set)."""
-    from topic_audit import sink as demo
+    from topic_audit.demo.sink import serve as serve_sink
 
     with contextlib.suppress(KeyboardInterrupt):
-        demo.serve(host, port, os.environ.get("TOPIC_AUDIT_TOKEN") or None, veto)
+        serve_sink(host, port, os.environ.get("TOPIC_AUDIT_TOKEN") or None, veto)

@@ -63,7 +63,7 @@ def restore(
 
     Then check it: topic-audit verify --db PATH (add --public-key to pin the signer).
     """
-    from topic_audit import replica
+    from topic_audit.offbox import replica
 
     for path in (to, to.with_name(to.name + ".checkpoints.jsonl"), Path(f"{to}-wal")):
         if path.exists():
@@ -161,8 +161,8 @@ def watch(
     rolling sweep of older entries; serves /metrics (topic_audit_watch_findings is 0 while intact)."""
     from prometheus_client import start_http_server
 
+    from topic_audit.integrity.watch import Watch
     from topic_audit.settings import Settings
-    from topic_audit.watch import Watch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not db.exists():

@@ -76,7 +76,7 @@ def log_origin(log_origin: str | None, sdkappid: str | None) -> str | None:
 
 def pinned_key(public_key: str | None) -> str | None:
     """``--public-key`` (raw hex, PEM text, or a PEM file) as raw hex; None when not given."""
-    from topic_audit.checkpoints import load_public_key
+    from topic_audit.transparency.checkpoints import load_public_key
 
     if not public_key:
         return None

@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from topic_audit import erasure, migrations, purge, subjects
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
+from topic_audit.log import migrations
+from topic_audit.privacy import erasure, purge, subjects
 from topic_audit.settings import Settings, SettingsError
 
 _SELECTORS = (
@@ -39,7 +40,7 @@ _SELECTORS = (
 
 
 def _now() -> str:
-    from topic_audit.app import iso_now
+    from topic_audit.receiver.app import iso_now
 
     return iso_now(time.time())
 
@@ -47,7 +48,7 @@ def _now() -> str:
 def _selector_key(signing_key: Path | None, db: Path) -> bytes:
     """The key of the selectors' digests, derived from the checkpoint signing key (kept off the
     database's disk): the database alone cannot confirm whose data a record erased."""
-    from topic_audit.checkpoints import Signer
+    from topic_audit.transparency.checkpoints import Signer
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     if not path.exists():
@@ -63,7 +64,7 @@ def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey:
     """The key that signs the erasure records (the checkpoint signing key): required, since a record
     without the log's signature is, to the signer and to ``verify``, one the database alone could have
     minted -- and records cannot be removed again."""
-    from topic_audit.checkpoints import record_key
+    from topic_audit.transparency.checkpoints import record_key
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
     try:
@@ -113,7 +114,7 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int], 
         )
     _purge_status(f"erased {outcome.entries} entries ({what})", outcome, db)
     if outcome.entries and os.environ.get("TOPIC_AUDIT_REPLICA_URL"):
-        from topic_audit.replica import KEEPS_ERASED_SECONDS
+        from topic_audit.offbox.replica import KEEPS_ERASED_SECONDS
 
         until = datetime.now(UTC) + timedelta(seconds=KEEPS_ERASED_SECONDS)
         click.echo(

@@ -56,7 +56,7 @@ def prove(
     A receipt can be handed on and checked offline with `topic-audit check-receipt` or the README's
     script, against the log's public key alone.
     """
-    from topic_audit import receipts
+    from topic_audit.transparency import receipts
 
     if (entry_id is None) == (not consistency):
         raise click.UsageError("give --id N (a receipt) or --consistency OLD NEW")
@@ -108,14 +108,14 @@ def check_receipt(
     saying what does not hold: a malformed receipt, another key, another origin, or a proof that does
     not verify.
     """
-    from topic_audit import note, proofcheck
+    from topic_audit.transparency import note, offline
 
     text = Path(public_key).read_text() if Path(public_key).is_file() else public_key
     try:
-        key = proofcheck.load_key(text)
+        key = offline.load_key(text)
     except (ValueError, note.NoteError) as exc:
         raise click.BadParameter(f"not a public key: {exc}", param_hint="--public-key") from None
     try:
-        click.echo(proofcheck.check(file.read(), key, origin_named(log_origin, sdkappid), entry_hash))
-    except proofcheck.ReceiptError as exc:
+        click.echo(offline.check(file.read(), key, origin_named(log_origin, sdkappid), entry_hash))
+    except offline.ReceiptError as exc:
         raise click.ClickException(str(exc)) from None

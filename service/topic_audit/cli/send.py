@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from topic_audit import samples
 from topic_audit.cli.options import CONTEXT
+from topic_audit.tencent import samples
 
 
 @click.command(context_settings=CONTEXT)
@@ -119,7 +119,7 @@ def send(
 
     token = os.environ.get("TOPIC_AUDIT_TOKEN") or None
     if rate is not None or duration is not None:
-        from topic_audit import load
+        from topic_audit.demo import load
 
         try:
             weights = load.parse_mix(mix)

@@ -2,7 +2,7 @@
 
 This module reads the options (again at every reload: those given on the command line stay, the others
 come from the environment and ``--env-file`` as they are then), checks them, takes or binds the listening
-socket and hands over to :class:`topic_audit.supervisor.Supervisor`, whose docstring tells the design.
+socket and hands over to :class:`topic_audit.serve.supervisor.Supervisor`, whose docstring tells the design.
 """
 
 from __future__ import annotations
@@ -305,8 +305,8 @@ def serve(**params: Any) -> None:
     command line, so that it does not show in process listings or shell history. When it is set, every
     callback must carry a valid Sign and RequestTime.
     """
-    from topic_audit import sockets
-    from topic_audit.envfile import EnvFile
+    from topic_audit.serve import sockets
+    from topic_audit.serve.envfile import EnvFile
 
     ctx = click.get_current_context()
     env_file = EnvFile(params["env_file"]) if params["env_file"] else None
@@ -345,11 +345,11 @@ def serve(**params: Any) -> None:
 
 
 def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], server: str, workers: int) -> int:
-    from topic_audit import sockets
-    from topic_audit.database import private
+    from topic_audit.log.database import private
+    from topic_audit.log.migrations import migrate
     from topic_audit.metrics import Metrics
-    from topic_audit.migrations import migrate
-    from topic_audit.supervisor import Supervisor
+    from topic_audit.serve import sockets
+    from topic_audit.serve.supervisor import Supervisor
 
     private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
     migrate(settings.db)  # once, before any receiver starts
@@ -391,8 +391,8 @@ def _settings(params: dict[str, Any]) -> Settings:
     """Settings from the options, checked; a SettingsError names what is wrong."""
     import os
 
-    from topic_audit import tls
-    from topic_audit.explore import is_loopback
+    from topic_audit.auditor.explore import is_loopback
+    from topic_audit.serve import tls
 
     options = {
         k: v for k, v in params.items() if k not in ("workers", "server_name", "log_level", "env_file")
@@ -443,7 +443,7 @@ def _replica_target(settings: Settings) -> Any:
         if settings.replica_endpoint is not None:
             raise SettingsError("TOPIC_AUDIT_REPLICA_ENDPOINT is set but TOPIC_AUDIT_REPLICA_URL is not")
         return None
-    from topic_audit import replica
+    from topic_audit.offbox import replica
 
     target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
     replica.binary(settings.litestream)  # a missing binary is a start-up error, not a log line later
@@ -457,7 +457,7 @@ def _replicating(settings: Settings, target: Any, metrics: Any) -> Iterator[None
     if target is None:
         yield
         return
-    from topic_audit import replica
+    from topic_audit.offbox import replica
 
     replicator = replica.Replicator(
         settings.db, settings.checkpoint_path, target, metrics.replica_lag, settings.litestream

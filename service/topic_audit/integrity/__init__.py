@@ -35,13 +35,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from topic_audit import checkpoints as signed
 from topic_audit.integrity.checkpoints import Checkpoints
 from topic_audit.integrity.deliveries import Deliveries
 from topic_audit.integrity.entries import ChainRunner, Entries
 from topic_audit.integrity.erasures import Erasures
 from topic_audit.integrity.findings import Check, Finding, Snapshot, first_bad_id
 from topic_audit.integrity.tree import Tree
+from topic_audit.transparency.checkpoints import read_file
 
 
 class Checker:
@@ -71,7 +71,7 @@ class Checker:
         """``conn`` inside one read transaction, the checkpoint file read just before it began: every
         line read signs entries already in the snapshot, whatever is appended meanwhile."""
         try:
-            lines, error = signed.read_file(self.checkpoint_file), None
+            lines, error = read_file(self.checkpoint_file), None
         except ValueError as exc:
             lines, error = [], str(exc)
         began = not conn.in_transaction

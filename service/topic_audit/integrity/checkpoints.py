@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from topic_audit import chain
-from topic_audit import checkpoints as signed
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.log import chain
+from topic_audit.transparency.checkpoints import FACT_FIELDS, facts, read_file, signature_ok
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Lines:
         """One line, the next one: signature and digest (a line without them says nothing), signer,
         link to the previous line, then :data:`LINE_CHECKS`."""
         self.number += 1
-        if not signed.signature_ok(cp):
+        if not signature_ok(cp):
             note("checkpoint_signature", None, f"checkpoint {self.number}: signature or digest invalid")
             return
         size = int(cp["log_size"])
@@ -129,8 +129,8 @@ erasures_head = _signed_head("erasures", "erasure records", "checkpoint_erasures
 def boundaries(snapshot: Snapshot, lines: Lines, cp: dict[str, Any], note: Notes) -> bool:
     """The log's fixed boundaries (``log_facts``) are still those the line signs: raising one would
     exempt a forged entry or erasure record from the rules that catch it."""
-    stored = signed.facts(snapshot.conn)
-    for name in signed.FACT_FIELDS:
+    stored = facts(snapshot.conn)
+    for name in FACT_FIELDS:
         if cp.get(name) is not None and stored.get(name) != cp[name]:
             message = (
                 f"checkpoint {lines.number} signs {name} = {cp[name]}; log_facts says {stored.get(name)}"
@@ -190,7 +190,7 @@ class Checkpoints:
         ]
         in_file = [c.get("digest") for c in snapshot.lines]
         if total > len(in_file) and snapshot.file_error is None:  # signed since: what the file then held
-            in_file = [c.get("digest") for c in signed.read_file(snapshot.file)][:total]
+            in_file = [c.get("digest") for c in read_file(snapshot.file)][:total]
         if not in_file and total:
             note(
                 "checkpoint_file",

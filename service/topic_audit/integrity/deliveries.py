@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
-from topic_audit import chain, outbox
+from topic_audit.forwarding import outbox
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.log import chain
 
 _READ = f"SELECT {', '.join(outbox.SORTED)}, entry_hash FROM deliveries WHERE id > ? AND id <= ? ORDER BY id"
 _ID, _PREV = outbox.SORTED.index("id"), outbox.SORTED.index("prev_hash")

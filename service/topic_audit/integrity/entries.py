@@ -8,8 +8,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Protocol
 
-from topic_audit import chain, content
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.log import chain, content
 
 Progress = Callable[[int], None]
 ChainResult = tuple[list[Finding], int, str]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from topic_audit import chain, erasure, records
 from topic_audit.integrity.deliveries import Deliveries
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.log import chain
+from topic_audit.privacy import erasure, records
 
 _READ = "SELECT * FROM erasures WHERE id > ? AND id <= ? ORDER BY id"
 """Every column the table has: a log not yet migrated to ``m016`` has no ``effects_digest``."""
@@ -146,7 +147,7 @@ def orphans(conn: sqlite3.Connection) -> list[Finding]:
 
 class Erasures(Deliveries):
     """The erasure records, resumed and swept as the deliveries are (a record covers up to
-    :data:`topic_audit.erasure.BATCH` entries, so the sweep takes fewer of them)."""
+    :data:`topic_audit.privacy.erasure.BATCH` entries, so the sweep takes fewer of them)."""
 
     table, noun, prefix = "erasures", "erasure", "erasure"
     rows_per_budget = erasure.BATCH

@@ -1,4 +1,4 @@
-"""The Merkle tree the checkpoints' notes sign (:mod:`topic_audit.tree`): each note's form, signature and
+"""The Merkle tree the checkpoints' notes sign (:mod:`topic_audit.transparency.tree`): each note's form, signature and
 origin; the tree recomputed from the log, compared with each note's root at its size and with the stored
 tiles; and each new note shown consistent with the last one seen (a fork or a rewritten, re-signed
 history fails that proof, whoever holds the key).
@@ -13,10 +13,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from topic_audit import checkpoints as signed
-from topic_audit import note as notes
-from topic_audit import tlog, tree
 from topic_audit.integrity.findings import Finding, Notes, Snapshot
+from topic_audit.transparency import tlog, tree
+from topic_audit.transparency.checkpoints import signature_ok
+from topic_audit.transparency.note import Checkpoint, NoteError, Verifier, open_note
 
 CHUNK = 1 << 16
 """Leaves read at a time."""
@@ -63,7 +63,7 @@ class Tree:
     def _signs_this_log(snapshot: Snapshot, cp: dict[str, Any]) -> bool:
         """The line's own signature holds and the log still ends its first ``log_size`` entries in the
         line's head: only then does its note say something the checkpoints' checks do not."""
-        if not signed.signature_ok(cp):
+        if not signature_ok(cp):
             return False
         size = int(cp["log_size"])
         row = snapshot.conn.execute("SELECT entry_hash FROM audit_log WHERE id = ?", (size,)).fetchone()
@@ -83,15 +83,15 @@ class Tree:
     def sweep(self, snapshot: Snapshot, budget: int) -> list[Finding]:
         return []
 
-    def _open(self, cp: dict[str, object], number: int, note: Notes) -> notes.Checkpoint | None:
+    def _open(self, cp: dict[str, object], number: int, note: Notes) -> Checkpoint | None:
         text = cp.get("note")
         if text is None:
             return None  # signed before the tree existed
         try:
-            body = notes.Checkpoint.parse(str(text)[: str(text).rfind("\n\n") + 1])
+            body = Checkpoint.parse(str(text)[: str(text).rfind("\n\n") + 1])
             key = bytes.fromhex(str(cp["public_key"]))
-            notes.open_note(str(text), notes.Verifier.for_key(body.origin, key))
-        except (notes.NoteError, ValueError, KeyError) as exc:
+            open_note(str(text), Verifier.for_key(body.origin, key))
+        except (NoteError, ValueError, KeyError) as exc:
             note("checkpoint_note", None, f"checkpoint {number}: its note does not hold: {exc}")
             return None
         if body.size != cp.get("log_size"):
@@ -110,7 +110,7 @@ class Tree:
             )
         return body
 
-    def _consistent(self, conn: sqlite3.Connection, number: int, body: notes.Checkpoint, note: Notes) -> None:
+    def _consistent(self, conn: sqlite3.Connection, number: int, body: Checkpoint, note: Notes) -> None:
         if self.last is None or self.last[1] == 0:
             return
         old_number, old_size, old_root = self.last

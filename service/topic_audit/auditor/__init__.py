@@ -1,0 +1,1 @@
+"""The auditors' screens: Datasette over the live database, read-only."""

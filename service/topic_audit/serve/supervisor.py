@@ -1,0 +1,239 @@
+"""``serve``'s main process: it holds the listening socket and runs the receiver processes.
+
+Why a supervisor: a callback refused while ``serve`` restarts is lost (Tencent does not retry), so no
+restart may close the listening socket or leave it without a process that answers.
+
+- **One socket, kept.** The supervisor binds the socket (or takes the one systemd hands over,
+  :mod:`topic_audit.serve.sockets`) and never closes it while it runs. Every receiver process
+  (:mod:`topic_audit.serve.receiver_process`, a fresh interpreter: it runs the code installed *now*) inherits it and
+  accepts from it; a connection that arrives while no receiver accepts waits in the kernel's queue.
+- **Reload (SIGHUP), in every configuration.** The settings are read again (the environment and the
+  ``--env-file``); if they are invalid, one line says why and nothing else happens. Otherwise a new
+  generation of receivers starts beside the old one; once every new process has said on its pipe that its
+  app has started (and a second more, to warm up), the old ones are sent SIGTERM and drain
+  (:mod:`topic_audit.serve.receiver_process`): they stop accepting, finish what is in flight and close kept-alive
+  connections after their next answer. A new
+  process that fails to start is stopped and the old ones keep serving (one line says why).
+- **What exists once stays here, with one owner throughout:** the Litestream child (and the checkpoints'
+  publication, :mod:`topic_audit.offbox.replica`) and the checkpoint timer (:mod:`topic_audit.writer.checkpoint_timer`;
+  the receivers run with theirs off). Each receiver's delivery process takes ``<db>.forwarder.lock``
+  before it delivers (:mod:`topic_audit.serve.delivery_process`), so exactly one delivers at any time, also while two
+  generations overlap. Settings these read (the database, the address, the replica, the checkpoint
+  files) take effect at the next start; a reload that changes them says so.
+- **One writer process** (:mod:`topic_audit.serve.writer_process`) commits for every receiver: it starts
+  first, listens on a Unix socket in a folder of ``serve``'s own (0700), and the receivers feed it
+  (:class:`topic_audit.writer.client.RemoteWriter`). A writer that ends unasked, of this generation
+  or of one still draining, is started again on the same socket (``kind="crash"``; at once, then after
+  a growing pause while it keeps ending: :mod:`topic_audit.serve.writers`); meanwhile its receivers answer 503
+  for what it did not commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
+  SQLite's lock in turn: one contiguous chain) for the new generation; the old writer stops once the
+  receivers it served have drained.
+- **SIGTERM/SIGINT:** every receiver drains and commits, then the writer stops, then the last checkpoint is signed, Litestream is
+  stopped, and ``serve`` exits 0. A receiver that ends unasked is started again (``kind="crash"``).
+- **Metrics:** every process writes to one ``PROMETHEUS_MULTIPROC_DIR`` (``/metrics`` of any receiver
+  merges them); the files of ended processes' live gauges are removed, so that
+  ``topic_audit_build_info{version,pid}`` lists the processes running now.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from topic_audit.metrics import Metrics
+from topic_audit.serve import sockets
+from topic_audit.serve.children import DRAIN_SECONDS, Launcher, Receiver, stop_all, wait_ready
+from topic_audit.serve.writers import Writers
+from topic_audit.settings import Settings, SettingsError
+from topic_audit.writer.checkpoint_timer import CheckpointTimer
+
+log = logging.getLogger("topic_audit.serve")
+
+RESPAWN_SECONDS = 1.0
+WARM_SECONDS = 1.0
+"""How long both generations accept before the old one drains (its kept-alive clients then move over)."""
+OWNED_HERE = (
+    "host",
+    "port",
+    "db",
+    "replica_url",
+    "replica_endpoint",
+    "litestream",
+    "checkpoint_file",
+    "signing_key",
+)
+"""Settings of what the supervisor holds; a reload keeps them (they change at the next start)."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        sock: socket.socket,
+        settings: Settings,
+        load: Callable[[], Settings],
+        server: str,
+        workers: int,
+        metrics: Metrics,
+        metrics_dir: str,
+    ) -> None:
+        self.sock, self.settings, self.load = sock, settings, load
+        self.server, self.workers, self.metrics, self.metrics_dir = server, workers, metrics, metrics_dir
+        self.current: list[Receiver] = []
+        self.draining: list[Receiver] = []
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.checkpoint_timer = CheckpointTimer(settings)
+        self.launcher = Launcher(sock, server)
+        self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
+        self.writers = Writers(
+            self._spawn_writer,
+            self.folder,
+            lambda writer: writer.ended(self.metrics_dir),
+            self.metrics.restarts.labels("crash").inc,
+        )
+
+    # -- the main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(handled, lambda signum, _frame: self.signals.put(signum))
+        try:
+            return self._serve()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _serve(self) -> int:
+        writer = self.writers.start(self.settings)
+        failed = self._ready([writer])
+        self.writers.promote(writer)
+        if not failed:
+            self.current = self._generation(self.settings)
+            failed = self._ready(self.current)
+        if failed:
+            stop_all(self.metrics_dir, self.current)
+            self._stop_writers([writer])
+            log.error("serve could not start: %s", failed)
+            return 1
+        self.checkpoint_timer.start()
+        self.metrics.checkpoint_interval.set(
+            self.checkpoint_timer.interval
+        )  # receivers report 0: they sign none
+        self._announce("serving")
+        sockets.notify("READY=1")
+        while True:
+            try:
+                signum: int | None = self.signals.get(timeout=0.25)
+            except queue.Empty:
+                signum = None
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                break
+            if signum == signal.SIGHUP:
+                self.reload()
+            self._reap()
+        sockets.notify("STOPPING=1")
+        clean = stop_all(self.metrics_dir, self.current + self.draining)
+        clean = self._stop_writers(self.writers.everyone()) and clean  # once every receiver committed
+        self.checkpoint_timer.stop()  # the last checkpoint covers everything answered
+        return 0 if clean else 1
+
+    def reload(self) -> None:
+        sockets.notify("RELOADING=1")
+        try:
+            settings = self.load()
+        except SettingsError as exc:
+            log.error("reload refused: %s; the running processes keep serving", exc)
+            sockets.notify("READY=1")
+            return
+        changed = [name for name in OWNED_HERE if getattr(settings, name) != getattr(self.settings, name)]
+        if changed:
+            log.warning("reload: %s take effect at the next start", ", ".join(changed))
+        settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
+        writer = self.writers.start(settings)
+        failed = self._ready([writer])
+        fresh = [] if failed else self._generation(settings, writer)
+        failed = failed or self._ready(fresh)
+        if failed:
+            stop_all(self.metrics_dir, fresh)
+            self._stop_writers([writer])
+            log.error("reload failed: %s; the running processes keep serving", failed)
+            sockets.notify("READY=1")
+            return
+        time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
+        old, self.current, self.settings = self.current, fresh, settings
+        self.writers.promote(writer)
+        self.checkpoint_timer.interval = settings.checkpoint_seconds
+        self.metrics.checkpoint_interval.set(settings.checkpoint_seconds)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for receiver in old:
+            receiver.drain_deadline = deadline
+            receiver.process.send_signal(signal.SIGTERM)
+        self.draining += old
+        self.metrics.restarts.labels("reload").inc()
+        self._announce("reloaded", old)
+        sockets.notify("READY=1")
+
+    # -- receivers ---------------------------------------------------------------------------------
+    def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
+        writer = writer or self.writers.current
+        assert writer is not None
+        socket_path = writer.socket
+        if self.server == "granian":  # granian runs its own workers in one process group
+            return [self.launcher.start(settings, self.workers, socket_path)]
+        return [self.launcher.start(settings, 1, socket_path) for _ in range(self.workers)]
+
+    def _spawn_writer(self, settings: Settings, socket_path: str) -> Receiver:
+        writer = self.launcher.start(settings, 1, socket_path, module="topic_audit.serve.writer_process")
+        writer.socket = socket_path
+        return writer
+
+    def _ready(self, receivers: list[Receiver]) -> str | None:
+        """None once every one of ``receivers`` has started; otherwise why not. The running writers are
+        watched meanwhile (a reload waits here)."""
+        return wait_ready(receivers, self.writers.reap)
+
+    def _reap(self) -> None:
+        self.writers.reap()
+        if self.writers.retiring and not self.draining:  # the receivers they served are gone
+            self._stop_writers(self.writers.retiring)
+        for receiver in list(self.draining):
+            if receiver.process.poll() is None:
+                if receiver.drain_deadline is not None and time.monotonic() > receiver.drain_deadline:
+                    log.warning("receiver process %s still draining; killing it", receiver.process.pid)
+                    receiver.kill()
+                continue
+            self.draining.remove(receiver)
+            receiver.ended(self.metrics_dir)
+        for index, receiver in enumerate(self.current):
+            if receiver.process.poll() is None:
+                continue
+            log.error(
+                "receiver process %s ended unasked (exit code %s); starting another",
+                receiver.process.pid,
+                receiver.process.returncode,
+            )
+            receiver.ended(self.metrics_dir)
+            time.sleep(RESPAWN_SECONDS)
+            assert self.writers.current is not None
+            self.current[index] = self.launcher.start(
+                self.settings, receiver.expected, self.writers.current.socket
+            )
+            self.metrics.restarts.labels("crash").inc()
+
+    def _stop_writers(self, writers: list[Receiver]) -> bool:
+        self.writers.forget(writers)
+        return stop_all(self.metrics_dir, writers)
+
+    def _announce(self, what: str, old: list[Receiver] | None = None) -> None:
+        pids = sorted(pid for r in self.current for pid in r.pids)
+        versions = sorted({v for r in self.current for v in r.versions})
+        message = (
+            f"{what}: receiver processes {', '.join(map(str, pids))} answer (version {', '.join(versions)})"
+        )
+        if old:
+            message += f"; {', '.join(str(pid) for r in old for pid in sorted(r.pids))} drain"
+        log.info("%s", message)

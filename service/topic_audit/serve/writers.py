@@ -1,0 +1,109 @@
+"""The writer processes ``serve`` runs (:mod:`topic_audit.serve.writer_process`), as its supervisor sees them.
+
+One per generation of receivers: the current generation's, and, after a reload, the earlier
+generations' while their receivers drain (each receiver feeds the writer it was started with). A writer
+that ends unasked -- the current one or one of an earlier generation -- is started again on its own socket
+with its own settings: at once the first time, then after a pause that doubles (up to
+:data:`MOST_PAUSE_SECONDS`) while each new one ends within :data:`STEADY_SECONDS` of its start, so that a
+writer that cannot start does not take a core starting again and again. Meanwhile its receivers answer
+503 for what they cannot have committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from topic_audit.serve.children import Receiver
+from topic_audit.settings import Settings
+
+log = logging.getLogger("topic_audit.serve")
+
+FIRST_PAUSE_SECONDS: Final = 0.25
+MOST_PAUSE_SECONDS: Final = 5.0
+STEADY_SECONDS: Final = 60.0
+"""A writer that ran this long before it ended is started again at once."""
+
+
+@dataclass
+class _Restart:
+    settings: Settings
+    started: float
+    pause: float = 0.0
+    due: float | None = None
+    """When the writer that ended is to be started again (None: it runs)."""
+
+
+@dataclass
+class Writers:
+    """``spawn(settings, socket)`` starts a writer process; ``ended(writer)`` releases what an ended one
+    held; ``crashed()`` counts a writer that ended unasked."""
+
+    spawn: Callable[[Settings, str], Receiver]
+    folder: str
+    ended: Callable[[Receiver], None]
+    crashed: Callable[[], None]
+    current: Receiver | None = None
+    retiring: list[Receiver] = field(default_factory=list)
+    """Writers of earlier generations, stopped once no receiver of theirs is left."""
+    generation: int = 0
+    _restarts: dict[str, _Restart] = field(default_factory=dict)
+
+    def start(self, settings: Settings) -> Receiver:
+        """A writer on the socket of a new generation (made current by :meth:`promote`)."""
+        self.generation += 1
+        socket_path = os.path.join(self.folder, f"writer-{self.generation}.sock")
+        self._restarts[socket_path] = _Restart(settings, time.monotonic())
+        return self.spawn(settings, socket_path)
+
+    def promote(self, writer: Receiver) -> None:
+        """``writer`` serves the new generation; the current one serves the draining receivers."""
+        if self.current is not None:
+            self.retiring.append(self.current)
+        self.current = writer
+
+    def everyone(self) -> list[Receiver]:
+        return [*self.retiring, *([self.current] if self.current is not None else [])]
+
+    def forget(self, writers: list[Receiver]) -> None:
+        """``writers`` were stopped: no longer watched."""
+        for writer in writers:
+            self._restarts.pop(writer.socket, None)
+        self.retiring = [w for w in self.retiring if w not in writers]
+        if self.current in writers:
+            self.current = None
+
+    def reap(self) -> None:
+        """Start again, when due, every writer that ended unasked."""
+        now = time.monotonic()
+        if self.current is not None:
+            self.current = self._again(self.current, now)
+        self.retiring = [self._again(writer, now) for writer in self.retiring]
+
+    def _again(self, writer: Receiver, now: float) -> Receiver:
+        restart = self._restarts[writer.socket]
+        if restart.due is None:
+            if writer.process.poll() is None:
+                return writer
+            restart.pause = (
+                0.0
+                if now - restart.started >= STEADY_SECONDS
+                else min(max(restart.pause * 2, FIRST_PAUSE_SECONDS), MOST_PAUSE_SECONDS)
+            )
+            restart.due = now + restart.pause
+            log.error(
+                "the writer process %s ended unasked (exit code %s); starting another%s",
+                writer.process.pid,
+                writer.process.returncode,
+                f" in {restart.pause:g} s" if restart.pause else "",
+            )
+            self.ended(writer)
+            self.crashed()
+        if now < restart.due:
+            return writer
+        restart.due, restart.started = None, now
+        return self.spawn(restart.settings, writer.socket)
