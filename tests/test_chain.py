@@ -53,9 +53,9 @@ def test_body_bytes_round_trip() -> None:
 def test_received_at_matches_datetime(now: float) -> None:
     from datetime import UTC, datetime
 
-    from topic_audit.receiver.app import iso_now
+    from topic_audit import clock
 
-    assert iso_now(now) == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert clock.iso(now) == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @settings(max_examples=2000)

@@ -86,7 +86,7 @@ def test_the_auditors_script_verifies_a_real_log(post: Post, settings: Settings,
 
 
 def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path: Path) -> None:
-    from topic_audit.receiver.app import iso_now
+    from topic_audit import clock
     from topic_audit.tencent import samples
     from topic_audit.transparency.checkpoints import Signer, make_checkpoint
     from topic_audit.writer.thread import connect
@@ -96,7 +96,7 @@ def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path
     for name in ("after-create", "info-changed", "destroyed"):
         post(samples.sample(name))
         conn = connect(settings.db)
-        make_checkpoint(conn, signer, file, iso_now(0))
+        make_checkpoint(conn, signer, file, clock.iso(0))
         conn.close()
     (tmp_path / "checkpoint-public-key.hex").write_text(signer.public_key_hex)
     script = README.split("### Signed checkpoints", 1)[1].split("```python", 1)[1].split("```", 1)[0]

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
+from topic_audit import clock
 from topic_audit.auditor import explore
 from topic_audit.forwarding import outbox
 from topic_audit.privacy import erasure
-from topic_audit.receiver.app import iso_now
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint
 from topic_audit.writer.thread import connect
 
@@ -29,9 +29,9 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_log(db, 600, seed=3)
     conn = connect(db)
     deliver_some(conn)
-    erasure.erase_batch(conn, ERASED, "request", "data subject's request", None, iso_now(0))
+    erasure.erase_batch(conn, ERASED, "request", "data subject's request", None, clock.iso(0))
     make_checkpoint(
-        conn, Signer.load_or_create(db.with_name("key.pem"))[0], db.with_name("cp.jsonl"), iso_now(0)
+        conn, Signer.load_or_create(db.with_name("key.pem"))[0], db.with_name("cp.jsonl"), clock.iso(0)
     )
     conn.close()
     return db

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from benchmarks.logs import generate_log
+from topic_audit import clock
 from topic_audit.integrity.verify import verify_all
 from topic_audit.integrity.watch import Watch
-from topic_audit.receiver.app import iso_now
 from topic_audit.transparency import note, tlog, tree
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint, statement_bytes
 from topic_audit.writer.thread import connect
@@ -28,7 +28,9 @@ def build(db: Path, key: Path, sizes: tuple[int, ...], seed: int, grown: int = 0
         generate_log(db, size - grown, seed=seed + size)
         grown = size
         conn = connect(db)
-        make_checkpoint(conn, signer, db.with_name(db.name + ".checkpoints.jsonl"), iso_now(0), origin=ORIGIN)
+        make_checkpoint(
+            conn, signer, db.with_name(db.name + ".checkpoints.jsonl"), clock.iso(0), origin=ORIGIN
+        )
         conn.close()
 
 

@@ -22,8 +22,7 @@ import tlog_reference as reference
 from benchmarks.logs import generate_log
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from topic_audit import cli
-from topic_audit.receiver.app import iso_now
+from topic_audit import cli, clock
 from topic_audit.transparency import note, tlog, tree
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint, signature_ok
 from topic_audit.writer.thread import connect
@@ -40,7 +39,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for grown, size in ((0, 70), (70, 300), (300, ENTRIES)):
         generate_log(db, size - grown, seed=size)
         conn = connect(db)
-        make_checkpoint(conn, signer, db.with_name("audit.db.checkpoints.jsonl"), iso_now(0), origin=ORIGIN)
+        make_checkpoint(conn, signer, db.with_name("audit.db.checkpoints.jsonl"), clock.iso(0), origin=ORIGIN)
         conn.close()
     return db
 
@@ -269,11 +268,11 @@ def test_a_rewritten_history_re_signed_is_not_consistent(log: Path, tmp_path: Pa
     generate_log(db, 300, seed=300 + 1)  # a different history of the same size
     conn = connect(db)
     signer = Signer.load_or_create(log.with_name("checkpoint-signing.key"))[0]
-    make_checkpoint(conn, signer, tmp_path / "cp.jsonl", iso_now(0), origin=ORIGIN)
+    make_checkpoint(conn, signer, tmp_path / "cp.jsonl", clock.iso(0), origin=ORIGIN)
     conn.close()
     generate_log(db, 100, seed=5)
     conn = connect(db)
-    make_checkpoint(conn, signer, tmp_path / "cp.jsonl", iso_now(0), origin=ORIGIN)
+    make_checkpoint(conn, signer, tmp_path / "cp.jsonl", clock.iso(0), origin=ORIGIN)
     conn.close()
     genuine = json.loads(run("prove", "--db", str(log), "--consistency", "70", "300").output)
     forged = json.loads(run("prove", "--db", str(db), "--consistency", "300", "400").output)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from benchmarks.logs import generate_log
 from conftest import alter, free_port
+from topic_audit import clock
 from topic_audit.integrity.watch import Watch
-from topic_audit.receiver.app import iso_now
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint
 from topic_audit.writer.thread import connect
 
@@ -29,7 +29,7 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_log(db, ENTRIES, seed=11)
     signer, _ = Signer.load_or_create(db.with_name("key.pem"))
     conn = connect(db)
-    make_checkpoint(conn, signer, db.with_name("audit.db.checkpoints.jsonl"), iso_now(0))
+    make_checkpoint(conn, signer, db.with_name("audit.db.checkpoints.jsonl"), clock.iso(0))
     conn.close()
     return db
 
@@ -84,7 +84,7 @@ def test_a_forged_checkpoint_is_found_in_the_next_round(copy: Path, tmp_path: Pa
     watch.round()
     forger, _ = Signer.load_or_create(tmp_path / "forger.pem")
     conn = connect(copy)
-    make_checkpoint(conn, forger, copy.with_name("audit.db.checkpoints.jsonl"), iso_now(1))  # another key
+    make_checkpoint(conn, forger, copy.with_name("audit.db.checkpoints.jsonl"), clock.iso(1))  # another key
     conn.close()
     assert rounds_until_found(watch, 1) == 1
     assert {f.check for f in watch.findings.values()} == {"checkpoint_key"}

@@ -13,6 +13,7 @@ import shutil
 import site
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -127,3 +128,16 @@ def test_the_wheel_installed_elsewhere(tmp_path: Path) -> None:
         for process in processes:
             process.terminate()
             process.wait(timeout=15)
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    """pyproject lists its packages (two data packages live outside the source root, so setuptools cannot
+    find them): a new subpackage not listed would be missing from the wheel."""
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    service = root / "service"
+    on_disk = {
+        ".".join(init.parent.relative_to(service).parts)
+        for init in service.glob("topic_audit/**/__init__.py")
+    }
+    assert on_disk <= listed, on_disk - listed

@@ -335,3 +335,13 @@ def parse_schedule(text: str) -> tuple[int, ...]:
         raise SettingsError(
             f"{PREFIX}FORWARD_RETRY_SCHEDULE must be whole seconds separated by commas, got {text!r}"
         ) from None
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str | None = None) -> None:
+    """The one logging setup of every process and command: ``level`` (``info`` when not given: a child
+    process reads its parent's ``TOPIC_AUDIT_LOG_LEVEL``) and one line format."""
+    level = level or os.environ.get(PREFIX + "LOG_LEVEL", "info")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)

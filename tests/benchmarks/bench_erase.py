@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from topic_audit import clock
 from topic_audit.log import reindex, search
 from topic_audit.log.database import connect
 from topic_audit.privacy import erasure, purge, subjects
-from topic_audit.receiver.app import build_row, iso_now
+from topic_audit.receiver.app import build_row
 from topic_audit.settings import Settings
 from topic_audit.tencent import checks, models, samples
 from topic_audit.writer import append
@@ -79,7 +80,7 @@ def main(db: Path) -> None:
     records = []
     for start in range(0, len(ids), erasure.BATCH):
         batch = erasure.erase_batch(
-            conn, ids[start : start + erasure.BATCH], "request", "bench", None, iso_now(time.time())
+            conn, ids[start : start + erasure.BATCH], "request", "bench", None, clock.now()
         )
         assert batch is not None
         records.append(batch)

@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from topic_audit import clock
 from topic_audit.log import chain
 from topic_audit.log.migrations import migrate
-from topic_audit.receiver.app import iso_now
 from topic_audit.transparency import receipts, tlog, tree
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint
 from topic_audit.writer.thread import connect
@@ -194,7 +194,7 @@ def prove_section(db: Path, label: str) -> list[str]:
         conn,
         signer,
         db.with_name(db.name + ".checkpoints.jsonl"),
-        iso_now(time.time()),
+        clock.now(),
         origin="topic-audit/bench",
     )
     conn.close()

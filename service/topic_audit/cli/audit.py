@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from topic_audit import clock
 from topic_audit.cli.options import (
     CONTEXT,
     checkpoint_file_option,
@@ -20,6 +20,7 @@ from topic_audit.cli.options import (
 )
 from topic_audit.cli.options import log_origin as origin_named
 from topic_audit.log import migrations
+from topic_audit.log.database import TOOL_TIMEOUT_SECONDS, connect, read_only
 from topic_audit.settings import Settings
 
 
@@ -109,7 +110,7 @@ def rebuild_projection(db: Path) -> None:
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn = connect(db, timeout=TOOL_TIMEOUT_SECONDS)
     try:
         started = time.perf_counter()
         with click.progressbar(length=1, label="replaying", file=sys.stderr) as bar:
@@ -158,7 +159,7 @@ def verify(db: Path, as_json: bool, checkpoint_file: Path | None, public_key: st
 
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     started = time.perf_counter()
     try:
         total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
@@ -209,7 +210,6 @@ def checkpoint(
     is signed and the command exits 1 with the findings.
     """
     from topic_audit.log.database import private
-    from topic_audit.receiver.app import iso_now
     from topic_audit.settings import SettingsError
     from topic_audit.transparency.checkpoints import Signer
     from topic_audit.writer.signer import Refused
@@ -234,7 +234,7 @@ def checkpoint(
     conn = connect(db)
     try:
         origin = origin_named(log_origin, sdkappid)
-        cp = sign_checkpoint(conn, signer, settings.checkpoint_path, iso_now(time.time()), origin=origin)
+        cp = sign_checkpoint(conn, signer, settings.checkpoint_path, clock.now(), origin=origin)
     except Refused as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 from pathlib import Path
 
 import click
 
+from topic_audit import clock
 from topic_audit.cli.options import CONTEXT, db_option, forward_url_option, retry_schedule_option
+from topic_audit.log.database import TOOL_TIMEOUT_SECONDS, connect
 from topic_audit.settings import SettingsError, check_destination
 
 
@@ -92,7 +93,7 @@ def replay(
         raise click.UsageError("say what to replay: --failed, --id N, or --from-id A --to-id B")
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    conn = connect(db, timeout=TOOL_TIMEOUT_SECONDS)
     try:
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
             raise click.ClickException(f"{db} has no outbox yet: run `topic-audit migrate`")
@@ -106,7 +107,7 @@ def replay(
             destinations = list(forward_url)
             if not destinations:
                 raise click.UsageError("no destination: set TOPIC_AUDIT_FORWARD_URL or give --destination")
-        queued = outbox.replay(conn, destinations, outbox.now_iso(), failed_only=failed, ids=ids)
+        queued = outbox.replay(conn, destinations, clock.now(), failed_only=failed, ids=ids)
     finally:
         conn.close()
     if not queued:
@@ -136,9 +137,9 @@ def rebuild_outbox(db: Path, forward_url: tuple[str, ...], forward_retry_schedul
         raise click.UsageError(str(exc)) from None
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    conn = connect(db, timeout=TOOL_TIMEOUT_SECONDS)
     try:
-        rows = outbox.rebuild(conn, forward_url, forward_retry_schedule, outbox.now_iso())
+        rows = outbox.rebuild(conn, forward_url, forward_retry_schedule, clock.now())
         states = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
     finally:
         conn.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -162,9 +161,9 @@ def watch(
     from prometheus_client import start_http_server
 
     from topic_audit.integrity.watch import Watch
-    from topic_audit.settings import Settings
+    from topic_audit.settings import Settings, configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
     pinned = pinned_key(public_key)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from topic_audit import clock
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
 from topic_audit.log import migrations
+from topic_audit.log.database import read_only
 from topic_audit.privacy import erasure, purge, subjects
 from topic_audit.settings import Settings, SettingsError
 
@@ -37,12 +38,6 @@ _SELECTORS = (
     ),
     ("id", "N", "the entry with this id"),
 )
-
-
-def _now() -> str:
-    from topic_audit.receiver.app import iso_now
-
-    return iso_now(time.time())
 
 
 def _selector_key(signing_key: Path | None, db: Path) -> bytes:
@@ -92,7 +87,7 @@ def _read_only(db: Path) -> sqlite3.Connection:
     reads live in the connection's own temporary schema."""
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn = read_only(db)
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erased_entries'").fetchone() is None:
         conn.execute("CREATE TEMP TABLE erased_entries (entry_id INTEGER PRIMARY KEY)")
         conn.execute("CREATE TEMP TABLE content_keys (entry_id INTEGER PRIMARY KEY, salt BLOB)")
@@ -223,7 +218,7 @@ def erase(
         if yes:
             digest = erasure.selector_digest(_selector_key(signing_key, db), kind, value) if ids else None
             key = _record_key(signing_key, db) if ids else None
-            outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, _now(), key=key)
+            outcome = erasure.erase(conn, ids, "request", reason.strip(), digest, clock.now(), key=key)
     except erasure.Tampered as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -250,7 +245,7 @@ def retain(db: Path, signing_key: Path | None, older_than: str) -> None:
         raise click.UsageError(str(exc)) from None
     conn = _open(db)
     try:
-        outcome = erasure.retain(conn, age, _now(), key=_record_key(signing_key, db))
+        outcome = erasure.retain(conn, age, clock.now(), key=_record_key(signing_key, db))
     except erasure.Tampered as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import TextIO
 
@@ -11,6 +10,7 @@ import click
 
 from topic_audit.cli.options import CONTEXT, db_option, origin_options
 from topic_audit.cli.options import log_origin as origin_named
+from topic_audit.log.database import read_only
 
 
 @click.command(context_settings=CONTEXT)
@@ -62,7 +62,7 @@ def prove(
         raise click.UsageError("give --id N (a receipt) or --consistency OLD NEW")
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     try:
         if consistency:
             click.echo(json.dumps(receipts.consistency(conn, *consistency), indent=2))

@@ -8,7 +8,6 @@ socket and hands over to :class:`topic_audit.serve.supervisor.Supervisor`, whose
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ from topic_audit.cli.options import (
     retry_schedule_option,
     signing_key_option,
 )
-from topic_audit.settings import Settings, SettingsError, check_key_file
+from topic_audit.settings import Settings, SettingsError, check_key_file, configure_logging
 
 
 @click.command(context_settings=CONTEXT)
@@ -328,9 +327,7 @@ def serve(**params: Any) -> None:
         settings, first = load(params)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    logging.basicConfig(
-        level=first["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(first["log_level"])
     # Before anything imports prometheus_client: it picks its storage when first imported. Every process
     # of this serve (the receivers of every generation, and this one) writes its metrics there.
     metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-")

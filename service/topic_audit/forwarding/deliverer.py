@@ -24,13 +24,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from topic_audit import clock
 from topic_audit.forwarding import outbox
 from topic_audit.forwarding.sending import PER_DESTINATION, Sender, content_type, destination_label
 from topic_audit.log import database
+from topic_audit.log.database import read_only
 from topic_audit.settings import Settings
 
 log = logging.getLogger("topic_audit.deliverer")
@@ -73,7 +74,7 @@ class OutboxReader:
     """Runs the outbox's read queries on a read-only connection, one at a time, off the event loop."""
 
     def __init__(self, db: Path) -> None:
-        self._conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, timeout=5)
+        self._conn = read_only(db)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-reader")
 
     async def __call__(self, query: Callable[..., T], *args: Any) -> T:
@@ -165,7 +166,7 @@ class Recorder:
         conn = self._conn
         assert conn is not None
         return await asyncio.get_running_loop().run_in_executor(
-            self._thread, outbox.record, conn, batch, self.schedule, outbox.now_iso()
+            self._thread, outbox.record, conn, batch, self.schedule, clock.now()
         )
 
     def close(self) -> None:
@@ -243,7 +244,7 @@ class Deliverer:
         pending rows beyond the configured ones (replays elsewhere) are listed with the backlog gauges.
         """
         assert self._read is not None and self._recorder is not None
-        now = outbox.now_iso()
+        now = clock.now()
         wait = POLL_SECONDS
         for destination in dict.fromkeys([*self.destinations, *self._elsewhere]):
             unrecorded = self._recorder.unrecorded(destination)
@@ -263,7 +264,7 @@ class Deliverer:
     async def _deliver(self, item: outbox.Due) -> None:
         assert self._recorder is not None
         attempt = item.attempts + 1
-        started_at = outbox.now_iso()
+        started_at = clock.now()
         try:
             sent = await self.sender.send(
                 item.destination,
@@ -307,4 +308,4 @@ class Deliverer:
 
 
 def _timestamp(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    return clock.seconds(iso)

@@ -18,11 +18,12 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Final
 
 import msgspec
 
+from topic_audit import clock
 from topic_audit.log import chain, database
 
 COLUMNS: Final = (
@@ -152,14 +153,10 @@ def append(conn: sqlite3.Connection, attempts: Iterable[Attempt]) -> int:
     return head_id
 
 
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def later(received_at: str, seconds: float) -> str:
     """``received_at`` (ISO-8601 UTC, ms) plus ``seconds``, in the same form (so strings sort as times)."""
-    moment = datetime.fromisoformat(received_at.replace("Z", "+00:00"))
-    return iso(moment + timedelta(seconds=seconds))
+    moment = clock.parse(received_at)
+    return clock.of(moment + timedelta(seconds=seconds))
 
 
 def queue(
@@ -365,7 +362,3 @@ def rebuild(conn: sqlite3.Connection, destinations: Sequence[str], schedule: Seq
         )
         count = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
     return count
-
-
-def now_iso() -> str:
-    return iso(datetime.now(UTC))

@@ -19,6 +19,7 @@ from pathlib import Path
 from topic_audit.integrity import Checker, Finding, first_bad_id
 from topic_audit.integrity.entries import ChainResult, Progress, Start, verify_chain
 from topic_audit.log import chain, projection
+from topic_audit.log.database import read_only
 
 __all__ = ["Finding", "first_bad_id", "verify_all", "verify_chain", "verify_projection"]
 
@@ -143,7 +144,7 @@ def _progress(total: int, show: bool) -> Iterator[Progress]:
 
 def _chain_range(path: str, ids: tuple[int, int]) -> ChainResult:
     """One range, in a process of the pool (or this one), on a read-only connection of its own."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = read_only(path)
     try:
         with projection.paused_gc():
             return verify_chain(conn, ids=ids)

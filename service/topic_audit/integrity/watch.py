@@ -18,7 +18,6 @@ heal. It reads through a read-only connection and can watch the live file or a r
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from topic_audit.integrity import Checker, Finding
+from topic_audit.log.database import read_only
 
 log = logging.getLogger("topic_audit.watch")
 
@@ -86,7 +86,7 @@ class Watch:
     def round(self) -> Round:
         """The sweep of what earlier rounds verified, then what was added since, in one snapshot."""
         started = time.perf_counter()
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        conn = read_only(self.db)
         try:
             with self.checker.snapshot(conn) as snapshot:
                 new = self.checker.sweep(snapshot, self.sweep_entries) + self.checker.advance(snapshot)

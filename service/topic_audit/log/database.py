@@ -1,4 +1,5 @@
-"""The write connection and its transactions: how every writer of the database opens it and commits.
+"""Every connection to the database, and the write transactions: :func:`connect` (a write connection) and
+:func:`read_only` are the only two ways anything opens it.
 
 A write connection is in autocommit mode (``isolation_level=None``): nothing is in a transaction unless
 it says so, with :func:`transaction`. The database is in WAL mode with ``synchronous=FULL``, so a
@@ -34,6 +35,9 @@ from topic_audit.log import chain
 
 BUSY_TIMEOUT_SECONDS = 1.0
 """How long a commit waits for another process's lock: well inside Tencent's 2 s timeout."""
+TOOL_TIMEOUT_SECONDS = 10.0
+"""How long a command or a reader beside the writer waits for a lock: it answers nobody within 2 s, and a
+write of ``serve``'s (a group, a purge step) holds the lock for milliseconds."""
 PRIVATE = 0o077
 """The permission bits of group and others: never set on the data folder or anything in it."""
 
@@ -109,18 +113,29 @@ def _tighten(path: Path, recurse: bool = True) -> None:
             _tighten(entry)
 
 
-def connect(path: Path, autocheckpoint: bool = True) -> sqlite3.Connection:
+def connect(
+    path: Path | str, autocheckpoint: bool = True, timeout: float = BUSY_TIMEOUT_SECONDS
+) -> sqlite3.Connection:
     """A write connection: autocommit mode (explicit transactions), WAL, ``synchronous=FULL``.
 
     Without ``autocheckpoint``, this connection never checkpoints the WAL: with an off-box replica,
     Litestream does (its guidance for busy writers), so that no checkpoint races its reading of the WAL.
     """
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     if not autocheckpoint:
         conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
+
+
+def read_only(path: Path | str, timeout: float = TOOL_TIMEOUT_SECONDS) -> sqlite3.Connection:
+    """A read-only connection (``mode=ro``, autocommit; any thread): it can neither write nor take the
+    write lock, so no reader -- ``verify``, ``watch``, the proofs, Litestream's checks -- can stall the
+    writer."""
+    return sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=timeout
+    )
 
 
 @contextmanager

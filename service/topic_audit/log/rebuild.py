@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from topic_audit.log import database, projection, search
+from topic_audit.log.database import read_only
 from topic_audit.tencent import models
 
 Progress = Callable[[int, int], None]
@@ -87,7 +88,7 @@ def _advance(progress: Progress | None, high: int) -> Callable[[int], None] | No
 def _snapshot(
     path: str, part: projection.Partition | None, progress: Callable[[int], None] | None
 ) -> _Snapshot:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = read_only(path)
     try:
         with database.transaction(conn, "DEFERRED"):  # one snapshot for the replay and the comparison
             high = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from topic_audit.log.database import read_only
 from topic_audit.settings import PREFIX, SettingsError
 
 if TYPE_CHECKING:
@@ -513,7 +514,7 @@ def recover_checkpoints(db: Path, published: list[str]) -> tuple[list[str], Find
 
     from topic_audit.integrity import Checker
 
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     conn.row_factory = sqlite3.Row
     try:
         checker = Checker(db.with_name(db.name + ".checkpoints.jsonl"))

@@ -32,6 +32,7 @@ from urllib.parse import unquote_plus
 
 import msgspec
 
+from topic_audit import clock
 from topic_audit.log import chain, content
 
 KINDS: Final = ("account", "ip", "topic", "id", "range", "older")
@@ -75,7 +76,7 @@ def parse_duration(text: str) -> timedelta:
 def horizon(older_than: timedelta, now: datetime | None = None) -> str:
     """The ``received_at`` before which entries are older than ``older_than``."""
     moment = (now or datetime.now(UTC)) - older_than
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return clock.of(moment)
 
 
 def select(conn: sqlite3.Connection, selector: Selector) -> Iterator[int]:

@@ -14,14 +14,12 @@ import gc
 import hashlib
 import ipaddress
 import logging
-import math
 import os
 import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +33,13 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receiv
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from topic_audit import clock
 from topic_audit.forwarding import outbox
 from topic_audit.forwarding.forwarder import Forwarder
 from topic_audit.log import chain
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
-from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.tencent import checks, models
 from topic_audit.transparency.checkpoints import Signer, record_key
 from topic_audit.writer import jobs, retention
@@ -66,23 +65,6 @@ brackets are not allowed in one)."""
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_ELAPSED_MS = 1e8  # keeps the float inside the range where the canonical form is unambiguous
 _FIELD_LIMIT = 256  # query-derived columns are bounded; the full query string is kept in query_string
-
-
-_second_cache: tuple[int, str] = (-1, "")
-
-
-def iso_now(now: float) -> str:
-    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T20:39:14.123Z`` (formatted once a second)."""
-    global _second_cache
-    fraction, whole = math.modf(now)  # split and rounded exactly as datetime.fromtimestamp does
-    second, micro = int(whole), round(fraction * 1_000_000)
-    if micro >= 1_000_000:
-        second, micro = second + 1, micro - 1_000_000
-    cached_second, prefix = _second_cache
-    if second != cached_second:
-        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _second_cache = (second, prefix)
-    return f"{prefix}.{micro // 1000:03d}Z"
 
 
 def _headers(scope: Scope) -> tuple[tuple[str, str], ...]:
@@ -191,7 +173,7 @@ def build_row(
     """The log row for ``decision`` (all columns but ``id`` and the chain links)."""
     query = decision.query
     return {
-        "received_at": iso_now(received),
+        "received_at": clock.iso(received),
         "method": request.method,
         "path": request.path,
         "query_string": request.query_string,
@@ -349,7 +331,7 @@ def make_callback_handler(
         forwarder: Forwarder | None = scope["app"].state.forwarder
         forward = None
         if forwarder is not None and decision.authenticated and outbox.is_before(decision.command):
-            answer, forward = await _ask_the_app(forwarder, request, decision, iso_now(received))
+            answer, forward = await _ask_the_app(forwarder, request, decision, clock.iso(received))
         else:
             answer = models.answer_body(decision.status_code, decision.reason, decision.detail)
             if forwarder is not None:
@@ -484,10 +466,7 @@ waits up to that long each time the event loop is busy. Measured at 32 connectio
 def from_environment() -> Litestar:
     """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
     from ``TOPIC_AUDIT_TOKEN``."""
-    logging.basicConfig(
-        level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     settings = Settings.from_workers_json(
         os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
     )
@@ -531,7 +510,7 @@ def create_app(
         app.state.forwarder = forwarder
         ticker, last = _start_checkpoints(settings, writer)
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
-        forgetting = retention.start(settings, metrics, writer, lambda: iso_now(time.time()))
+        forgetting = retention.start(settings, metrics, writer, clock.now)
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
         gc.freeze()
         try:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO
 
 from topic_audit.forwarding.deliverer import Deliverer, Report
-from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
 
 log = logging.getLogger("topic_audit.delivery")
@@ -77,10 +77,7 @@ class ForwarderLock:
 
 def main() -> None:
     """``python -m topic_audit.serve.delivery_process``, started by ``serve``: settings from the environment."""
-    logging.basicConfig(
-        level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     settings = Settings.from_workers_json(
         os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
     )

@@ -38,7 +38,7 @@ from typing import Any, cast
 from topic_audit.log.database import connect
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics, package_version
-from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, wire
 from topic_audit.writer.client import WRITER_SOCKET
@@ -247,10 +247,7 @@ async def serve(settings: Settings, path: Path, ready_fd: int | None) -> None:
 
 def main() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # no writer outlives its supervisor
-    logging.basicConfig(
-        level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     settings = Settings.from_workers_json(os.environ[WORKER_SETTINGS], None)
     ready = os.environ.get(READY_FD)
     sys.setswitchinterval(0.0005)  # the WAL checkpointer's thread gives the GIL back quickly

@@ -31,7 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from topic_audit import clock
 from topic_audit.log import chain
+from topic_audit.log.database import read_only
 from topic_audit.transparency import note, tree
 
 log = logging.getLogger("topic_audit.checkpoints")
@@ -204,7 +206,7 @@ def make_checkpoint(
 
 def age_seconds(db: Path) -> float:
     """Seconds since the last checkpoint of the database at ``db`` was signed (0 before the first)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    conn = read_only(db)
     try:
         row = conn.execute("SELECT created_at FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
     except sqlite3.OperationalError:  # not migrated yet
@@ -213,7 +215,7 @@ def age_seconds(db: Path) -> float:
         conn.close()
     if row is None:
         return 0.0
-    signed = datetime.fromisoformat(str(row[0]).replace("Z", "+00:00"))
+    signed = clock.parse(str(row[0]))
     return max((datetime.now(UTC) - signed).total_seconds(), 0.0)
 
 
@@ -227,7 +229,7 @@ def note_origin(conn: sqlite3.Connection) -> str | None:
 
 def latest_origin(db: Path) -> str | None:
     """:func:`note_origin` of the database at ``db`` (read-only; None before the tree existed)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     try:
         return note_origin(conn)
     except sqlite3.OperationalError:

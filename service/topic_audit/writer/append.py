@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from topic_audit import clock
 from topic_audit.forwarding import outbox
 from topic_audit.log import chain, content, database, projection, rollups
 from topic_audit.privacy import erasure
@@ -79,7 +80,7 @@ def commit(
             done.committed.append(Committed(entry_id, row["outcome"], row["duplicate_of"], head_hash))
         group.flush(done.rows)
         if records:
-            now = outbox.now_iso()
+            now = clock.now()
             done.exhausted = [outbox.record_in(conn, r.attempts, r.schedule, now) for r in records]
         if group.delta["active"] or group.delta["deleted"]:
             found = dict(conn.execute(_COUNT, (group.delta["active"], group.delta["deleted"])).fetchall())

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
 
+from topic_audit import clock
 from topic_audit.settings import Settings
 from topic_audit.transparency.checkpoints import Signer
 from topic_audit.writer.signer import Refused, boundaries_unsigned, checkpoint
@@ -56,8 +56,9 @@ class CheckpointTimer:
         settings = self.settings
         conn = connect(settings.db, autocheckpoint=settings.replica_url is None)
         try:
-            now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            checkpoint(conn, self._signer, settings.checkpoint_path, now, origin=settings.log_origin_name)
+            checkpoint(
+                conn, self._signer, settings.checkpoint_path, clock.now(), origin=settings.log_origin_name
+            )
         except Refused as exc:
             log.error("%s; serving on, signing nothing until it is resolved", exc)
         except Exception:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from topic_audit.log import search
+from topic_audit.log.database import TOOL_TIMEOUT_SECONDS, connect
 
 log = logging.getLogger("topic_audit.housekeeping")
 
@@ -117,7 +118,7 @@ class WalCheckpointer:
         conn: sqlite3.Connection | None = None
         while not self._stopping.wait(CHECKPOINT_SECONDS):
             try:
-                conn = conn or sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn = conn or connect(self.path, timeout=TOOL_TIMEOUT_SECONDS)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:  # the next round tries again; the writer's own still run
                 log.debug("background checkpoint deferred: %s", exc)

@@ -28,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TypeVar
 
+from topic_audit import clock
+from topic_audit.log.database import read_only
 from topic_audit.metrics import Metrics
 from topic_audit.privacy import erasure, purge
 from topic_audit.settings import Settings
@@ -74,7 +76,7 @@ _SWEPT: Final = (
 
 
 def _read(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    return read_only(db)
 
 
 def _older(db: Path, days: float) -> tuple[list[int], str]:
@@ -208,7 +210,7 @@ def counts(db: Path, seen: Counted | None = None) -> tuple[dict[str, int], float
     for ``topic_audit_erased_entries_total`` and ``topic_audit_oldest_content_age_seconds``; ``seen``
     carries what the last call read (then this one reads only what is new)."""
     seen = seen if seen is not None else Counted()
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = read_only(db)
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'erasures'").fetchone() is None:
             return {}, 0.0
@@ -229,7 +231,7 @@ def counts(db: Path, seen: Counted | None = None) -> tuple[dict[str, int], float
         conn.close()
     if oldest is None:
         return dict(seen.erased), 0.0
-    at = datetime.fromisoformat(str(oldest[1]).replace("Z", "+00:00"))
+    at = clock.parse(str(oldest[1]))
     return dict(seen.erased), (datetime.now(UTC) - at).total_seconds()
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from topic_audit.forwarding import outbox
+from topic_audit import clock
 from topic_audit.log import database, projection
 from topic_audit.privacy import erasure, purge
 from topic_audit.transparency.checkpoints import Signer
@@ -68,7 +67,7 @@ class Runner:
         signer = self._signers.get(job.key_path)
         if signer is None:
             signer = self._signers[job.key_path] = Signer.load_or_create(job.key_path)[0]
-        return checkpoint(conn, signer, job.file, outbox.now_iso())
+        return checkpoint(conn, signer, job.file, clock.now())
 
 
 def _forget(conn: sqlite3.Connection, job: Erase | Purge, key: Ed25519PrivateKey | None) -> object:
@@ -85,6 +84,6 @@ def _forget(conn: sqlite3.Connection, job: Erase | Purge, key: Ed25519PrivateKey
 
 def _age_seconds(iso: str) -> float:
     try:
-        return time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+        return time.time() - clock.seconds(iso)
     except ValueError:
         return math.inf
