@@ -8,7 +8,7 @@ One erasure is ONE transaction (:func:`erase_batch`): the ``erasures`` record (c
 - their rows in ``audit_log_fts`` (external content: removed with the values it indexed);
 - the app's answers in ``deliveries`` (``response_body``, ``detail``);
 - the topics they touched, replayed again with the erased entries contributing evidence only
-  (:func:`topic_audit.log.projection.replay_topics`), and those topics' rows in ``topics_fts``.
+  (:func:`topic_audit.privacy.redaction.replay_topics`), and those topics' rows in ``topics_fts``.
 
 The record and what it commits to: :mod:`topic_audit.privacy.records`. An entry that no longer matches what
 was written is not erased (:class:`Tampered`): blanking it would hide the change.

@@ -64,20 +64,31 @@ class Erasure:
     """Whether a search index held some of its entries (then :func:`purge` must merge it)."""
 
 
-def record_hash(row: dict[str, Any]) -> str:
-    """``erasures.entry_hash``: SHA-256 of the record's canonical JSON (every column but the hash, keys
-    sorted, no whitespace; a column of :data:`LATER` only when not NULL), chained through ``prev_hash``."""
+def record_json(row: dict[str, Any]) -> bytes:
+    """A record's canonical JSON, the form :func:`record_hash` hashes: every column but ``entry_hash``,
+    keys sorted, no whitespace, a column of :data:`LATER` only when not NULL -- and, unlike the entries'
+    and the deliveries' forms, non-ASCII characters escaped (``\\uXXXX``, ``json.dumps``' default). Frozen
+    by the records already hashed: a record holds a reason an operator typed, so changing it would break
+    their chain."""
     shown = {c: row.get(c) for c in _SORTED if c not in LATER or row.get(c) is not None}
-    canonical = json.dumps(shown, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()
+
+
+def record_hash(row: dict[str, Any]) -> str:
+    """``erasures.entry_hash``: SHA-256 of :func:`record_json`, chained through ``prev_hash``."""
+    return hashlib.sha256(record_json(row)).hexdigest()
+
+
+def digest_json(value: object) -> str:
+    """SHA-256 of ``value`` as JSON with no whitespace, UTF-8 as it is (the form of the digests a record
+    commits to: :func:`effects_digest`, :func:`evidence_digest`)."""
+    return hashlib.sha256(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
 def effects_digest(entries: Iterable[tuple[int, str | None]]) -> str:
     """SHA-256 of the erased entries' ``effects`` (what the projection replays in their place): the JSON
     array of ``[entry_id, effects]`` pairs, ascending, no whitespace, UTF-8."""
-    pairs = sorted(entries, key=lambda pair: pair[0])
-    canonical = json.dumps(pairs, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest_json(sorted(entries, key=lambda pair: pair[0]))
 
 
 def entries_digest(ids: Iterable[int]) -> str:
@@ -100,8 +111,7 @@ def evidence_digest(conn: sqlite3.Connection, ids: Sequence[int], deliveries_upt
         "ORDER BY id",
         [*ids, deliveries_upto],
     ).fetchall()
-    canonical = json.dumps([entries, attempts], separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest_json([entries, attempts])
 
 
 def selector_digest(key: bytes, kind: str, value: str) -> str:

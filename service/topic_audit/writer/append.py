@@ -90,7 +90,7 @@ def commit(
 
 def _kept(request: Append) -> bool:
     """Under ``store_bodies="topics"``: the topic family keeps its content, and so does a callback to be
-    forwarded (until its deliveries are done: :func:`topic_audit.writer.retention.policy_sweep`)."""
+    forwarded (until its deliveries are done: :meth:`topic_audit.writer.retention.OnTheWriter.sweep`)."""
     forwarded = request.forward is not None and bool(request.forward.destinations)
     return forwarded or request.row.get("callback_command") in models.TOPIC_COMMANDS
 

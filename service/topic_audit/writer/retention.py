@@ -7,7 +7,7 @@ keep flowing (the writer waits at most one batch for the lock).
 
 The body policy (``TOPIC_AUDIT_STORE_BODIES=topics``): a callback outside the topic family is written
 without its content (:func:`topic_audit.privacy.erasure.record_policy`), unless it is to be forwarded; then its
-content stays until every delivery of it is delivered or failed for good, and :func:`policy_sweep`
+content stays until every delivery of it is delivered or failed for good, and :meth:`OnTheWriter.sweep`
 (every minute) erases it -- and, the first time, the content of such callbacks written before the policy.
 
 Several receiver processes (``--workers``, a reload's old and new generation) may each run the timer:
