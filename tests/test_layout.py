@@ -32,7 +32,6 @@ LOGGERS = {
     "topic_audit.retention",
     "topic_audit.serve",
     "topic_audit.settings",
-    "topic_audit.tree",
     "topic_audit.watch",
     "topic_audit.writer",
 }

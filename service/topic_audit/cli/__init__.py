@@ -1,9 +1,13 @@
 """The ``topic-audit`` command line (click). Every option has help text and an environment variable.
 
-The commands group as the modules do: :mod:`.serve` (the receiver), :mod:`.send` (callbacks for
-trying it), :mod:`.audit` (everything that reads or maintains the database), :mod:`.forward` (replaying
-deliveries to the app's handler, and a demo handler), :mod:`.offbox` (restoring from the replica, and
-watching a log continuously).
+Click only: each command parses its options into :class:`topic_audit.settings.Settings` (or plain
+values) and calls the package that does the work. The commands group as the modules do:
+:mod:`.serve` (``serve``: the receiver and its processes), :mod:`.units` (``units``: the systemd unit
+files), :mod:`.send` (``send``: callbacks for trying it), :mod:`.audit` (what reads or maintains the
+database: ``explore``, ``hash-password``, ``migrate``, ``rebuild-projection``, ``verify``, ``checkpoint``,
+``public-key``), :mod:`.forward` (``replay``, ``rebuild-outbox``, and the demo handler ``sink``),
+:mod:`.offbox` (``restore`` from the replica, ``watch`` a log continuously), :mod:`.proofs` (``prove``,
+``check-receipt``), :mod:`.privacy` (``erase``, ``retain``); :mod:`.options` holds what they share.
 """
 
 from __future__ import annotations

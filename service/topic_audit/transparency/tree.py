@@ -5,7 +5,7 @@ Leaf *n* (from 0) is the entry with id *n*+1; its leaf data is the 32 raw bytes 
 of ``256**L`` leaves: row ``(L, i)`` is ``MTH(D[i * 256**L : (i + 1) * 256**L])`` -- hash ``i % 256``
 of the C2SP tlog-tiles tile ``L/(i // 256)``. Level 0 (the leaf hashes) is not stored: it is computed
 from ``audit_log.entry_hash``, one range of ids at a time. Rows are only ever added (by :func:`update`,
-from the checkpoint job on the writer), and every one can be recomputed from the log (``verify`` does).
+as each checkpoint is signed: :func:`topic_audit.writer.signer.checkpoint`), and every one can be recomputed from the log (``verify`` does).
 
 A subtree of height ``h`` is then the fold of at most 128 hashes of one tile at level ``h // 8``, so an
 inclusion proof reads one tile per level: four ranges of rows on a 5,000,000-entry log.
@@ -14,13 +14,10 @@ inclusion proof reads one tile per level: four ranges of rows on a 5,000,000-ent
 from __future__ import annotations
 
 import hashlib
-import logging
 import sqlite3
 from typing import Final
 
 from topic_audit.transparency import tlog
-
-log = logging.getLogger("topic_audit.tree")
 
 TILE_HEIGHT: Final = 8
 """Tiles are 2**8 = 256 hashes wide, as in C2SP tlog-tiles. Tests use smaller tiles to reach every level."""
