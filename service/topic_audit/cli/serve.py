@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -330,7 +329,10 @@ def serve(**params: Any) -> None:
     configure_logging(first["log_level"])
     # Before anything imports prometheus_client: it picks its storage when first imported. Every process
     # of this serve (the receivers of every generation, and this one) writes its metrics there.
-    metrics_dir = tempfile.mkdtemp(prefix="topic-audit-metrics-")
+    from topic_audit.serve import scratch
+
+    scratch.remove_leftovers()
+    metrics_dir = scratch.folder("metrics")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["TOPIC_AUDIT_LOG_LEVEL"] = first["log_level"]
     try:
