@@ -15,23 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from topic_audit.tencent import models
+from topic_audit.tencent import checks, models
 
-REASONS: Final = (
-    "header_timeout",
-    "headers_too_large",
-    "method_not_allowed",
-    "request_timeout",
-    "body_too_large",
-    "app_id_missing",
-    "app_id_mismatch",
-    "signature_missing",
-    "request_time_skewed",
-    "signature_invalid",
-    "malformed_json",
-    "command_mismatch",
-    "invalid_payload",
-)
+REASONS: Final = checks.REASONS
 # Every (outcome, reason) pair the receiver can record.
 OUTCOME_REASONS: Final = (
     ("accepted", "none"),

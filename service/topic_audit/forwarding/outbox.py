@@ -25,6 +25,7 @@ import msgspec
 
 from topic_audit import clock
 from topic_audit.log import chain, database
+from topic_audit.tencent import checks
 
 COLUMNS: Final = (
     "id",
@@ -47,27 +48,8 @@ RESPONSE_LIMIT: Final = 2048
 """Characters of a destination's answer kept in ``deliveries.response_body``."""
 ERRORS: Final = ("http_error", "timeout", "connection_error")
 
-NOT_FORWARDED: Final = frozenset(
-    {
-        "method_not_allowed",
-        "request_timeout",
-        "body_too_large",
-        "app_id_missing",
-        "app_id_mismatch",
-        "signature_missing",
-        "request_time_skewed",
-        "signature_invalid",
-        "header_timeout",
-        "headers_too_large",
-    }
-)
-"""The rejections that are never forwarded: those of the checks up to and including the signature (the
-contract: "every request that passed the app-id and signature checks, whatever its outcome after them;
-never one rejected by those checks, never a non-POST"). In the receiver this is
-:attr:`topic_audit.tencent.checks.Decision.authenticated`; here it picks the forwardable entries of the log
-(:data:`FORWARDABLE`). A rejection after the signature (``malformed_json``, ``command_mismatch``,
-``invalid_payload``) is forwarded: the app's handler decides about it. ``tests/test_outbox.py`` holds
-the two to each other for every reason the checks give."""
+NOT_FORWARDED: Final = checks.NOT_FORWARDED
+"""The rejections never forwarded: the outbox's filter of the forwardable entries (:data:`FORWARDABLE`)."""
 
 _Canonical = msgspec.defstruct("_Canonical", [(name, object) for name in SORTED])
 _encoder = msgspec.json.Encoder()

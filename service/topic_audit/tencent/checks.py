@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -22,6 +22,29 @@ from topic_audit.settings import Settings
 from topic_audit.tencent import models
 
 _INTEGER = re.compile(r"[0-9]{1,12}")
+
+HEAD_REFUSED: Final = ("header_timeout", "headers_too_large")
+"""Rejections of a request whose head the receiver refused before the checks ran (408, 431)."""
+UNAUTHENTICATED: Final = (
+    "method_not_allowed",
+    "request_timeout",
+    "body_too_large",
+    "app_id_missing",
+    "app_id_mismatch",
+    "signature_missing",
+    "request_time_skewed",
+    "signature_invalid",
+)
+"""Rejections by the checks up to and including the signature, in the contract's order."""
+AUTHENTICATED: Final = ("malformed_json", "command_mismatch", "invalid_payload")
+"""Rejections after the signature passed: the app's handler still gets these callbacks."""
+REASONS: Final = (*HEAD_REFUSED, *UNAUTHENTICATED, *AUTHENTICATED)
+"""Every reason a request is rejected for: the one list (metrics' labels, forwarding's filter)."""
+NOT_FORWARDED: Final = frozenset((*HEAD_REFUSED, *UNAUTHENTICATED))
+"""The rejections never forwarded (the contract: "every request that passed the app-id and signature
+checks, whatever its outcome after them; never one rejected by those checks, never a non-POST"): in the
+receiver :attr:`Decision.authenticated` says it of one request; the outbox's SQL filter uses this list
+(``tests/test_outbox.py`` holds the two to each other for every reason)."""
 
 
 @dataclass(frozen=True, slots=True)
