@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from topic_audit.restarts import Backoff
 from topic_audit.serve import writers
 from topic_audit.serve.children import Receiver
 from topic_audit.settings import Settings
@@ -61,3 +62,16 @@ def test_a_writer_that_ends_is_started_again_on_its_socket_after_a_growing_pause
         for writer in kept.everyone():
             writer.process.kill()
             writer.process.wait()
+
+
+def test_one_restart_policy_doubles_to_a_ceiling_and_forgets_after_a_steady_run() -> None:
+    backoff = Backoff(first=1.0, most=5.0, steady=60.0)
+    backoff.started(now=0.0)
+    pauses = []
+    for _ in range(5):  # each ends a second after its start
+        pauses.append(backoff.ended(now=backoff.since + 1))
+        backoff.started(now=backoff.since + 1 + pauses[-1])
+    assert pauses == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff.ended(now=backoff.since + 60) == 0.0  # it had run steadily: at once
+    backoff.started(now=backoff.since + 60)
+    assert backoff.ended(now=backoff.since + 1) == 1.0  # and the doubling starts over

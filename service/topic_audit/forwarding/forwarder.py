@@ -31,13 +31,15 @@ from topic_audit.forwarding import outbox
 from topic_audit.forwarding.outbox import Forward
 from topic_audit.forwarding.sending import Sender, content_type, destination_label, tencent_answer
 from topic_audit.metrics import Metrics
+from topic_audit.restarts import Backoff
 from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.tencent import checks, models
 
 log = logging.getLogger("topic_audit.forward")
 
-RESTART_SECONDS = 1.0
-"""How long after the delivery process ended unasked another is started."""
+FIRST_PAUSE_SECONDS = 1.0
+MOST_PAUSE_SECONDS = 30.0
+"""The pauses before another delivery process is started (:class:`topic_audit.restarts.Backoff`)."""
 
 
 class Forwarder:
@@ -120,6 +122,7 @@ class DeliveryProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._backoff = Backoff(FIRST_PAUSE_SECONDS, MOST_PAUSE_SECONDS)
 
     def start(self) -> None:
         self._spawn()
@@ -153,6 +156,7 @@ class DeliveryProcess:
             self._process.wait(5)
 
     def _spawn(self) -> None:
+        self._backoff.started()
         env = {**os.environ, WORKER_SETTINGS: self.settings.for_workers()}
         env.pop("TOPIC_AUDIT_TOKEN", None)
         if self.settings.token is not None:
@@ -179,10 +183,9 @@ class DeliveryProcess:
             code = process.wait()
             if self._stopping.is_set():
                 return
-            log.error(
-                "the delivery process ended (exit code %s); starting another in %g s", code, RESTART_SECONDS
-            )
-            if self._stopping.wait(RESTART_SECONDS):
+            pause = self._backoff.ended()
+            log.error("the delivery process ended (exit code %s); starting another in %g s", code, pause)
+            if self._stopping.wait(pause):
                 return
             self._spawn()
 

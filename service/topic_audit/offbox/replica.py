@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from topic_audit.log.database import read_only
+from topic_audit.restarts import Backoff
 from topic_audit.settings import PREFIX, SettingsError
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ when the machine dies: about 0.6 s of callbacks, plus an upload (README, Disaste
 MONITOR_SECONDS = 1.0
 BEHIND_SECONDS = 30.0
 """Lag past which ``serve`` logs that the replica is behind (once per episode)."""
-RESTART_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+FIRST_PAUSE_SECONDS = 1.0
+MOST_PAUSE_SECONDS = 30.0
+"""The pauses before Litestream is started again after it ended (:class:`topic_audit.restarts.Backoff`)."""
 SETTLE_SECONDS = 1.5
 """After a checkpoint appears, Litestream has picked up its commit within this long (it looks at the WAL
 every second); the database position then is what the replica must reach before it is published."""
@@ -244,6 +247,7 @@ class Replicator:
         self._behind = False
         self._checkpoints: _Checkpoints | None = None
         self._lock = threading.Lock()
+        self._backoff = Backoff(FIRST_PAUSE_SECONDS, MOST_PAUSE_SECONDS)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -298,6 +302,7 @@ class Replicator:
         return self._process is not None and self._process.poll() is None
 
     def _spawn(self) -> None:
+        self._backoff.started()
         self._process = subprocess.Popen(
             [self._binary, "replicate", "-log-level", "debug", "-config", str(self._config)],
             stdout=subprocess.PIPE,
@@ -332,24 +337,22 @@ class Replicator:
 
     # -- the monitor -----------------------------------------------------------------------------
     def _monitor(self) -> None:
-        failures = 0
         while not self._stopping.wait(MONITOR_SECONDS):
             try:
                 if not self._running():
-                    failures = self._restart(failures)
+                    self._restart()
                 self._update_lag()
                 self._publish()
             except Exception:
                 log.exception("the replica monitor failed; trying again")
 
-    def _restart(self, failures: int) -> int:
+    def _restart(self) -> None:
         code = self._process.poll() if self._process is not None else None
-        delay = RESTART_SECONDS[min(failures, len(RESTART_SECONDS) - 1)]
+        delay = self._backoff.ended()
         log.error("litestream ended (exit code %s); starting it again in %g s", code, delay)
         if self._stopping.wait(delay):
-            return failures
+            return
         self._spawn()
-        return failures + 1
 
     def _update_lag(self, now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -3,10 +3,9 @@
 One per generation of receivers: the current generation's, and, after a reload, the earlier
 generations' while their receivers drain (each receiver feeds the writer it was started with). A writer
 that ends unasked -- the current one or one of an earlier generation -- is started again on its own socket
-with its own settings: at once the first time, then after a pause that doubles (up to
-:data:`MOST_PAUSE_SECONDS`) while each new one ends within :data:`STEADY_SECONDS` of its start, so that a
-writer that cannot start does not take a core starting again and again. Meanwhile its receivers answer
-503 for what they cannot have committed.
+with its own settings, when :class:`topic_audit.restarts.Backoff` says (at once after a steady run, else
+after a pause from :data:`FIRST_PAUSE_SECONDS` doubling up to :data:`MOST_PAUSE_SECONDS`). Meanwhile its
+receivers answer 503 for what they cannot have committed.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from topic_audit.restarts import Backoff
 from topic_audit.serve.children import Receiver
 from topic_audit.settings import Settings
 
@@ -25,15 +25,12 @@ log = logging.getLogger("topic_audit.serve")
 
 FIRST_PAUSE_SECONDS: Final = 0.25
 MOST_PAUSE_SECONDS: Final = 5.0
-STEADY_SECONDS: Final = 60.0
-"""A writer that ran this long before it ended is started again at once."""
 
 
 @dataclass
 class _Restart:
     settings: Settings
-    started: float
-    pause: float = 0.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(FIRST_PAUSE_SECONDS, MOST_PAUSE_SECONDS))
     due: float | None = None
     """When the writer that ended is to be started again (None: it runs)."""
 
@@ -57,7 +54,7 @@ class Writers:
         """A writer on the socket of a new generation (made current by :meth:`promote`)."""
         self.generation += 1
         socket_path = os.path.join(self.folder, f"writer-{self.generation}.sock")
-        self._restarts[socket_path] = _Restart(settings, time.monotonic())
+        self._restarts[socket_path] = _Restart(settings)
         return self.spawn(settings, socket_path)
 
     def promote(self, writer: Receiver) -> None:
@@ -89,21 +86,18 @@ class Writers:
         if restart.due is None:
             if writer.process.poll() is None:
                 return writer
-            restart.pause = (
-                0.0
-                if now - restart.started >= STEADY_SECONDS
-                else min(max(restart.pause * 2, FIRST_PAUSE_SECONDS), MOST_PAUSE_SECONDS)
-            )
-            restart.due = now + restart.pause
+            pause = restart.backoff.ended(now)
+            restart.due = now + pause
             log.error(
                 "the writer process %s ended unasked (exit code %s); starting another%s",
                 writer.process.pid,
                 writer.process.returncode,
-                f" in {restart.pause:g} s" if restart.pause else "",
+                f" in {pause:g} s" if pause else "",
             )
             self.ended(writer)
             self.crashed()
         if now < restart.due:
             return writer
-        restart.due, restart.started = None, now
+        restart.due = None
+        restart.backoff.started(now)
         return self.spawn(restart.settings, writer.socket)
