@@ -41,8 +41,9 @@ from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.tencent import checks, models
-from topic_audit.transparency.checkpoints import Signer, record_key
+from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, retention
+from topic_audit.writer.checkpoint_timer import CheckpointTimer
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
 from topic_audit.writer.thread import AppendError, AuditWriter, Forward, Writer
 
@@ -508,7 +509,8 @@ def create_app(
         if forwarder is not None:
             await forwarder.start()
         app.state.forwarder = forwarder
-        ticker, last = _start_checkpoints(settings, writer)
+        timer = CheckpointTimer(settings, at_start=False)  # under serve, the supervisor's (here: interval 0)
+        timer.start()
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
         forgetting = retention.start(settings, metrics, writer, clock.now)
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
@@ -521,14 +523,8 @@ def create_app(
                 task.cancel()
             if forwarder is not None:
                 await forwarder.stop()
-            if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-            if last is not None:  # a last checkpoint covers everything answered before shutdown
-                with contextlib.suppress(Exception):
-                    await asyncio.wrap_future(writer.submit(last))
             writer.stop()
+            await asyncio.to_thread(timer.stop)  # a last checkpoint covers everything answered
 
     # Litestar's own HTTP metrics, by route template. The callback route is left out: it has richer
     # metrics of its own, and its hot path stays free of a second middleware.
@@ -558,33 +554,3 @@ def create_app(
     app.callback_path, app.callback = settings.callback_path, callback
     return app
 
-
-def _start_checkpoints(
-    settings: Settings, writer: Writer
-) -> tuple[asyncio.Task[None] | None, jobs.Checkpoint | None]:
-    """Sign a checkpoint every ``checkpoint_seconds`` on the writer thread (a consistent head); returns
-    the ticking task and the job for a last checkpoint at shutdown."""
-    if settings.checkpoint_seconds == 0:
-        return None, None
-    _, created = Signer.load_or_create(settings.signing_key_path)
-    if created:
-        log.warning(
-            "created checkpoint signing key %s (0600); export its public key with `topic-audit public-key` "
-            "and keep it where the auditors are",
-            settings.signing_key_path,
-        )
-    last = jobs.Checkpoint(settings.signing_key_path, settings.checkpoint_path)
-    # Several workers (serve --workers) each tick: one checkpoint per interval is enough.
-    tick_job = jobs.Checkpoint(
-        settings.signing_key_path, settings.checkpoint_path, unless_within=settings.checkpoint_seconds / 2
-    )
-
-    async def tick() -> None:
-        while True:
-            await asyncio.sleep(settings.checkpoint_seconds)
-            try:
-                await asyncio.wrap_future(writer.submit(tick_job))
-            except Exception:
-                log.exception("could not write a checkpoint; will retry")
-
-    return asyncio.create_task(tick(), name="checkpoints"), last

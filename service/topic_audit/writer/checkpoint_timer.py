@@ -1,4 +1,6 @@
-"""The checkpoint timer of ``serve``: one owner, the supervisor, however many receivers run and restart.
+"""The checkpoint timer: under ``serve`` one owner, the supervisor, however many receivers run and
+restart (theirs are off); the app alone (:func:`topic_audit.receiver.app.create_app` without ``serve``:
+tests, tools) runs one of its own for its lifetime.
 
 Every ``checkpoint_seconds`` (and once more on the way out, after the receivers have committed their
 last answers) a thread signs the head of the log on a write connection of its own, under SQLite's write
@@ -22,8 +24,11 @@ log = logging.getLogger("topic_audit.checkpoints")
 
 
 class CheckpointTimer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, at_start: bool = True) -> None:
         self.settings = settings
+        self.at_start = at_start
+        """Sign at once, at start, when the log has boundaries no checkpoint covers yet (``serve``); the
+        app alone waits for its first tick."""
         self.interval = settings.checkpoint_seconds
         """Seconds between checkpoints (0: none); a reload may change it."""
         self._stop = threading.Event()
@@ -74,7 +79,7 @@ class CheckpointTimer:
             conn.close()
 
     def _run(self) -> None:
-        if self._boundaries_unsigned():
+        if self.at_start and self._boundaries_unsigned():
             self.sign()  # the boundaries a migration fixed are signed at once, not a tick later
         while not self._stop.wait(self.interval or 1):
             if self.interval:
