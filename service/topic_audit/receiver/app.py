@@ -553,4 +553,3 @@ def create_app(
     )
     app.callback_path, app.callback = settings.callback_path, callback
     return app
-
