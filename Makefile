@@ -56,6 +56,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check service tests dashboard grafana
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+	@# The docs, strictly (a broken link or anchor fails); not --quiet, which hides the warnings --strict counts.
+	site=$$(mktemp -d); $(BIN)/mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -158,15 +158,15 @@ def _poster(client: TestClient[Any]) -> Any:
 
 
 def test_the_readme_scripts_catch_the_forgery(signed_log: Path, settings: Settings) -> None:
-    """The auditor's own scripts (README) find it too, without our code: the chain script sees an entry
-    that lost its commitment, the checkpoint script a record the pinned key never signed."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    """The auditor's own scripts (docs/log-format.md) find it too, without our code: the chain script sees
+    an entry that lost its commitment, the checkpoint script a record the pinned key never signed."""
+    readme = (Path(__file__).parent.parent / "docs" / "log-format.md").read_text()
     scripts = {
         section: readme.split(section, 1)[1]
         .split("```python", 1)[1]
         .split("```", 1)[0]
         .replace('"file:audit.db', f'"file:{signed_log}')
-        for section in ("### Canonical form", "### Signed checkpoints")
+        for section in ("\n## Canonical form and re-verification\n", "\n## Signed checkpoints\n")
     }
     (signed_log.parent / "checkpoint-public-key.hex").write_text(public_key(settings))
     for script in scripts.values():  # the genuine log passes both

@@ -310,8 +310,8 @@ def test_check_receipt_takes_the_key_as_hex_pem_or_vkey_without_a_database(log: 
 
 
 def test_the_readme_script_checks_a_real_receipt(log: Path, tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    script = readme.split("## Receipts and proofs", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "log-format.md").read_text(encoding="utf-8")
+    script = readme.split("\n## Receipts and proofs\n", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     (tmp_path / "log.vkey").write_text(vkey_of(log) + "\n")
     receipt = json.loads(run("prove", "--db", str(log), "--id", "42").output)
     (tmp_path / "receipt.json").write_text(json.dumps(receipt))
