@@ -198,6 +198,14 @@ def _sources() -> list[str]:
     return [path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py")]
 
 
+def test_every_python_one_liner_the_docs_show_runs() -> None:
+    shown = re.findall(r'`python -c "([^"`]+)"`', DOCS)
+    assert shown
+    for code in shown:
+        ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert ran.returncode == 0, f"{code}: {ran.stderr}"
+
+
 def test_the_architecture_names_every_package_and_module() -> None:
     """docs/architecture.md moves with the tree: each subpackage has its row, naming each of its modules."""
     page = PAGES["architecture.md"]
