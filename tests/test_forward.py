@@ -31,6 +31,7 @@ from conftest import (
     wait_for,
 )
 from destination import OK, VETO, Destination
+from topic_audit.forwarding.sending import destination_label
 from topic_audit.tencent import checks, samples
 
 BEFORE = "Group.CallbackBeforeCreateTopic"
@@ -408,7 +409,7 @@ def test_replay_by_id_range_and_destination(
 
 
 def delivery_processes(serve: int) -> list[int]:
-    """The delivery processes below ``serve`` (its workers' children, with ``--workers``)."""
+    """The delivery processes below ``serve`` (its supervisor's child, however many workers)."""
     parents: dict[int, int] = {}
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -432,8 +433,8 @@ def delivery_processes(serve: int) -> list[int]:
 def test_with_two_workers_each_callback_is_attempted_once_per_destination_per_round(
     tmp_path: Path, stopping: list[Server]
 ) -> None:
-    """Each worker of ``serve --workers 2`` has its delivery process; the one holding the forwarder lock
-    delivers, so no callback reaches a destination twice in one round (nor is recorded twice)."""
+    """``serve --workers 2`` has one delivery process, which both workers wake: no callback reaches a
+    destination twice in one round (nor is recorded twice)."""
     fast, slow = Destination("ok"), Destination("slow", delay=0.05)  # slow: attempts overlap the looks
     count = 80
     try:
@@ -441,7 +442,7 @@ def test_with_two_workers_each_callback_is_attempted_once_per_destination_per_ro
         stopping.append(server)
         assert server.process is not None
         pid = server.process.pid
-        wait_for(lambda: len(delivery_processes(pid)) == 2, 20, "a delivery process per worker")
+        wait_for(lambda: len(delivery_processes(pid)) == 1, 20, "the delivery process")
         children = sorted(delivery_processes(pid))
 
         answers = deliver_concurrently(server.url, count, "@TGS#_g@TOPIC#_w")
@@ -454,8 +455,10 @@ def test_with_two_workers_each_callback_is_attempted_once_per_destination_per_ro
         )
         assert replayed.returncode == 0 and f"queued {2 * count} deliveries" in replayed.stdout, replayed
         wait_for(lambda: table(server.db, settled)[0]["n"] == 2 * count, 30, "the replayed round")
-        assert sorted(delivery_processes(pid)) == children  # the same two: neither died and was replaced
-        server.stop()  # the delivery processes record what they attempted, and nothing is sent afterwards
+        assert (
+            sorted(delivery_processes(pid)) == children
+        )  # the same one: it did not die and was not replaced
+        server.stop()  # the delivery process records what it attempted, and nothing is sent afterwards
     finally:
         fast.stop()
         slow.stop()
@@ -559,3 +562,34 @@ def test_the_outbox_is_rebuilt_from_the_log_and_the_deliveries(
     rebuilt = run_cli("rebuild-outbox", "--db", str(server.db), env=env)
     assert rebuilt.returncode == 0 and "12 rows" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
     assert table(server.db, state) == before
+
+
+def test_the_app_alone_delivers_on_its_own_loop(tmp_path: Path, destination: Destination) -> None:
+    """Without ``serve`` (tests, tools), the app delivers what it queued itself, recorded through its
+    writer, its metrics its own."""
+    from litestar.testing import TestClient
+    from topic_audit.metrics import Metrics
+    from topic_audit.receiver.app import create_app
+    from topic_audit.settings import Settings
+
+    db = tmp_path / "audit.db"
+    metrics = Metrics()
+    settings = Settings(sdk_app_id=APP_ID, token=TOKEN, db=db, forward_url=(destination.url,))
+    with TestClient(create_app(settings, metrics)) as client:
+        for n in range(3):
+            body = samples.sample("after-create", TopicId=f"@TGS#_g@TOPIC#_alone{n}")
+            query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+            assert client.post(f"/callback?{query}", content=json.dumps(body).encode()).status_code == 200
+        wait_for(lambda: destination.ids() == {1, 2, 3}, 10, "the three deliveries")
+        wait_for(
+            lambda: (
+                metrics.registry.get_sample_value(
+                    "topic_audit_forward_attempts_total",
+                    {"destination": destination_label(destination.url), "result": "delivered"},
+                )
+                == 3
+            ),
+            5,
+            "the attempts' metrics",
+        )
+    assert len(table(db, "SELECT * FROM deliveries")) == 3

@@ -1,6 +1,6 @@
 """When a child process that ended unasked is started again: one policy for every child ``serve`` keeps
 (the writer processes, :mod:`topic_audit.serve.writers`; the delivery process,
-:class:`topic_audit.forwarding.forwarder.DeliveryProcess`; Litestream, :mod:`topic_audit.offbox.replica`).
+:mod:`topic_audit.serve.delivery`; Litestream, :mod:`topic_audit.offbox.replica`).
 
 A child that had run :attr:`Backoff.steady` seconds or more is started again at once: it was working, and
 what it serves is down until it is back. One that ends sooner is started again after a pause, ``first``

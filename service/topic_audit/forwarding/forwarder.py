@@ -8,10 +8,12 @@ every callback that passed the app-id and signature checks:
   before Tencent is answered, within ``forward_before_timeout_seconds``; a Tencent-shaped answer from the
   app is relayed byte for byte, anything else gets the ``forward_before_on_failure`` answer. Never retried.
 - **Everything else**: the outbox rows are queued in the transaction that appends the log row
-  (:class:`topic_audit.writer.thread.Forward`), and the delivery process (:mod:`topic_audit.serve.delivery_process`, a child
-  of ``serve`` with its own interpreter, so that delivering never takes CPU from the answers) delivers
-  them in the background. :class:`DeliveryProcess` starts it, wakes it, restarts it if it dies and
-  applies its metric reports.
+  (:class:`topic_audit.writer.thread.Forward`), and delivered in the background: under ``serve`` by its
+  one delivery process (:mod:`topic_audit.serve.delivery_process`, a child of the supervisor with its
+  own interpreter, so that delivering never takes CPU from the answers), which the receiver wakes on its
+  socket (:class:`topic_audit.forwarding.loop.Waker`); in the app alone (tests, tools) by
+  :class:`LocalDelivery`, on the app's own event loop. Either way :func:`apply` turns the deliverer's
+  reports into metrics.
 
 Sending and re-signing, which both sides do, are :mod:`topic_audit.forwarding.sending`'s.
 """
@@ -20,33 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import os
-import subprocess
-import sys
-import threading
+from typing import Protocol
 
-from topic_audit.forwarding import outbox
+from topic_audit.forwarding import loop, outbox
+from topic_audit.forwarding.deliverer import Writer
 from topic_audit.forwarding.outbox import Forward
 from topic_audit.forwarding.sending import Sender, content_type, destination_label, tencent_answer
 from topic_audit.metrics import Metrics
-from topic_audit.restarts import Backoff
-from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.settings import Settings
 from topic_audit.tencent import checks, models
 
 log = logging.getLogger("topic_audit.forward")
 
-FIRST_PAUSE_SECONDS = 1.0
-MOST_PAUSE_SECONDS = 30.0
-"""The pauses before another delivery process is started (:class:`topic_audit.restarts.Backoff`)."""
-
 
 class Forwarder:
-    """The receiver's side of forwarding: Before-callbacks, what to queue with each row, and the
-    delivery process."""
+    """The receiver's side of forwarding: Before-callbacks, what to queue with each row, and waking
+    whoever delivers it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, delivery: Delivery) -> None:
         self.settings = settings
         self.metrics = metrics
         self.destinations = settings.forward_url
@@ -56,21 +52,20 @@ class Forwarder:
             else models.encode_answer("OK", "the app's callback handler did not answer", 1)
         )
         self.sender = Sender(settings.token)
-        self.delivery = DeliveryProcess(settings, metrics)
+        self.delivery = delivery
         self._label = destination_label(self.destinations[0])
 
     async def start(self) -> None:
         for destination in self.destinations:
             self.metrics.forwarding_to(destination_label(destination))
         await self.sender.start()
-        self.delivery.start()
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.delivery.stop)
+        await self.delivery.stop()
         await self.sender.close()
 
     def wake(self) -> None:
-        """Rows were queued: the delivery process looks at the outbox now."""
+        """Rows were queued: whoever delivers looks at the outbox now."""
         self.delivery.wake()
 
     def forward_for(self, decision: checks.Decision) -> Forward | None:
@@ -113,81 +108,30 @@ class Forwarder:
         return (sent.body if relayed else None), attempt
 
 
-class DeliveryProcess:
-    """Starts the delivery process, restarts it if it dies, wakes it, applies its reports, stops it."""
+class Delivery(Protocol):
+    """Who delivers what the receiver queued: serve's delivery process (reached by a
+    :class:`~topic_audit.forwarding.loop.Waker`) or :class:`LocalDelivery`."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self._process: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._backoff = Backoff(FIRST_PAUSE_SECONDS, MOST_PAUSE_SECONDS)
+    def wake(self) -> None: ...
+    async def stop(self) -> None: ...
 
-    def start(self) -> None:
-        self._spawn()
-        self._supervisor = threading.Thread(target=self._supervise, name="delivery-supervisor", daemon=True)
-        self._supervisor.start()
+
+class LocalDelivery:
+    """The app alone delivers on its own event loop (from now on: made on the loop), taking the forwarder
+    lock as serve's delivery process does; the attempts are recorded through the app's writer, the
+    reports applied to its metrics."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, writer: Writer | None) -> None:
+        self.deliverer, self._task = loop.start(settings, writer, functools.partial(apply, metrics))
 
     def wake(self) -> None:
-        process = self._process
-        if process is None or process.stdin is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, ValueError, OSError):
-            os.write(process.stdin.fileno(), b"\x01")
+        self.deliverer.wake()
 
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stopping.set()
-        process = self._process
-        if process is not None:
-            if process.stdin is not None:
-                with contextlib.suppress(OSError):
-                    process.stdin.close()  # end of file: the child stops
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the delivery process did not stop in %g s; killing it", timeout)
-                process.kill()
-                process.wait(5)
-        if self._supervisor is not None:
-            self._supervisor.join(timeout)
-        if self._process is not process and self._process is not None:  # restarted meanwhile
-            self._process.kill()
-            self._process.wait(5)
-
-    def _spawn(self) -> None:
-        self._backoff.started()
-        env = {**os.environ, WORKER_SETTINGS: self.settings.for_workers()}
-        env.pop("TOPIC_AUDIT_TOKEN", None)
-        if self.settings.token is not None:
-            env["TOPIC_AUDIT_TOKEN"] = self.settings.token
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "topic_audit.serve.delivery_process"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert self._process.stdin is not None
-        os.set_blocking(self._process.stdin.fileno(), False)
-
-    def _supervise(self) -> None:
-        """Apply the child's reports; when it ends unasked, start another."""
-        while True:
-            process = self._process
-            assert process is not None and process.stdout is not None
-            for line in process.stdout:
-                try:
-                    apply(self.metrics, line)
-                except (ValueError, KeyError, TypeError):
-                    log.warning("unreadable report from the delivery process: %r", line[:200])
-            code = process.wait()
-            if self._stopping.is_set():
-                return
-            pause = self._backoff.ended()
-            log.error("the delivery process ended (exit code %s); starting another in %g s", code, pause)
-            if self._stopping.wait(pause):
-                return
-            self._spawn()
+    async def stop(self) -> None:
+        """Abandon the attempts under way (attempted again later), record the finished ones."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 def apply(metrics: Metrics, line: bytes) -> None:

@@ -35,7 +35,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from topic_audit import clock
 from topic_audit.forwarding import outbox
-from topic_audit.forwarding.forwarder import Forwarder
+from topic_audit.forwarding.forwarder import Delivery, Forwarder, LocalDelivery
+from topic_audit.forwarding.loop import DELIVERY_SOCKET, Waker
 from topic_audit.log import chain
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
@@ -471,22 +472,31 @@ def from_environment() -> Litestar:
     settings = Settings.from_workers_json(
         os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
     )
-    socket = os.environ.get(WRITER_SOCKET)
-    return create_app(settings, writer_socket=None if socket is None else Path(socket))
+    socket, wake = os.environ.get(WRITER_SOCKET), os.environ.get(DELIVERY_SOCKET)
+    return create_app(
+        settings,
+        writer_socket=None if socket is None else Path(socket),
+        delivery_socket=None if wake is None else Path(wake),
+    )
 
 
 def create_app(
-    settings: Settings, metrics: Metrics | None = None, writer_socket: Path | None = None
+    settings: Settings,
+    metrics: Metrics | None = None,
+    writer_socket: Path | None = None,
+    delivery_socket: Path | None = None,
 ) -> Litestar:
     """The receiver for ``settings``. With ``writer_socket``, the writer process listening there commits
     its rows (``serve``: :mod:`topic_audit.serve.writer_process`); without, it migrates the database and owns
-    a writer thread for its lifetime."""
+    a writer thread for its lifetime. What it forwards is delivered by the delivery process listening on
+    ``delivery_socket`` (``serve``'s one, :mod:`topic_audit.serve.delivery_process`), which it wakes;
+    without, on its own event loop (:class:`topic_audit.forwarding.forwarder.LocalDelivery`)."""
     metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
-        writer: Writer
+        writer: AuditWriter | RemoteWriter
         if writer_socket is not None:
             writer = RemoteWriter(writer_socket, refused=metrics.batch_failed)
             writer.start()
@@ -505,8 +515,14 @@ def create_app(
         counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
         metrics.set_initial(*counts)
         app.state.writer = writer
-        forwarder = Forwarder(settings, metrics) if settings.forward_url else None
-        if forwarder is not None:
+        forwarder = None
+        if settings.forward_url:
+            delivery: Delivery = (
+                LocalDelivery(settings, metrics, writer)
+                if delivery_socket is None
+                else Waker(delivery_socket)
+            )
+            forwarder = Forwarder(settings, metrics, delivery)
             await forwarder.start()
         app.state.forwarder = forwarder
         timer = CheckpointTimer(settings, at_start=False)  # under serve, the supervisor's (here: interval 0)

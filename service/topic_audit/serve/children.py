@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import multiprocess
 
+from topic_audit.forwarding.loop import DELIVERY_SOCKET
 from topic_audit.serve.receiver_process import LISTEN_FD, READY_FD, SERVER, THREADS
 from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.writer.client import WRITER_SOCKET
@@ -80,6 +81,8 @@ class Launcher:
     sock: socket.socket
     server: str
     """The HTTP server the receivers run (``uvicorn``, ``granian``)."""
+    wake_socket: str = ""
+    """The delivery process's wake socket (:mod:`topic_audit.serve.delivery`), told to every receiver."""
 
     def start(
         self,
@@ -99,6 +102,7 @@ class Launcher:
             SERVER: self.server,
             THREADS: str(expected),
             WRITER_SOCKET: socket_path,
+            DELIVERY_SOCKET: self.wake_socket,
         }
         env.pop("TOPIC_AUDIT_TOKEN", None)
         if settings.token is not None:

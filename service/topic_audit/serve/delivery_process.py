@@ -1,78 +1,42 @@
-"""The delivery process: a child of ``serve`` that delivers the outbox to the app's handler(s).
+"""The delivery process: the child of ``serve`` that delivers the outbox to the app's handler(s).
 
 It runs in its own interpreter, so delivering (HTTP, recording each attempt) never takes CPU or the GIL
 from the answers to Tencent (README, Performance); it loads only what delivering needs (the outbox, the
 sender, the connection to ``serve``'s writer process, which records the attempts in its groups), not
-the receiver. :class:`~topic_audit.forwarding.deliverer.Deliverer` does the
-work; this module is the process around it. ``serve``'s side is
-:class:`topic_audit.forwarding.forwarder.DeliveryProcess`.
+the receiver. :class:`~topic_audit.forwarding.deliverer.Deliverer` does the work, in the loop of
+:mod:`topic_audit.forwarding.loop`; this module is the process around it. ``serve``'s supervisor starts
+one (:class:`topic_audit.serve.delivery.DeliveryProcess`), however many receivers run.
 
 Between ``serve`` and the child:
 
 - stdin: a byte means "rows were queued, look now"; end of file means ``serve`` is gone (stopped, or
   killed): the child stops, abandoning attempts under way (their rows stay pending).
-- stdout: a JSON line every :data:`REPORT_SECONDS` with the metric updates
-  (:class:`~topic_audit.forwarding.deliverer.Report`), which ``serve`` applies to its metrics (one ``/metrics`` for
-  everything).
+- the wake socket (``TOPIC_AUDIT_DELIVERY_SOCKET``): the receivers' "rows were queued", one datagram each
+  (:class:`topic_audit.forwarding.loop.Waker`).
+- stdout: a JSON line every :data:`~topic_audit.forwarding.loop.REPORT_SECONDS` with the metric updates
+  (:class:`~topic_audit.forwarding.deliverer.Report`), which ``serve`` applies to its metrics (one
+  ``/metrics`` for everything).
 - stderr: log lines, folded into ``serve``'s.
 - the environment: the settings (:data:`~topic_audit.settings.WORKER_SETTINGS`), the token, and the
-  writer process's socket (``TOPIC_AUDIT_WRITER_SOCKET``, the receiver's; without one, as when a test
-  builds the app in one process, the attempts are recorded on a write connection of its own).
-
-With ``serve --workers``, each worker starts a delivery process, and one at a time works: the holder of
-``<db>.forwarder.lock`` (:class:`ForwarderLock`); the others wait for the lock, so every due row is
-attempted by one process only.
+  writer process's socket (``TOPIC_AUDIT_WRITER_SOCKET``; without one the attempts are recorded on a
+  write connection of its own).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import logging
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from topic_audit.forwarding.deliverer import Deliverer, Report
+from topic_audit.forwarding.loop import DELIVERY_SOCKET, listen, start
 from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
-
-log = logging.getLogger("topic_audit.delivery")
-
-REPORT_SECONDS = 0.25
-LOCK_RETRY_SECONDS = 2.0
-
-
-class ForwarderLock:
-    """``<db>.forwarder.lock``, held (``flock``) by the one delivery process that works."""
-
-    def __init__(self, db: Path) -> None:
-        self.path = Path(f"{db}.forwarder.lock")
-        self._fd: int | None = None
-
-    async def acquire(self) -> None:
-        """Wait until this process holds the lock (looking every :data:`LOCK_RETRY_SECONDS`)."""
-        while self._fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as exc:
-                log.error("could not open %s (%s); trying again", self.path, exc)
-            else:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    self._fd = fd
-                    return
-                except BlockingIOError:  # another delivery process works
-                    os.close(fd)
-            await asyncio.sleep(LOCK_RETRY_SECONDS)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def main() -> None:
@@ -87,12 +51,17 @@ def main() -> None:
 async def _child(settings: Settings, out: IO[bytes]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    report = Report()
     socket_path = os.environ.get(WRITER_SOCKET)
     writer = RemoteWriter(Path(socket_path)) if socket_path else None
     if writer is not None:
         writer.start()
-    deliverer = Deliverer(settings, report, writer)
+
+    def reported(line: bytes) -> None:
+        with contextlib.suppress(OSError):
+            out.write(line)
+            out.flush()
+
+    deliverer, delivering = start(settings, writer, reported)
 
     def on_input() -> None:
         try:
@@ -107,34 +76,29 @@ async def _child(settings: Settings, out: IO[bytes]) -> None:
 
     os.set_blocking(0, False)
     loop.add_reader(0, on_input)
+    wake_path = os.environ.get(DELIVERY_SOCKET)
+    wakes = listen(Path(wake_path)) if wake_path else None
+    if wakes is not None:
+        loop.add_reader(wakes.fileno(), _drain, wakes, deliverer.wake)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-
-    async def send_reports() -> None:
-        while True:
-            await asyncio.sleep(REPORT_SECONDS)
-            if (line := report.line()) is not None:
-                out.write(line)
-                out.flush()
-
-    async def deliver() -> None:
-        await lock.acquire()
-        await deliverer.run()
-
-    lock = ForwarderLock(settings.db)
-    tasks = [asyncio.create_task(deliver()), asyncio.create_task(send_reports())]
     await stop.wait()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await deliverer.stop()
+    delivering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await delivering
+    if wakes is not None:
+        loop.remove_reader(wakes.fileno())
+        wakes.close()
     if writer is not None:
         writer.stop()
-    lock.release()
-    if (line := report.line()) is not None:
-        with contextlib.suppress(OSError):
-            out.write(line)
-            out.flush()
+
+
+def _drain(sock: socket.socket, wake: Callable[[], None]) -> None:
+    """Read every datagram waiting (one look at the outbox answers them all)."""
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(64):
+            pass
+    wake()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,10 +15,11 @@ restart may close the listening socket or leave it without a process that answer
   connections after their next answer. A new
   process that fails to start is stopped and the old ones keep serving (one line says why).
 - **What exists once stays here, with one owner throughout:** the Litestream child (and the checkpoints'
-  publication, :mod:`topic_audit.offbox.replica`) and the checkpoint timer (:mod:`topic_audit.writer.checkpoint_timer`;
-  the receivers run with theirs off). Each receiver's delivery process takes ``<db>.forwarder.lock``
-  before it delivers (:mod:`topic_audit.serve.delivery_process`), so exactly one delivers at any time, also while two
-  generations overlap. Settings these read (the database, the address, the replica, the checkpoint
+  publication, :mod:`topic_audit.offbox.replica`), the checkpoint timer (:mod:`topic_audit.writer.checkpoint_timer`;
+  the receivers run with theirs off) and, when forwarding, the delivery process
+  (:mod:`topic_audit.serve.delivery`), which the receivers wake on its socket; a reload starts another
+  with the new settings, and the old one stops (it holds ``<db>.forwarder.lock`` until then, so exactly
+  one delivers at any time). Settings these read (the database, the address, the replica, the checkpoint
   files) take effect at the next start; a reload that changes them says so.
 - **One writer process** (:mod:`topic_audit.serve.writer_process`) commits for every receiver: it starts
   first, listens on a Unix socket in a folder of ``serve``'s own (0700), and the receivers feed it
@@ -28,7 +29,8 @@ restart may close the listening socket or leave it without a process that answer
   for what it did not commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
   SQLite's lock in turn: one contiguous chain) for the new generation; the old writer stops once the
   receivers it served have drained.
-- **SIGTERM/SIGINT:** every receiver drains and commits, then the writer stops, then the last checkpoint is signed, Litestream is
+- **SIGTERM/SIGINT:** every receiver drains and commits, then the delivery process records what it
+  attempted and stops, then the writer stops, then the last checkpoint is signed, Litestream is
   stopped, and ``serve`` exits 0. A receiver that ends unasked is started again (``kind="crash"``).
 - **Metrics:** every process writes to one ``PROMETHEUS_MULTIPROC_DIR`` (``/metrics`` of any receiver
   merges them); the files of ended processes' live gauges are removed, so that
@@ -38,11 +40,13 @@ restart may close the listening socket or leave it without a process that answer
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -50,6 +54,7 @@ from dataclasses import replace
 from topic_audit.metrics import Metrics
 from topic_audit.serve import sockets
 from topic_audit.serve.children import DRAIN_SECONDS, Launcher, Receiver, stop_all, wait_ready
+from topic_audit.serve.delivery import DeliveryProcess
 from topic_audit.serve.writers import Writers
 from topic_audit.settings import Settings, SettingsError
 from topic_audit.writer.checkpoint_timer import CheckpointTimer
@@ -89,8 +94,11 @@ class Supervisor:
         self.draining: list[Receiver] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpoint_timer = CheckpointTimer(settings)
-        self.launcher = Launcher(sock, server)
         self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
+        self.launcher = Launcher(sock, server, os.path.join(self.folder, "delivery.sock"))
+        self.delivery: DeliveryProcess | None = None
+        self._retired_deliveries: list[threading.Thread] = []
+        """Delivery processes of earlier settings, stopping."""
         self.writers = Writers(
             self._spawn_writer,
             self.folder,
@@ -120,6 +128,7 @@ class Supervisor:
             log.error("serve could not start: %s", failed)
             return 1
         self.checkpoint_timer.start()
+        self._start_delivery(self.settings)
         self.metrics.checkpoint_interval.set(
             self.checkpoint_timer.interval
         )  # receivers report 0: they sign none
@@ -137,6 +146,7 @@ class Supervisor:
             self._reap()
         sockets.notify("STOPPING=1")
         clean = stop_all(self.metrics_dir, self.current + self.draining)
+        self._stop_delivery()  # it records its attempts through the writer
         clean = self._stop_writers(self.writers.everyone()) and clean  # once every receiver committed
         self.checkpoint_timer.stop()  # the last checkpoint covers everything answered
         return 0 if clean else 1
@@ -166,6 +176,7 @@ class Supervisor:
         time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
         old, self.current, self.settings = self.current, fresh, settings
         self.writers.promote(writer)
+        self._start_delivery(settings)
         self.checkpoint_timer.interval = settings.checkpoint_seconds
         self.metrics.checkpoint_interval.set(settings.checkpoint_seconds)
         deadline = time.monotonic() + DRAIN_SECONDS
@@ -176,6 +187,28 @@ class Supervisor:
         self.metrics.restarts.labels("reload").inc()
         self._announce("reloaded", old)
         sockets.notify("READY=1")
+
+    # -- the delivery process ---------------------------------------------------------------------
+    def _start_delivery(self, settings: Settings) -> None:
+        """One delivery process for ``settings`` (none without forwarding), feeding the current writer; the
+        one before stops in the background (the new one waits for its lock meanwhile)."""
+        old, self.delivery = self.delivery, None
+        if old is not None:
+            stopping = threading.Thread(target=old.stop, name="delivery-stop", daemon=True)
+            stopping.start()
+            self._retired_deliveries.append(stopping)
+        if settings.forward_url:
+            assert self.writers.current is not None
+            self.delivery = DeliveryProcess(
+                settings, self.metrics, self.writers.current.socket, self.launcher.wake_socket
+            )
+            self.delivery.start()
+
+    def _stop_delivery(self) -> None:
+        if self.delivery is not None:
+            self.delivery.stop()
+        for stopping in self._retired_deliveries:
+            stopping.join()
 
     # -- receivers ---------------------------------------------------------------------------------
     def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
