@@ -7,8 +7,8 @@ the other's Python: the receivers' event loops answer HTTP while this process ha
 commits, and N receivers share one writer instead of contending for SQLite's lock.
 
 One thread does everything, on an event loop: it reads every frame that has arrived, commits the
-requests in groups of up to ``max_batch`` (:class:`~topic_audit.writer.committer.Committer`: one transaction,
-one fsync), writes the answers (one write per receiver per group), runs jobs between groups, then looks
+requests in groups of up to ``max_batch`` (:class:`~topic_audit.writer.groups.Groups`, the writer thread's
+loop too: one transaction, one fsync), writes the answers (one write per receiver per group), runs jobs between groups, then looks
 for more. What arrives during a COMMIT waits in the socket and makes the next group: group commit.
 Between groups, now and then, it feeds the full-text indexes (:class:`~topic_audit.writer.housekeeping.SearchIndexer`);
 a thread beside it copies the WAL into the database file (:class:`~topic_audit.writer.housekeeping.WalCheckpointer`).
@@ -31,7 +31,6 @@ import signal
 import socket
 import struct
 import sys
-from collections import deque
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,6 +42,7 @@ from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, wire
 from topic_audit.writer.client import WRITER_SOCKET
 from topic_audit.writer.committer import Committer
+from topic_audit.writer.groups import Groups
 from topic_audit.writer.housekeeping import SearchIndexer, WalCheckpointer
 from topic_audit.writer.requests import Append, AppendError, Record
 
@@ -121,16 +121,18 @@ class Peer(asyncio.Protocol):
 
 
 class WriterServer:
-    """Takes what every peer sent, in order of arrival; commits it in groups; answers."""
+    """Takes what every peer sent, in order of arrival; commits it in groups
+    (:class:`topic_audit.writer.groups.Groups`); answers."""
 
     def __init__(self, committer: Committer, indexer: SearchIndexer, max_batch: int) -> None:
-        self.committer, self.indexer, self.max_batch = committer, indexer, max_batch
-        self.pending: deque[tuple[Peer, int, Append | Record | jobs.Job[Any]]] = deque()
+        self.committer, self.indexer = committer, indexer
+        self.groups = Groups(committer, max_batch, _answer, self._run)
+        self.pending: list[tuple[tuple[Peer, int], Append | Record | jobs.Job[Any]]] = []
         self._arrived = asyncio.Event()
         self._stopping = False
 
     def received(self, peer: Peer, seq: int, request: Append | Record | jobs.Job[Any]) -> None:
-        self.pending.append((peer, seq, request))
+        self.pending.append(((peer, seq), request))
         self._arrived.set()
 
     def stop(self) -> None:
@@ -156,43 +158,31 @@ class WriterServer:
         indexer.finish(committer.failing)
 
     def take(self) -> None:
-        """Commit and answer everything pending now: groups of appends (and delivery records), jobs
-        between them."""
-        pending, group = self.pending, []
-        while pending:
-            peer, seq, request = pending.popleft()
-            if isinstance(request, Append | Record):
-                group.append((peer, seq, request))
-                if len(group) >= self.max_batch:
-                    self._commit(group)
-                    group = []
-            else:
-                self._commit(group)
-                group = []
-                self._run(peer, seq, request)
-        self._commit(group)
+        """Commit and answer everything pending now (nothing arrives meanwhile: the loop is ours)."""
+        pending, self.pending = self.pending, []
+        self.groups.take(pending)
 
-    def _commit(self, group: list[tuple[Peer, int, Append | Record]]) -> None:
-        if not group:
-            return
-        results = self.committer.commit([request for _, _, request in group])
-        answers: dict[Peer, list[bytes]] = {}
-        for (peer, seq, _), result in zip(group, results, strict=True):
-            if isinstance(result, AppendError):
-                frame = wire.answer(seq, wire.REFUSED, str(result))
-            else:
-                frame = wire.answer(seq, wire.OK, result)
-            answers.setdefault(peer, []).append(frame)
-        for peer, frames in answers.items():
-            peer.send(frames)
-
-    def _run(self, peer: Peer, seq: int, job: jobs.Job[Any]) -> None:
+    def _run(self, key: tuple[Peer, int], job: jobs.Job[Any]) -> None:
+        peer, seq = key
         try:
             result = self.committer.run(job)
         except Exception as exc:  # the job's caller sees it
             peer.send([wire.answer(seq, wire.FAILED, f"{type(exc).__name__}: {exc}")])
             return
         peer.send([wire.answer(seq, wire.OK, result)])
+
+
+def _answer(keys: list[tuple[Peer, int]], results: list[Any]) -> None:
+    """One write per peer for the whole group."""
+    answers: dict[Peer, list[bytes]] = {}
+    for (peer, seq), result in zip(keys, results, strict=True):
+        if isinstance(result, AppendError):
+            frame = wire.answer(seq, wire.REFUSED, str(result))
+        else:
+            frame = wire.answer(seq, wire.OK, result)
+        answers.setdefault(peer, []).append(frame)
+    for peer, frames in answers.items():
+        peer.send(frames)
 
 
 class _Reported:

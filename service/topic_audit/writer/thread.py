@@ -2,8 +2,8 @@
 
 Requests put an :class:`~topic_audit.writer.append.Append` (a log row) or a :class:`~topic_audit.writer.append.Record`
 (delivery attempts) on a queue and await a future. The writer thread takes whatever is queued (up to
-``max_batch`` requests) and commits it as one group (:class:`~topic_audit.writer.committer.Committer`: one
-transaction, one COMMIT, one fsync with ``synchronous=FULL``). Only then are the futures resolved, so no
+``max_batch`` requests) and commits it as one group (:class:`~topic_audit.writer.groups.Groups`, the loop
+the writer process runs too: one transaction, one COMMIT, one fsync with ``synchronous=FULL``). Only then are the futures resolved, so no
 answer is sent before its row is durable. A lone request commits at once; under load the queue fills
 while a commit is in flight and the next transaction takes all of it (group commit).
 
@@ -22,12 +22,14 @@ class's methods): the answers then never wait for the writer's Python, nor the w
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -37,6 +39,7 @@ from topic_audit.tencent import models
 from topic_audit.writer import jobs
 from topic_audit.writer.append import Append, Committed, Forward, Record, append_batch
 from topic_audit.writer.committer import AppendError, Committer, Observer
+from topic_audit.writer.groups import Groups
 from topic_audit.writer.housekeeping import SearchIndexer, WalCheckpointer
 
 __all__ = [
@@ -69,19 +72,15 @@ class Writer(Protocol):
 
 @dataclass(slots=True)
 class _Waiting:
-    """A request in the queue, and the future its caller awaits on ``loop``."""
+    """The future a caller awaits on ``loop``."""
 
-    request: Append | Record
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
 
-@dataclass(slots=True)
-class _Job:
-    job: jobs.Job[Any]
-    future: Future[Any]
-
-
+_Key = _Waiting | Future[Any]
+"""Whom to answer: a request's caller, or a job's (a thread's future)."""
+_Item = tuple[_Key, Append | Record | jobs.Job[Any]]
 _STOP = object()
 
 
@@ -102,8 +101,9 @@ class AuditWriter:
         self.autocheckpoint = autocheckpoint
         self.max_batch = max_batch
         self.observer = observer
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self._committer: Committer | None = None
         self._wal_checkpointer: WalCheckpointer | None = None
 
@@ -113,6 +113,7 @@ class AuditWriter:
         conn = connect(self.path, self.autocheckpoint)
         self._committer = committer = Committer(conn, self.observer, self.store_bodies, self.record_key)
         indexer = SearchIndexer(conn)
+        self._stopped = False
         self._thread = threading.Thread(
             target=self._run, args=(committer, indexer), name="audit-writer", daemon=True
         )
@@ -142,7 +143,7 @@ class AuditWriter:
         """Queue ``row`` (every column but id and the chain; not changed) and wait until it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Committed] = loop.create_future()
-        self._queue.put(_Waiting(Append(row, event, forward), future, loop))
+        self._queue.put((_Waiting(future, loop), Append(row, event, forward)))
         return await future
 
     async def record(self, attempts: list[outbox.Attempt], schedule: tuple[int, ...]) -> list[outbox.Attempt]:
@@ -150,13 +151,13 @@ class AuditWriter:
         that they share its commit; returns the attempts that exhausted ``schedule``."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[outbox.Attempt]] = loop.create_future()
-        self._queue.put(_Waiting(Record(attempts, schedule), future, loop))
+        self._queue.put((_Waiting(future, loop), Record(attempts, schedule)))
         return await future
 
     def submit(self, job: jobs.Job[T]) -> Future[T]:
         """Run ``job`` on the writer thread, between groups; its result (or exception) in the future."""
         future: Future[T] = Future()
-        self._queue.put(_Job(job, future))
+        self._queue.put((future, job))
         return future
 
     def probe(self) -> Future[None]:
@@ -170,53 +171,52 @@ class AuditWriter:
 
     # -- the writer thread -----------------------------------------------------------------------
     def _run(self, committer: Committer, indexer: SearchIndexer) -> None:
-        get, get_nowait, max_batch = self._queue.get, self._queue.get_nowait, self.max_batch
+        get = self._queue.get
+        groups = Groups[_Key](committer, self.max_batch, _answer, functools.partial(_run_job, committer))
         while True:
             try:
-                item = get(timeout=indexer.wait_seconds())
+                first = get(timeout=indexer.wait_seconds())
             except queue.Empty:  # idle: a good moment to catch up on the search index
                 indexer.idle(committer.failing)
                 continue
-            batch: list[_Waiting] = []
-            while True:
-                if type(item) is _Waiting:
-                    batch.append(item)
-                elif type(item) is _Job:
-                    _commit_group(committer, batch)
-                    batch = []
-                    _run_job(committer, item)
-                else:  # _STOP
-                    _commit_group(committer, batch)
-                    indexer.finish(committer.failing)
-                    return
-                if len(batch) >= max_batch:
-                    break
+            groups.take(self._queued(first))
+            if self._stopped:
+                indexer.finish(committer.failing)
+                return
+            indexer.after_group(self._queue.empty(), committer.failing)  # now and then, a small batch
+
+    def _queued(self, item: object) -> Iterator[_Item]:
+        """``item`` and what is queued behind it, up to ``max_batch`` requests and jobs (up to the stop,
+        which sets ``_stopped``)."""
+        get_nowait = self._queue.get_nowait
+        for taken in range(self.max_batch):
+            if taken:
                 try:
                     item = get_nowait()
                 except queue.Empty:
-                    break
-            _commit_group(committer, batch)  # answers first; then, now and then, a small indexing batch
-            indexer.after_group(self._queue.empty(), committer.failing)
+                    return
+            if item is _STOP:
+                self._stopped = True
+                return
+            yield cast(_Item, item)
 
 
-def _run_job(committer: Committer, item: _Job) -> None:
-    if not item.future.set_running_or_notify_cancel():  # the caller gave up (e.g. /readyz timed out)
+def _run_job(committer: Committer, key: _Key, job: jobs.Job[Any]) -> None:
+    future = cast(Future[Any], key)
+    if not future.set_running_or_notify_cancel():  # the caller gave up (e.g. /readyz timed out)
         return
     try:
-        result = committer.run(item.job)
+        result = committer.run(job)
     except BaseException as exc:  # the job's caller sees it
-        item.future.set_exception(exc)
+        future.set_exception(exc)
         return
-    item.future.set_result(result)
+    future.set_result(result)
 
 
-def _commit_group(committer: Committer, batch: list[_Waiting]) -> None:
-    if not batch:
-        return
-    results = committer.commit([w.request for w in batch])
-    # One wake-up per event loop for the whole group, not one per request.
+def _answer(keys: list[_Key], results: list[Any]) -> None:
+    """One wake-up per event loop for the whole group, not one per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-    for waiting, result in zip(batch, results, strict=True):
+    for waiting, result in zip(cast(list[_Waiting], keys), results, strict=True):
         by_loop.setdefault(waiting.loop, []).append((waiting.future, result))
     for loop, pairs in by_loop.items():
         loop.call_soon_threadsafe(_settle, pairs)
