@@ -42,7 +42,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
-# The benchmark suite (not part of `make test`; takes a while): prints the tables quoted in the README.
+# The benchmark suite (not part of `make test`; takes a while): prints the tables quoted in docs/performance.md.
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench
 

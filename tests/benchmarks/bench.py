@@ -280,7 +280,7 @@ def grown_benchmark(folder: Path) -> list[str]:
 
 
 def servers_benchmark(folder: Path) -> list[str]:
-    """`serve --server/--workers` at 1 and 32 connections (the choice the README's sizing advice rests on)."""
+    """`serve --server/--workers` at 1 and 32 connections (the choice docs/performance.md's sizing advice rests on)."""
     seconds = int(setting("SECONDS", "10"))
     lines = [
         "| server | workers | req/s at 1 | p50 ms at 1 | req/s at 32 | p50 / p99 ms at 32 |",

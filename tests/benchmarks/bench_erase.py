@@ -9,7 +9,7 @@ the erasure records (one transaction per 500 entries), and the purge (merging th
 zeroing free pages, truncating the WAL). Then both full-text indexes are rebuilt beside the ones in
 use, the way a purge does once their structure grew too long (:mod:`topic_audit.log.reindex`): the steps
 and the longest any held the write lock, against rebuilding in place in one transaction. Prints the
-tables quoted in the README.
+tables quoted in docs/performance.md.
 """
 
 from __future__ import annotations

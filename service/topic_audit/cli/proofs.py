@@ -53,7 +53,7 @@ def prove(
 ) -> None:
     """Print an entry's receipt (its inclusion proof under a signed checkpoint), or a consistency proof.
 
-    A receipt can be handed on and checked offline with `topic-audit check-receipt` or the README's
+    A receipt can be handed on and checked offline with `topic-audit check-receipt` or docs/log-format.md's
     script, against the log's public key alone.
     """
     from topic_audit.transparency import receipts

@@ -177,8 +177,8 @@ from topic_audit.settings import Settings, SettingsError, check_key_file, config
     type=click.IntRange(1, 64),
     show_default=True,
     show_envvar=True,
-    help="Receiver processes, all feeding one writer process that appends to the one chain (README, "
-    "Performance: how many for how many cores).",
+    help="Receiver processes, all feeding one writer process that appends to the one chain "
+    '(docs/performance.md, "Servers and workers": how many for how many cores).',
 )
 @click.option(
     "--server",
@@ -189,7 +189,7 @@ from topic_audit.settings import Settings, SettingsError, check_key_file, config
     show_envvar=True,
     type=click.Choice(["uvicorn", "granian"]),
     help="HTTP server: uvicorn answers a lone request sooner; granian carries more concurrent load "
-    "(README, Performance).",
+    '(docs/performance.md, "Servers and workers").',
 )
 @click.option(
     "--tls-cert",
@@ -329,7 +329,7 @@ def serve(**params: Any) -> None:
     configure_logging(first["log_level"])
     # Before anything imports prometheus_client: it picks its storage when first imported. Every process
     # of this serve (the receivers of every generation, and this one) writes its metrics there.
-    from topic_audit.serve import scratch
+    from topic_audit import scratch
 
     scratch.remove_leftovers()
     metrics_dir = scratch.folder("metrics")

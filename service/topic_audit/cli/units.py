@@ -37,7 +37,7 @@ def this_command() -> str:
 def units(folder: Path) -> None:
     """Write the systemd units: a socket-activated, hardened service running as its own user.
 
-    The service runs this installation's topic-audit (its path is written into ExecStart). README,
+    The service runs this installation's topic-audit (its path is written into ExecStart). docs/operations.md,
     "Running in production", says how to install, reload, upgrade and roll back.
     """
     folder.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ class Sender:
 
     async def start(self) -> None:
         # aiohttp rather than httpx here: httpcore checks every pooled connection's socket on each
-        # request, which at 32 connections cost more CPU than the delivery itself (README, Performance).
+        # request, which at 32 connections cost more CPU than the delivery itself (docs/performance.md, "Forwarding").
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_DESTINATION + 1),
             skip_auto_headers=("Content-Type",),  # sent only when the request had one

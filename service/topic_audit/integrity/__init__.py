@@ -25,7 +25,7 @@ Adding a check:
   :data:`.checkpoints.LINE_CHECKS`; it then runs on every line ``verify`` reads, on every new and swept
   line in ``watch``, and on every line ``restore`` would recover.
 
-Name the new finding's ``check`` in :class:`Finding`'s docstring and in the README.
+Name the new finding's ``check`` in :class:`Finding`'s docstring and in docs/log-format.md ("What verify finds").
 """
 
 from __future__ import annotations

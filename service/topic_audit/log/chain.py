@@ -8,7 +8,7 @@ hash. An entry with a ``content_commitment`` (written since migration ``m014``) 
 columns (:data:`topic_audit.log.content.CONTENT`) out: the commitment stands for them, so that erasing them
 keeps the entry verifiable (:mod:`topic_audit.log.content`). ``entry_hash`` is the lowercase hex SHA-256 of
 those bytes; ``prev_hash`` is the previous entry's ``entry_hash`` (64 zeros for the first entry), so every entry
-commits to the whole log before it. The README shows a short script that re-verifies a log this way.
+commits to the whole log before it. docs/log-format.md ("Canonical form and re-verification") shows a short script that re-verifies a log this way.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def canonical_values(values: Sequence[object]) -> bytes:
 
 
 def canonical_json(entry: Mapping[str, object]) -> bytes:
-    """The reference definition, with the standard library, as the README's script computes it."""
+    """The reference definition, with the standard library, as the script in docs/log-format.md computes it."""
     committed = entry.get("content_commitment") is not None
     return json.dumps(
         {

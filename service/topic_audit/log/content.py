@@ -4,7 +4,7 @@
 SHA-256 that stands for it), the query string (it holds the end user's ``ClientIP``), ``client_ip``, the
 request headers, our answer and the ``detail`` text. *Evidence* is the rest: ids, times, command,
 outcome, reason, status, sizes, the group and topic ids, the chain links. Erasing an entry removes its
-content and keeps its evidence (SPEC, "Retention and erasure").
+content and keeps its evidence (docs/privacy.md).
 
 Entries written since migration ``m014`` commit to their content through a keyed commitment: each entry
 gets 32 random bytes (``content_keys.salt``, written in the same transaction as the entry) and
@@ -15,7 +15,7 @@ commitment, the chain) is a keyed digest whose key is gone, so nothing stored le
 confirm a guessed value, and the chain still verifies entry by entry.
 
 Entries written before ``m014`` (``content_commitment`` NULL) hash their content directly; once erased,
-only their chain links can still be checked (README, "Privacy").
+only their chain links can still be checked (docs/privacy.md, "Keyed commitments").
 
 A stored body is whatever bytes anyone on the network sent: every tool that reads one as JSON (the
 selectors of ``erase``, the redaction of an erased topic event, the projection's replay, Datasette's

@@ -352,7 +352,7 @@ def m013_transparency_log(db: Database) -> None:
 
 @migrations()
 def m014_forgetting(db: Database) -> None:
-    """Retention and erasure (SPEC "Retention and erasure"): keyed commitments and erasure records.
+    """Retention and erasure (docs/privacy.md; the record's form in docs/log-format.md, "Erasure records"): keyed commitments and erasure records.
 
     - ``audit_log.content_commitment`` (in ``chain.LATER``): new entries' hash covers it instead of their
       content; ``content_keys`` holds each entry's salt until its content is erased.

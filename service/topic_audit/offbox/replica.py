@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from topic_audit import scratch
 from topic_audit.log.database import read_only
 from topic_audit.restarts import Backoff
 from topic_audit.settings import PREFIX, SettingsError
@@ -64,7 +65,7 @@ KEEPS_ERASED_SECONDS = (24 + 1 + 1) * 3600
 """The snapshot retention, the snapshot interval (the newest snapshot taken before the erasure), and
 Litestream's retention check interval."""
 """How often Litestream looks at the WAL for new transactions. With SYNC_INTERVAL, what the store lacks
-when the machine dies: about 0.6 s of callbacks, plus an upload (README, Disaster recovery)."""
+when the machine dies: about 0.6 s of callbacks, plus an upload (docs/operations.md, "Disaster recovery")."""
 MONITOR_SECONDS = 1.0
 BEHIND_SECONDS = 30.0
 """Lag past which ``serve`` logs that the replica is behind (once per episode)."""
@@ -201,7 +202,7 @@ def config(db: Path, target: Target) -> str:
 
 def child_env(target: Target) -> dict[str, str]:
     """Litestream's environment. With a custom endpoint, without AWS_CA_BUNDLE: Litestream 0.5.17 then
-    fails with "unable to add custom RootCAs HTTPClient" (README, Disaster recovery)."""
+    fails with "unable to add custom RootCAs HTTPClient" (docs/operations.md, "Disaster recovery")."""
     env = dict(os.environ)
     if target.endpoint is not None:
         env.pop("AWS_CA_BUNDLE", None)
@@ -243,7 +244,7 @@ class Replicator:
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._folder = Path(tempfile.mkdtemp(prefix="topic-audit-litestream-"))
+        self._folder = Path(scratch.folder("litestream"))
         self._behind = False
         self._checkpoints: _Checkpoints | None = None
         self._lock = threading.Lock()

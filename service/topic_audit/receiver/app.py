@@ -206,8 +206,8 @@ class Receiver(Litestar):
     """Litestar, with the callback path served before its router.
 
     Every callback goes straight to its ASGI handler: Litestar's routing, middleware stack and scope
-    wrapping cost about as much per request as the whole bare framework endpoint (profile in the README,
-    Performance). Every other route (health, readiness, metrics) is Litestar's as usual; the callback
+    wrapping cost about as much per request as the whole bare framework endpoint (the profile in
+    docs/performance.md, "Where the time went"). Every other route (health, readiness, metrics) is Litestar's as usual; the callback
     handler is registered as a route too, so that paths Litestar would normalise still reach it.
     """
 
@@ -462,7 +462,7 @@ READY_SECONDS = 30.0
 GIL_SWITCH_SECONDS = 0.0005
 """The writer thread takes the GIL back after every SQLite call; with Python's default 5 ms interval it
 waits up to that long each time the event loop is busy. Measured at 32 connections: p99 median 76 ms
-(67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (README, Performance)."""
+(67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (docs/performance.md)."""
 
 
 def from_environment() -> Litestar:

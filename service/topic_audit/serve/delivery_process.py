@@ -1,7 +1,7 @@
 """The delivery process: the child of ``serve`` that delivers the outbox to the app's handler(s).
 
 It runs in its own interpreter, so delivering (HTTP, recording each attempt) never takes CPU or the GIL
-from the answers to Tencent (README, Performance); it loads only what delivering needs (the outbox, the
+from the answers to Tencent (docs/performance.md, "Forwarding"); it loads only what delivering needs (the outbox, the
 sender, the connection to ``serve``'s writer process, which records the attempts in its groups), not
 the receiver. :class:`~topic_audit.forwarding.deliverer.Deliverer` does the work, in the loop of
 :mod:`topic_audit.forwarding.loop`; this module is the process around it. ``serve``'s supervisor starts

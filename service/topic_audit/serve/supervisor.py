@@ -45,12 +45,12 @@ import queue
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from topic_audit import scratch
 from topic_audit.metrics import Metrics
 from topic_audit.serve import sockets
 from topic_audit.serve.children import DRAIN_SECONDS, Launcher, Receiver, stop_all, wait_ready
@@ -94,7 +94,7 @@ class Supervisor:
         self.draining: list[Receiver] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpoint_timer = CheckpointTimer(settings)
-        self.folder = tempfile.mkdtemp(prefix="topic-audit-")  # 0700: only this user reaches the writer
+        self.folder = scratch.folder("writer")  # 0700: only this user reaches the writer
         self.launcher = Launcher(sock, server, os.path.join(self.folder, "delivery.sock"))
         self.delivery: DeliveryProcess | None = None
         self._retired_deliveries: list[threading.Thread] = []
