@@ -1,4 +1,7 @@
-"""Shared fixtures: real SQLite files under tmp_path, the real app with its lifespan, a real server."""
+"""Shared fixtures and helpers: real SQLite files under tmp_path, the real app with its lifespan, a real
+server, and what more than one test module uses (tests/<subpackage>/ import them from here: ``pythonpath``
+in pyproject.toml puts this folder on ``sys.path``, with destination.py, s3store.py, grafana_files.py,
+tlog_reference.py and benchmarks/ beside it)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from topic_audit.forwarding import outbox
 from topic_audit.metrics import Metrics
 from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
@@ -28,6 +32,11 @@ from topic_audit.tencent import samples
 
 APP_ID = "1400000001"
 TOKEN = "test-token-7f3a9c1e5b"
+
+TESTS = Path(__file__).resolve().parent
+"""This folder: the helpers beside this file, faultfs.c, benchmarks/ (tests sit one level down)."""
+ROOT = TESTS.parent
+"""The repository: README.md, docs/, dashboard/, grafana/, service/, pyproject.toml."""
 
 
 @pytest.fixture
@@ -124,6 +133,124 @@ def topics(db: Path) -> dict[str, dict[str, Any]]:
         conn.close()
 
 
+# -- a data subject's values, and what the tools find (erasure, retention, the off-box copy) ---------
+SUBJECT = "erin_subject_42"
+OTHER = "leckie"
+SUBJECT_IP = "203.0.113.77"
+
+
+def message(sender: str, text: str, to: str = OTHER) -> dict[str, Any]:
+    return {
+        "CallbackCommand": "Group.CallbackAfterSendMsg",
+        "GroupId": "@TGS#_erasure",
+        "Type": "Community",
+        "From_Account": sender,
+        "Operator_Account": sender,
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+        "MemberList": [{"Member_Account": to}],
+    }
+
+
+def send(url: str, body: dict[str, Any], client_ip: str = "198.51.100.1") -> httpx.Response:
+    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN) + f"&ClientIP={client_ip}"
+    return httpx.post(f"{url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
+
+
+def file_bytes(db: Path) -> dict[str, bytes]:
+    found = {}
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{db}{suffix}")
+        found[path.name] = path.read_bytes() if path.exists() else b""
+    return found
+
+
+def holding(db: Path, needle: bytes) -> list[str]:
+    """The database files whose raw bytes contain ``needle``."""
+    return [name for name, data in file_bytes(db).items() if needle in data]
+
+
+def findings(db: Path) -> list[dict[str, Any]]:
+    """What ``topic-audit verify --json`` finds in the log at ``db``."""
+    done = run_cli("verify", "--db", str(db), "--json")
+    assert done.stdout.startswith("{"), done.stderr
+    found: list[dict[str, Any]] = json.loads(done.stdout)["findings"]
+    assert (done.returncode == 0) == (not found), done.stdout + done.stderr
+    return found
+
+
+def forge(db: Path, *statements: str) -> None:
+    """Change a log as someone with write access to the file would: past every trigger (:func:`alter`
+    drops only the append-only ones)."""
+    conn = sqlite3.connect(db)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+# -- full-text indexes (reindex, retention) --------------------------------------------------------------
+def instances(conn: sqlite3.Connection, index: str) -> list[tuple[Any, ...]]:
+    """Every (term, document, column, offset) the index holds."""
+    conn.execute(f"CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, {index}, 'instance')")
+    try:
+        return conn.execute("SELECT term, doc, col, offset FROM vocab ORDER BY 1, 2, 3, 4").fetchall()
+    finally:
+        conn.execute("DROP TABLE temp.vocab")
+
+
+def rebuilt_in_one_go(conn: sqlite3.Connection, index: str) -> list[tuple[Any, ...]]:
+    """What a fresh index holds: ``audit_log_fts`` rebuilt from ``audit_log``; for ``topics_fts`` (which
+    would rebuild from its own copy) a new index filled from ``topics``."""
+    if index == "audit_log_fts":
+        conn.execute(f"INSERT INTO {index} ({index}) VALUES ('rebuild')")
+        return instances(conn, index)
+    conn.execute("CREATE VIRTUAL TABLE temp.fresh USING fts5(name, introduction, notification)")
+    try:
+        conn.execute(
+            "INSERT INTO temp.fresh (rowid, name, introduction, notification) "
+            "SELECT rowid, name, introduction, notification FROM topics"
+        )
+        conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(temp, fresh, 'instance')")
+        try:
+            return conn.execute(
+                "SELECT term, doc, col, offset FROM temp.vocab ORDER BY 1, 2, 3, 4"
+            ).fetchall()
+        finally:
+            conn.execute("DROP TABLE temp.vocab")
+    finally:
+        conn.execute("DROP TABLE temp.fresh")
+
+
+# -- forwarding's tables, as the forwarder leaves them (Datasette's pages) -------------------------------
+def deliver_some(conn: sqlite3.Connection) -> None:
+    """Forwarding's tables as the forwarder leaves them: entries 1-30 queued to a destination, the even
+    ones delivered, the odd ones failed (a one-attempt schedule), 31-40 still pending."""
+    at = "2026-11-25T10:00:00.000Z"
+    destination = "http://app.example:9000/callback"
+    conn.execute("BEGIN IMMEDIATE")
+    outbox.queue(conn, [(n, destination, at) for n in range(1, 41)], 0)
+    conn.execute("COMMIT")
+    attempts = [
+        outbox.Attempt(
+            n,
+            destination,
+            "after",
+            1,
+            at,
+            3.5,
+            200 if n % 2 == 0 else 503,
+            None if n % 2 == 0 else "http_error",
+            None if n % 2 == 0 else "HTTP 503",
+            '{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}',
+        )
+        for n in range(1, 31)
+    ]
+    outbox.record(conn, attempts, [0], at)
+
+
+# -- processes and ports -----------------------------------------------------------------------------
 def free_port() -> int:
     """A port free at the moment of asking (bound and closed again): another process can take it before
     the caller binds it. Prefer starting the process on port 0 and asking it (:func:`listening_port`)."""
@@ -238,15 +365,34 @@ def metric_in(text: str, name: str, **labels: str) -> float:
     return float(sum(found))
 
 
-def metric(server: Server, name: str, **labels: str) -> float:
+def scrape(server: Server | str) -> str:
+    """The /metrics page of a :class:`Server`, or of the service at a base URL, scraped now."""
+    if isinstance(server, str):
+        return httpx.get(f"{server}/metrics", timeout=5).text
+    return httpx.get(f"{server.url}/metrics", timeout=5, **server.client).text
+
+
+def metric(server: Server | str, name: str, **labels: str) -> float:
     """:func:`metric_in` of the server's /metrics page, scraped now."""
-    return metric_in(httpx.get(f"{server.url}/metrics", timeout=5, **server.client).text, name, **labels)
+    return metric_in(scrape(server), name, **labels)
+
+
+def metric_samples(server: Server | str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of ``name`` on the server's /metrics page, scraped now, by its labels (the sorted
+    (label, value) pairs; ``()`` for a sample without labels)."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(scrape(server))
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """``topic-audit ARGS`` as a process, with ``env`` added to this environment."""
+    """``topic-audit ARGS`` as a process, with ``env`` added to this environment (``timeout`` only stops
+    one that hangs)."""
     return subprocess.run(
         [sys.executable, "-m", "topic_audit.cli", *args],
         capture_output=True,
@@ -329,6 +475,50 @@ def server(db_path: Path, tmp_path: Path) -> Iterator[Server]:
         yield running
     finally:
         running.stop()
+
+
+class Prometheus:
+    """A real Prometheus scraping ``target`` (and ``watch``'s metrics, if given) every second."""
+
+    def __init__(self, binary: str, target: str, folder: Path, watch: str | None = None) -> None:
+        config = folder / "prometheus.yml"
+        jobs = f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
+        if watch is not None:
+            jobs += f"  - job_name: topic-audit-watch\n    static_configs: [{{targets: ['{watch}']}}]\n"
+        config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n" + jobs)
+        self.log = (folder / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder / 'tsdb'}",
+                "--web.listen-address=127.0.0.1:0",  # the OS picks the port; read once it listens
+            ],
+            stdout=self.log,
+            stderr=self.log,
+        )
+        self.port = listening_port(self.process, folder / "prometheus.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(
+            lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200,
+            30,
+            "prometheus ready",
+            0.5,
+        )
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", (expr, body)
+        result = body["data"]["result"]
+        if body["data"]["resultType"] == "scalar":
+            return [({}, float(result[1]))]
+        return [(series["metric"], float(series["value"][1])) for series in result]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self.log.close()
 
 
 def unavailable(reason: str) -> NoReturn:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from benchmarks.logs import generate_log
-from conftest import require_tool
+from conftest import ROOT, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import APP_ID, TOKEN, Post, Server, require_tool
+from conftest import APP_ID, ROOT, TOKEN, Post, Server, require_tool
 from topic_audit import cli
 from topic_audit.metrics import Metrics
 from topic_audit.settings import PREFIX, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 PAGES = {page.name: page.read_text(encoding="utf-8") for page in sorted((ROOT / "docs").glob("*.md"))}
 DOCS = "\n".join([README, *PAGES.values()])
@@ -315,5 +314,5 @@ def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path
 
 
 def test_the_receipt_script_is_where_the_receipt_tests_find_it() -> None:
-    """tests/test_receipts.py runs it against a real receipt; here: it is under its heading."""
+    """tests/transparency/test_receipts.py runs it against a real receipt; here: it is under its heading."""
     assert "receipt.json" in script("log-format.md", "## Receipts and proofs")

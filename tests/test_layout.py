@@ -9,11 +9,10 @@ import importlib
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "service" / "topic_audit"
 DOTTED = re.compile(r"topic_audit(?:\.[A-Za-z_]\w*)+")
 NOT_NAMES = {"topic_audit.head"}

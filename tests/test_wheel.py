@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, listening_port, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import APP_ID, ROOT, TOKEN, listening_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +131,8 @@ def test_the_wheel_installed_elsewhere(tmp_path: Path) -> None:
 def test_every_subpackage_is_in_the_wheel() -> None:
     """pyproject lists its packages (two data packages live outside the source root, so setuptools cannot
     find them): a new subpackage not listed would be missing from the wheel."""
-    root = Path(__file__).resolve().parent.parent
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    service = root / "service"
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    service = ROOT / "service"
     on_disk = {
         ".".join(init.parent.relative_to(service).parts)
         for init in service.glob("topic_audit/**/__init__.py")

@@ -8,7 +8,7 @@ SIGTERM and a new ``serve`` on the same socket held as systemd holds it (socket 
 baseline row of the same run is the same load with no restart. Every answered callback is then looked up
 in the log (by its topic id) and the chain is verified.
 
-:class:`Load` is also what ``tests/test_restarts.py`` drives.
+:class:`Load` is also what ``tests/serve/test_restarts.py`` drives.
 """
 
 from __future__ import annotations

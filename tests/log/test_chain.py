@@ -35,7 +35,7 @@ def test_fast_canonical_form_equals_the_reference(row: dict[str, object]) -> Non
 
 def test_request_body_and_entry_hash_are_not_hashed() -> None:
     row: dict[str, object] = dict.fromkeys(chain.COLUMNS, "x")
-    row["content_commitment"] = None  # an entry written before keyed commitments (tests/test_content.py)
+    row["content_commitment"] = None  # an entry written before keyed commitments (tests/log/test_content.py)
     before = chain.entry_hash(row)
     row["request_body"], row["entry_hash"] = "changed", "changed"
     assert chain.entry_hash(row) == before

@@ -17,12 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 from benchmarks.logs import generate_log
-from conftest import free_port, require_tool
-from test_explore import deliver_some
+from conftest import ROOT, deliver_some, listening_port, require_tool
 from topic_audit.privacy import erasure
 from topic_audit.writer.thread import connect
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -48,24 +47,23 @@ def datasette_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Url]:
     deliver_some(conn)
     erasure.erase_batch(conn, [2980], "request", "data subject's request", None, "2026-11-26T09:00:00.000Z")
     conn.close()
-    port = free_port()
-    env = {**os.environ, "TOPIC_AUDIT_DB": str(db), "TOPIC_AUDIT_EXPLORE_PORT": str(port)}
+    env = {**os.environ, "TOPIC_AUDIT_DB": str(db), "TOPIC_AUDIT_EXPLORE_PORT": "0"}  # the OS picks it
     log = (folder / "explore.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "topic_audit.cli", "explore"], env=env, stdout=log, stderr=log
     )
-    url = Url(f"http://127.0.0.1:{port}")
-    url.db = db
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/-/versions.json", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, (folder / "explore.log").read_text()
-        time.sleep(0.2)
     try:
+        url = Url(f"http://127.0.0.1:{listening_port(process, folder / 'explore.log')}")
+        url.db = db
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/versions.json", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (folder / "explore.log").read_text()
+            time.sleep(0.2)
         yield url
     finally:
         process.terminate()

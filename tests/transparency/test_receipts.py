@@ -1,6 +1,6 @@
 """The stored tree, the checkpoint notes, `prove` and `check-receipt`, on real logs in SQLite files.
 
-The stored tree must give exactly the in-memory tree's roots and proofs (which tests/test_tlog.py checks
+The stored tree must give exactly the in-memory tree's roots and proofs (which tests/transparency/test_tlog.py checks
 against an independent verifier), with tiles of 4 hashes (so that trees of 1 to 70 leaves reach three
 stored levels) and of 256; then receipts made by `topic-audit prove` are checked offline, and every
 kind of tampering is refused with one line saying which.
@@ -21,6 +21,7 @@ import pytest
 import tlog_reference as reference
 from benchmarks.logs import generate_log
 from click.testing import CliRunner
+from conftest import ROOT
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from topic_audit import cli, clock
 from topic_audit.transparency import note, tlog, tree
@@ -310,7 +311,7 @@ def test_check_receipt_takes_the_key_as_hex_pem_or_vkey_without_a_database(log: 
 
 
 def test_the_readme_script_checks_a_real_receipt(log: Path, tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "docs" / "log-format.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "log-format.md").read_text(encoding="utf-8")
     script = readme.split("\n## Receipts and proofs\n", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     (tmp_path / "log.vkey").write_text(vkey_of(log) + "\n")
     receipt = json.loads(run("prove", "--db", str(log), "--id", "42").output)

@@ -1,5 +1,5 @@
 """The schema: migrations apply cleanly, and audit_log stays append-only after every one of them
-(tests/test_upgrade.py upgrades a populated log through each of them)."""
+(tests/log/test_upgrade.py upgrades a populated log through each of them)."""
 
 from __future__ import annotations
 

@@ -26,9 +26,8 @@ import conftest
 import httpx
 import pytest
 from benchmarks.restarts import APP_ID, TOKEN, Load, environment, start_serve, wait_ready
-from conftest import deliver_concurrently, free_port, require_tool
+from conftest import deliver_concurrently, listening_port, metric_samples, require_tool, wait_for
 from destination import Destination
-from prometheus_client.parser import text_string_to_metric_families
 from topic_audit.serve import envfile, sockets
 from topic_audit.tencent import samples
 
@@ -78,16 +77,6 @@ def wait_replaced(serve: subprocess.Popen[bytes], old: set[int], timeout: float 
     raise AssertionError(f"receivers {old} not replaced: {receivers(serve.pid)}")
 
 
-def metric(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return {
-        tuple(sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    }
-
-
 def writable(pid: int) -> set[str]:
     """The files process ``pid`` holds open for writing."""
     found = set()
@@ -110,7 +99,12 @@ def settled(url: str, expected: Callable[[], dict[int, str]]) -> None:
 
 def versions(url: str) -> dict[int, str]:
     """pid -> version, from topic_audit_build_info."""
-    return {int(dict(k)["pid"]): dict(k)["version"] for k in metric(url, "topic_audit_build_info")}
+    return {int(dict(k)["pid"]): dict(k)["version"] for k in metric_samples(url, "topic_audit_build_info")}
+
+
+def answered_since(load: Load, moment: float) -> int:
+    """How many callbacks the load sent after ``moment`` (``time.monotonic()``) were answered OK."""
+    return sum(1 for r in list(load.results) if r.started > moment and r.status == 200 and r.error is None)
 
 
 def post(url: str, topic: str, **kwargs: object) -> httpx.Response:
@@ -124,6 +118,11 @@ def verify(db: Path) -> None:
         [sys.executable, "-m", "topic_audit.cli", "verify", "--db", str(db)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def served_at(serve: subprocess.Popen[bytes], log: Path) -> str:
+    """The URL of a ``serve`` started on port 0, once it listens (the OS chose the port as it bound)."""
+    return f"http://127.0.0.1:{listening_port(serve, log)}"
 
 
 def stop(serve: subprocess.Popen[bytes], log: Path) -> None:
@@ -146,11 +145,11 @@ def install_version(site: Path, version: str) -> None:
 def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) -> None:
     site = tmp_path / "site"
     install_version(site, "7.0.0")
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    env = environment(db, port, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    url = f"http://127.0.0.1:{port}"
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    env = environment(db, 0, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     serve = start_serve(env, log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         first = receivers(serve.pid)
         assert set(versions(url).values()) == {"7.0.0"}
@@ -165,14 +164,17 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
         time.sleep(1)
         serve.send_signal(signal.SIGHUP)
         third = wait_replaced(serve, second)
-        time.sleep(2)  # the new processes answer
+        replaced = time.monotonic()
+        wait_for(
+            lambda: answered_since(load, replaced) >= 400, 30, "400 callbacks answered by the new processes"
+        )
         load.stop(thread)
 
         # serve itself keeps the version it started with; every receiver, and the writer, runs the one
         # installed now
         writer = one_writer(serve.pid)
         settled(url, lambda: {serve.pid: "7.0.0", **dict.fromkeys({*third, writer}, "7.1.0")})
-        assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 2
+        assert metric_samples(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 2
         assert len(load.results) > 1000
         assert load.failed == [], load.failed[:5]
         assert load.slowest < 2.0
@@ -183,10 +185,10 @@ def test_two_reloads_under_load_one_an_upgrade_refuse_nothing(tmp_path: Path) ->
 
 
 def test_sigterm_under_load_exits_0_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = start_serve(environment(db, port), log)
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    serve = start_serve(environment(db, 0), log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         load = Load(url, 200)
         thread = load.start()
@@ -241,22 +243,20 @@ def test_socket_activation_answers_what_arrives_while_stopped(tmp_path: Path) ->
 def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
     settings = tmp_path / "topic-audit.env"
     settings.write_text("# serve's settings\nTOPIC_AUDIT_MAX_BODY_BYTES=65536\n")
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what Type=notify listens on
     systemd.bind(str(tmp_path / "notify"))
-    env = environment(db, port, TOPIC_AUDIT_ENV_FILE=str(settings), NOTIFY_SOCKET=str(tmp_path / "notify"))
+    env = environment(db, 0, TOPIC_AUDIT_ENV_FILE=str(settings), NOTIFY_SOCKET=str(tmp_path / "notify"))
     serve = start_serve(env, log)
     big = {**samples.sample("after-create", TopicId="big"), "Introduction": "x" * 3000}
     query = samples.query(APP_ID, big["CallbackCommand"], TOKEN)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         first = receivers(serve.pid)
         settings.write_text("TOPIC_AUDIT_MAX_BODY_BYTES=10\n")
         serve.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while "reload refused" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: "reload refused" in log.read_text(), 20, "the reload refused", 0.1)
         (line,) = [line for line in log.read_text().splitlines() if "reload refused" in line]
         assert "TOPIC_AUDIT_MAX_BODY_BYTES must be at least 1024, got 10" in line
         assert "keep serving" in line
@@ -269,7 +269,7 @@ def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
         serve.send_signal(signal.SIGHUP)
         wait_replaced(serve, first)
         assert httpx.post(f"{url}/callback?{query}", json=big).status_code == 413
-        assert metric(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 1
+        assert metric_samples(url, "topic_audit_restarts_total")[(("kind", "reload"),)] == 1
     finally:
         stop(serve, log)
     systemd.setblocking(False)
@@ -284,11 +284,11 @@ def test_a_reload_with_a_broken_setting_keeps_serving(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("server", "workers"), [("uvicorn", "2"), ("granian", "1"), ("granian", "2")])
 def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str) -> None:
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = environment(db, port, TOPIC_AUDIT_SERVER=server, TOPIC_AUDIT_WORKERS=workers)
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    env = environment(db, 0, TOPIC_AUDIT_SERVER=server, TOPIC_AUDIT_WORKERS=workers)
     serve = start_serve(env, log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         first = receivers(serve.pid)
         assert len(first) == (int(workers) if server == "uvicorn" else 1)
@@ -296,10 +296,7 @@ def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str
         wait_replaced(serve, first)
         assert post(url, "after-reload").status_code == 200
         # serve, each serving process and the writer (the old generation's writer stopped after them)
-        deadline = time.monotonic() + 10
-        while len(versions(url)) != 2 + int(workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(versions(url)) == 2 + int(workers)
+        wait_for(lambda: len(versions(url)) == 2 + int(workers), 10, f"{2 + int(workers)} processes", 0.1)
     finally:
         stop(serve, log)
     verify(db)
@@ -307,10 +304,10 @@ def test_reload_in_every_configuration(tmp_path: Path, server: str, workers: str
 
 def test_every_callback_is_still_forwarded_across_a_reload(tmp_path: Path) -> None:
     app = Destination()  # the app's own handler
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = start_serve(environment(db, port, TOPIC_AUDIT_FORWARD_URL=app.url), log)
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    serve = start_serve(environment(db, 0, TOPIC_AUDIT_FORWARD_URL=app.url), log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         first = receivers(serve.pid)
         load = Load(url, 50)
@@ -324,10 +321,8 @@ def test_every_callback_is_still_forwarded_across_a_reload(tmp_path: Path) -> No
         conn = sqlite3.connect(db)
         forwarded = {row[0] for row in conn.execute("SELECT id FROM audit_log WHERE status_code = 200")}
         conn.close()
-        deadline = time.monotonic() + 30  # the reload's delivery process takes over from the old one
-        while not forwarded <= app.ids() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert forwarded <= app.ids()
+        # the reload's delivery process takes over from the old one
+        wait_for(lambda: forwarded <= app.ids(), 30, "every forwarded callback at the app", 0.2)
     finally:
         stop(serve, log)
         app.stop()
@@ -335,27 +330,27 @@ def test_every_callback_is_still_forwarded_across_a_reload(tmp_path: Path) -> No
 
 
 def test_a_receiver_that_dies_is_replaced(tmp_path: Path) -> None:
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = start_serve(environment(db, port), log)
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    serve = start_serve(environment(db, 0), log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         (first,) = receivers(serve.pid)
         os.kill(first, signal.SIGKILL)
         wait_replaced(serve, {first})
         wait_ready(url)
         assert post(url, "after-crash").status_code == 200
-        assert metric(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
+        assert metric_samples(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
         assert first not in versions(url)
     finally:
         stop(serve, log)
 
 
 def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(tmp_path: Path) -> None:
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = start_serve({**environment(db, port), "TOPIC_AUDIT_WORKERS": "2"}, log)
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    serve = start_serve({**environment(db, 0), "TOPIC_AUDIT_WORKERS": "2"}, log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         assert len(receivers(serve.pid)) == 2
         (writer,) = writers(serve.pid)
@@ -363,7 +358,16 @@ def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(t
         thread = load.start()
         time.sleep(1.5)
         os.kill(writer, signal.SIGKILL)
-        time.sleep(2.0)
+        killed = time.monotonic()
+        wait_for(
+            lambda: (
+                len(found := writers(serve.pid)) == 1
+                and writer not in found
+                and answered_since(load, killed) >= 400
+            ),
+            30,
+            "a new writer, and 400 callbacks answered since the kill",
+        )
         load.stop(thread)
         (replacement,) = writers(serve.pid)
         assert replacement != writer
@@ -374,8 +378,8 @@ def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(t
         assert len(refused) == len(load.failed), [r.error for r in load.failed[:5]]
         assert len(load.results) - len(refused) > 400
         assert post(url, "after-writer-crash").status_code == 200
-        assert metric(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
-        errors = metric(url, "topic_audit_audit_append_errors_total")[()]
+        assert metric_samples(url, "topic_audit_restarts_total")[(("kind", "crash"),)] == 1
+        errors = metric_samples(url, "topic_audit_audit_append_errors_total")[()]
         assert errors == len(refused)
     finally:
         stop(serve, log)
@@ -385,19 +389,17 @@ def test_a_writer_killed_under_load_loses_nothing_acknowledged_and_is_replaced(t
 def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -> None:
     """Three receivers and forwarding: one writer process commits the rows and the delivery attempts."""
     app = Destination()  # the app's own handler
-    db, log, port = tmp_path / "audit.db", tmp_path / "serve.log", free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**environment(db, port, TOPIC_AUDIT_FORWARD_URL=app.url), "TOPIC_AUDIT_WORKERS": "3"}
+    db, log = tmp_path / "audit.db", tmp_path / "serve.log"
+    env = {**environment(db, 0, TOPIC_AUDIT_FORWARD_URL=app.url), "TOPIC_AUDIT_WORKERS": "3"}
     env |= {"TOPIC_AUDIT_SDKAPPID": conftest.APP_ID, "TOPIC_AUDIT_TOKEN": conftest.TOKEN}
     serve = start_serve(env, log)
     try:
+        url = served_at(serve, log)
         wait_ready(url)
         assert len(receivers(serve.pid)) == 3 and len(writers(serve.pid)) == 1
         answers = deliver_concurrently(url, 300, "fed")
         assert [a.status_code for a in answers] == [200] * 300
-        deadline = time.monotonic() + 30
-        while delivered(db) < 300 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: delivered(db) >= 300, 30, "300 deliveries", 0.1)
         assert delivered(db) == 300
         # Only the writer process writes the database: no receiver holds it open for writing, and the
         # delivery process (one, the supervisor's, whatever the receivers) has no write connection.
@@ -412,10 +414,10 @@ def test_every_receiver_feeds_one_writer_and_metrics_are_exact(tmp_path: Path) -
             assert str(db) not in writable(pid)
         # Whichever receiver answers /metrics, it reports the writer's exact figures.
         for _ in range(6):
-            accepted = metric(url, "topic_audit_callbacks_total")
+            accepted = metric_samples(url, "topic_audit_callbacks_total")
             key = (("command", "Group.CallbackAfterCreateTopic"), ("outcome", "accepted"), ("reason", "none"))
             assert accepted[key] == 300
-            assert metric(url, "topic_audit_log_entries")[()] == 300
+            assert metric_samples(url, "topic_audit_log_entries")[()] == 300
     finally:
         stop(serve, log)
         app.stop()

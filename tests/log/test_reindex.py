@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from conftest import Post
+from conftest import Post, instances, rebuilt_in_one_go
 from topic_audit.log import reindex, search
 from topic_audit.log.database import connect
 from topic_audit.privacy import erasure, purge
@@ -29,38 +29,6 @@ def created(i: int) -> dict[str, Any]:
 
 def changed(i: int, text: str) -> dict[str, Any]:
     return samples.sample("info-changed", GroupId=GROUP, TopicId=topic(i), Notification=text)
-
-
-def instances(conn: sqlite3.Connection, index: str) -> list[tuple[Any, ...]]:
-    """Every (term, document, column, offset) the index holds."""
-    conn.execute(f"CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, {index}, 'instance')")
-    try:
-        return conn.execute("SELECT term, doc, col, offset FROM vocab ORDER BY 1, 2, 3, 4").fetchall()
-    finally:
-        conn.execute("DROP TABLE temp.vocab")
-
-
-def rebuilt_in_one_go(conn: sqlite3.Connection, index: str) -> list[tuple[Any, ...]]:
-    """What a fresh index holds: ``audit_log_fts`` rebuilt from ``audit_log``; for ``topics_fts`` (which
-    would rebuild from its own copy) a new index filled from ``topics``."""
-    if index == "audit_log_fts":
-        conn.execute(f"INSERT INTO {index} ({index}) VALUES ('rebuild')")
-        return instances(conn, index)
-    conn.execute("CREATE VIRTUAL TABLE temp.fresh USING fts5(name, introduction, notification)")
-    try:
-        conn.execute(
-            "INSERT INTO temp.fresh (rowid, name, introduction, notification) "
-            "SELECT rowid, name, introduction, notification FROM topics"
-        )
-        conn.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(temp, fresh, 'instance')")
-        try:
-            return conn.execute(
-                "SELECT term, doc, col, offset FROM temp.vocab ORDER BY 1, 2, 3, 4"
-            ).fetchall()
-        finally:
-            conn.execute("DROP TABLE temp.vocab")
-    finally:
-        conn.execute("DROP TABLE temp.fresh")
 
 
 def tables(conn: sqlite3.Connection) -> set[str]:

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from benchmarks.bench_queries import chart_sql
 from benchmarks.logs import generate_log
+from conftest import deliver_some
 from topic_audit import clock
 from topic_audit.auditor import explore
-from topic_audit.forwarding import outbox
 from topic_audit.privacy import erasure
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint
 from topic_audit.writer.thread import connect
@@ -39,32 +39,6 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ERASED = [590, 591]
 """Entries of the populated log whose content is erased (one erasure record)."""
-
-
-def deliver_some(conn: sqlite3.Connection) -> None:
-    """Forwarding's tables as the forwarder leaves them: entries 1-30 queued to a destination, the even
-    ones delivered, the odd ones failed (a one-attempt schedule), 31-40 still pending."""
-    at = "2026-11-25T10:00:00.000Z"
-    destination = "http://app.example:9000/callback"
-    conn.execute("BEGIN IMMEDIATE")
-    outbox.queue(conn, [(n, destination, at) for n in range(1, 41)], 0)
-    conn.execute("COMMIT")
-    attempts = [
-        outbox.Attempt(
-            n,
-            destination,
-            "after",
-            1,
-            at,
-            3.5,
-            200 if n % 2 == 0 else 503,
-            None if n % 2 == 0 else "http_error",
-            None if n % 2 == 0 else "HTTP 503",
-            '{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}',
-        )
-        for n in range(1, 31)
-    ]
-    outbox.record(conn, attempts, [0], at)
 
 
 def get(ds: Any, path: str, **kwargs: Any) -> Any:

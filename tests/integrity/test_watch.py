@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from benchmarks.logs import generate_log
-from conftest import alter, free_port
+from conftest import alter, free_port, listening_ports, start_on_free_ports
 from topic_audit import clock
 from topic_audit.integrity.watch import Watch
 from topic_audit.transparency.checkpoints import Signer, make_checkpoint
@@ -116,25 +116,20 @@ def test_a_chain_rewritten_from_the_verified_head_is_found_at_once(copy: Path) -
 
 
 def test_the_command_serves_its_metrics_and_exits_1_on_a_finding(copy: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "topic_audit.cli",
-            "watch",
-            "--db",
-            str(copy),
-            "--interval",
-            "0.2",
-            "--metrics-port",
-            str(port),
-            "--sweep-entries",
-            str(SWEEP),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = copy.with_name("watch.log")
+
+    def launch() -> tuple[subprocess.Popen[bytes], set[int]]:
+        port = free_port()  # `watch --metrics-port 0` means no metrics: a free port, taken with a retry
+        with log.open("ab") as out:
+            command = ["watch", "--db", str(copy), "--interval", "0.2", "--metrics-port", str(port)]
+            return subprocess.Popen(
+                [sys.executable, "-m", "topic_audit.cli", *command, "--sweep-entries", str(SWEEP)],
+                stdout=out,
+                stderr=out,
+            ), {port}
+
+    process = start_on_free_ports(launch, log)
+    port = listening_ports(process.pid).pop()
     try:
         deadline = time.monotonic() + 20
         text = ""

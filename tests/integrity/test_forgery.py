@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Post, run_cli
+from conftest import APP_ID, ROOT, TOKEN, Post, run_cli
 from litestar.testing import TestClient
 from topic_audit.log import content
 from topic_audit.metrics import Metrics
@@ -160,7 +160,7 @@ def _poster(client: TestClient[Any]) -> Any:
 def test_the_readme_scripts_catch_the_forgery(signed_log: Path, settings: Settings) -> None:
     """The auditor's own scripts (docs/log-format.md) find it too, without our code: the chain script sees
     an entry that lost its commitment, the checkpoint script a record the pinned key never signed."""
-    readme = (Path(__file__).parent.parent / "docs" / "log-format.md").read_text()
+    readme = (ROOT / "docs" / "log-format.md").read_text()
     scripts = {
         section: readme.split(section, 1)[1]
         .split("```python", 1)[1]
@@ -186,9 +186,8 @@ def test_the_readme_scripts_catch_the_forgery(signed_log: Path, settings: Settin
 def test_a_forgery_under_a_running_serve_stops_signing_and_alerts(tmp_path: Path) -> None:
     """A real ``serve`` (its supervisor signs every second): after the forgery it answers on, signs
     nothing more, says why in its log, and "Checkpoints not signed" fires in a real Prometheus."""
-    from conftest import Server, require_tool, wait_for
+    from conftest import Prometheus, Server, require_tool, wait_for
     from grafana_files import alert_rules, evaluate
-    from test_grafana_prometheus import Prometheus
 
     binary = require_tool("prometheus")
     db = tmp_path / "audit.db"

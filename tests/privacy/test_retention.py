@@ -14,10 +14,23 @@ from typing import Any
 import httpx
 import pytest
 from benchmarks.logs import generate_log
-from conftest import APP_ID, TOKEN, Post, Server, require_tool, rows, wait_for
+from conftest import (
+    APP_ID,
+    TOKEN,
+    Post,
+    Prometheus,
+    Server,
+    findings,
+    forge,
+    holding,
+    instances,
+    message,
+    rebuilt_in_one_go,
+    require_tool,
+    rows,
+    wait_for,
+)
 from litestar.testing import TestClient
-from test_erasure import findings, forge, holding, message
-from test_reindex import instances, rebuilt_in_one_go
 from topic_audit.demo import load
 from topic_audit.log import reindex, search
 from topic_audit.metrics import Metrics
@@ -126,7 +139,6 @@ def test_store_bodies_topics_keeps_evidence_of_other_callbacks(tmp_path: Path) -
 
 def test_retention_behind_fires_in_prometheus(tmp_path: Path) -> None:
     from grafana_files import alert_rules, evaluate
-    from test_grafana_prometheus import Prometheus
 
     binary = require_tool("prometheus")
     db = tmp_path / "audit.db"

@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from topic_audit.serve import scratch
+from topic_audit import scratch
 
 
 def test_a_dead_process_folders_go_and_the_rest_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     made = subprocess.run(
-        [sys.executable, "-c", "from topic_audit.serve import scratch; print(scratch.folder('metrics'))"],
+        [sys.executable, "-c", "from topic_audit import scratch; print(scratch.folder('metrics'))"],
         capture_output=True,
         text=True,
         env={**os.environ, "TMPDIR": str(tmp_path)},

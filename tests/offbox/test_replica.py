@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +14,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Server, rows
+from conftest import (
+    APP_ID,
+    SUBJECT,
+    SUBJECT_IP,
+    TOKEN,
+    Prometheus,
+    Server,
+    holding,
+    message,
+    metric,
+    require_tool,
+    rows,
+    run_cli,
+    send,
+    wait_for,
+)
 from s3store import SeaweedFS
-from test_forward import metric, wait_for
 from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow
@@ -43,16 +55,6 @@ def replica_env(store: SeaweedFS, name: str, prefix: str = "prod") -> dict[str, 
         "TOPIC_AUDIT_REPLICA_ENDPOINT": store.endpoint,
         "TOPIC_AUDIT_CHECKPOINT_SECONDS": "1",
     }
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "topic_audit.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-    )
 
 
 class Load:
@@ -135,11 +137,11 @@ def test_the_restore_drill(store: SeaweedFS, tmp_path: Path) -> None:
     restored = tmp_path / "restored" / "audit.db"
     restored.parent.mkdir()
     started = time.monotonic()
-    result = cli("restore", "--to", str(restored), env=env)
+    result = run_cli("restore", "--to", str(restored), env=env, timeout=300)
     restore_seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert "published checkpoints" in result.stdout
-    checked = cli("verify", "--db", str(restored), "--json", env=env)
+    checked = run_cli("verify", "--db", str(restored), "--json", env=env, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     present = {r["topic_id"] for r in rows(restored)}
     early = [topic for at, topic in load.acknowledged if at < killed_at - 1.0]
@@ -257,7 +259,7 @@ def test_bad_replica_configuration_is_refused_with_one_line(
     else:
         env["TOPIC_AUDIT_LITESTREAM"] = str(tmp_path / "litestream")
     started = time.monotonic()
-    result = cli("serve", env=env)
+    result = run_cli("serve", env=env, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
@@ -269,9 +271,7 @@ def test_a_replica_that_falls_behind_alerts_and_never_fails_an_answer(
 ) -> None:
     """The store stops answering while serve keeps answering: the lag grows in the metric, the log says
     so, "Replica behind" fires in a real Prometheus; when the store is back, the replica catches up."""
-    from conftest import require_tool
     from grafana_files import alert_rules, evaluate
-    from test_grafana_prometheus import Prometheus
 
     binary = require_tool("prometheus")
     server = Server(tmp_path / "audit.db", tmp_path / "server.log", replica_env(store, "behind")).start()
@@ -279,7 +279,12 @@ def test_a_replica_that_falls_behind_alerts_and_never_fails_an_answer(
     rule = next(r for r in alert_rules() if r["uid"] == "topic-audit-replica-behind")
     try:
         load = Load(server, "behind")
-        time.sleep(2)
+        wait_for(
+            lambda: prometheus.query("topic_audit_replica_lag_seconds"),
+            30,
+            "Prometheus to scrape the lag",
+            0.2,
+        )
         assert not evaluate(rule, prometheus.query)
         store.pause()
         paused = time.monotonic()
@@ -301,15 +306,15 @@ def test_a_replica_that_falls_behind_alerts_and_never_fails_an_answer(
 def test_a_restore_after_an_erasure_holds_no_erased_value(store: SeaweedFS, tmp_path: Path) -> None:
     """erase while serve replicates; once the replica has caught up, the latest copy restored elsewhere
     holds no erased value (older snapshots in the store keep them until their retention expires)."""
-    from test_erasure import SUBJECT, holding, message, send
-
     db = tmp_path / "audit.db"
     env = replica_env(store, "erased")
     server = Server(db, tmp_path / "server.log", env).start()
     try:
         for i in range(5):
             assert send(server.url, message(SUBJECT if i % 2 else "leckie", f"text {i}")).status_code == 200
-        erased = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "drill", "--yes", env=env)
+        erased = run_cli(
+            "erase", "--db", str(db), "--account", SUBJECT, "--reason", "drill", "--yes", env=env, timeout=300
+        )
         assert erased.returncode == 0, erased.stdout + erased.stderr
         assert (
             "erased 2 entries" in erased.stdout and "off-box replica keeps older snapshots" in erased.stdout
@@ -324,11 +329,11 @@ def test_a_restore_after_an_erasure_holds_no_erased_value(store: SeaweedFS, tmp_
         server.stop()
     restored = tmp_path / "restored" / "audit.db"
     restored.parent.mkdir()
-    result = cli("restore", "--to", str(restored), env=env)
+    result = run_cli("restore", "--to", str(restored), env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(rows(restored)) == 6
     assert holding(restored, SUBJECT.encode()) == [] and holding(restored, b"leckie")
-    checked = cli("verify", "--db", str(restored), "--json", env=env)
+    checked = run_cli("verify", "--db", str(restored), "--json", env=env, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
@@ -346,8 +351,6 @@ def test_erase_says_no_copy_remains_only_when_none_does(store: SeaweedFS, tmp_pa
     """With serve replicating, Litestream holds the WAL open and keeps local copies of recent pages: no
     run of erase may say "no copy remains" while a file still holds an erased value; once serve has
     stopped, erase purges the WAL and Litestream's local folder, and a raw scan of every file agrees."""
-    from test_erasure import SUBJECT, SUBJECT_IP, message, send
-
     db = tmp_path / "audit.db"
     env = replica_env(store, "purge-status")
     secret = b"zqxjkv-purge-status"
@@ -360,17 +363,22 @@ def test_erase_says_no_copy_remains_only_when_none_does(store: SeaweedFS, tmp_pa
             else:
                 sent = send(server.url, message("leckie", f"text {i}"))
             assert sent.status_code == 200
-        time.sleep(1.5)  # Litestream has copied the pages holding them
+        litestream = f".{db.name}-litestream"
+        wait_for(
+            lambda: any(c.startswith(litestream) for c in _copies(db, SUBJECT.encode())),
+            30,
+            "Litestream to copy the pages holding them",
+        )
         assert _copies(db, SUBJECT.encode())
         for _ in range(2):  # the review's second run said "no copy remains" while the WAL held them
-            done = cli(*erase, env=env)
+            done = run_cli(*erase, env=env, timeout=300)
             assert done.returncode == 0, done.stdout + done.stderr
             held = {needle: _copies(db, needle) for needle in (SUBJECT.encode(), secret, SUBJECT_IP.encode())}
             assert "no copy remains" not in done.stdout or not any(held.values()), (done.stdout, held)
             assert "NOT YET PURGED" in done.stdout and f"{db.name}-wal" in done.stdout, done.stdout
     finally:
         server.stop()
-    last = cli(*erase, env=env)
+    last = run_cli(*erase, env=env, timeout=300)
     assert last.returncode == 0, last.stdout + last.stderr
     assert "no copy remains" in last.stdout, last.stdout
     for needle in (SUBJECT.encode(), secret, SUBJECT_IP.encode()):

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from conftest import (
     APP_ID,
+    TESTS,
     TOKEN,
     Server,
     deliver_concurrently,
@@ -29,8 +30,6 @@ from conftest import (
     wait_for,
 )
 from topic_audit.tencent import samples
-
-HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
 
@@ -106,7 +105,7 @@ def faultfs(tmp_path: Path) -> Path:
     cc = shutil.which("cc") or require_tool("gcc")
     library = tmp_path / "faultfs.so"
     subprocess.run(
-        [cc, "-shared", "-fPIC", "-O2", "-o", str(library), str(HERE / "faultfs.c"), "-ldl"], check=True
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(library), str(TESTS / "faultfs.c"), "-ldl"], check=True
     )
     return library
 

@@ -15,8 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import APP_ID, TOKEN, Server
-from test_server import run_cli
+from conftest import APP_ID, TOKEN, Server, run_cli
 from topic_audit.tencent import samples
 
 OK = {"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0}

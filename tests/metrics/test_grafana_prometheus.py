@@ -22,10 +22,10 @@ import pytest
 from conftest import (
     APP_ID,
     TOKEN,
+    Prometheus,
     Server,
     alter,
     free_port,
-    listening_port,
     listening_ports,
     require_tool,
     start_on_free_ports,
@@ -36,48 +36,6 @@ from grafana_files import alert_rules, dashboard_queries, evaluate
 from topic_audit.demo import load
 
 pytestmark = pytest.mark.slow
-
-
-class Prometheus:
-    def __init__(self, binary: str, target: str, folder: Path, watch: str | None = None) -> None:
-        config = folder / "prometheus.yml"
-        jobs = f"  - job_name: topic-audit\n    static_configs: [{{targets: ['{target}']}}]\n"
-        if watch is not None:
-            jobs += f"  - job_name: topic-audit-watch\n    static_configs: [{{targets: ['{watch}']}}]\n"
-        config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n" + jobs)
-        self.log = (folder / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={folder / 'tsdb'}",
-                "--web.listen-address=127.0.0.1:0",  # the OS picks the port; read once it listens
-            ],
-            stdout=self.log,
-            stderr=self.log,
-        )
-        self.port = listening_port(self.process, folder / "prometheus.log")
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_for(
-            lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200,
-            30,
-            "prometheus ready",
-            0.5,
-        )
-
-    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        body = response.json()
-        assert body["status"] == "success", (expr, body)
-        result = body["data"]["result"]
-        if body["data"]["resultType"] == "scalar":
-            return [({}, float(result[1]))]
-        return [(series["metric"], float(series["value"][1])) for series in result]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self.log.close()
 
 
 Stack = tuple[Server, Prometheus, Destination]

@@ -14,9 +14,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import APP_ID, TOKEN, Post, Server, rows, topics
+from conftest import (
+    OTHER,
+    SUBJECT,
+    SUBJECT_IP,
+    Post,
+    Server,
+    findings,
+    forge,
+    holding,
+    message,
+    rows,
+    run_cli,
+    send,
+    topics,
+)
 from sqlite_utils import Database
 from topic_audit.log import chain, content, search
 from topic_audit.privacy import erasure, purge, records
@@ -25,58 +38,10 @@ from topic_audit.settings import Settings
 from topic_audit.tencent import samples
 from topic_audit.transparency.checkpoints import Signer, record_key
 
-SUBJECT = "erin_subject_42"
-OTHER = "leckie"
-SUBJECT_IP = "203.0.113.77"
 # FTS5 stores a term after the prefix it shares with the term before it: the scan looks for the part of
 # the term no other word in the test shares, so that a term left in an index segment is found.
 SECRET = "zqxjkvrendezvous"
 SECRET_TAIL = SECRET[3:].encode()
-
-
-def message(sender: str, text: str, to: str = OTHER) -> dict[str, Any]:
-    return {
-        "CallbackCommand": "Group.CallbackAfterSendMsg",
-        "GroupId": "@TGS#_erasure",
-        "Type": "Community",
-        "From_Account": sender,
-        "Operator_Account": sender,
-        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
-        "MemberList": [{"Member_Account": to}],
-    }
-
-
-def file_bytes(db: Path) -> dict[str, bytes]:
-    found = {}
-    for suffix in ("", "-wal", "-shm"):
-        path = Path(f"{db}{suffix}")
-        found[path.name] = path.read_bytes() if path.exists() else b""
-    return found
-
-
-def holding(db: Path, needle: bytes) -> list[str]:
-    """The database files whose raw bytes contain ``needle``."""
-    return [name for name, data in file_bytes(db).items() if needle in data]
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "topic_audit.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
-
-
-def findings(db: Path) -> list[dict[str, Any]]:
-    """What ``topic-audit verify --json`` finds in the log at ``db``."""
-    done = cli("verify", "--db", str(db), "--json")
-    assert done.stdout.startswith("{"), done.stderr
-    found: list[dict[str, Any]] = json.loads(done.stdout)["findings"]
-    assert (done.returncode == 0) == (not found), done.stdout + done.stderr
-    return found
-
-
-def send(url: str, body: dict[str, Any], client_ip: str = "198.51.100.1") -> httpx.Response:
-    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN) + f"&ClientIP={client_ip}"
-    return httpx.post(f"{url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
 
 
 def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_path: Path) -> None:
@@ -106,12 +71,14 @@ def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_pa
         assert holding(db, needle), needle
 
     env = {**server.env}
-    dry = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "data subject request #7", env=env)
+    dry = run_cli(
+        "erase", "--db", str(db), "--account", SUBJECT, "--reason", "data subject request #7", env=env
+    )
     assert dry.returncode == 0, dry.stderr
     assert "would erase 2 entries" in dry.stdout
     assert holding(db, SUBJECT.encode())  # a dry run changes nothing
 
-    done = cli(
+    done = run_cli(
         "erase",
         "--db",
         str(db),
@@ -141,12 +108,12 @@ def test_erase_an_account_while_serve_runs_leaves_no_copy(server: Server, tmp_pa
         topic["owner_account"] == "" and topic["name"] == "kept name" and topic["operator_account"] == OTHER
     )
 
-    report = cli("verify", "--db", str(db), "--json", env=env)
+    report = run_cli("verify", "--db", str(db), "--json", env=env)
     assert report.returncode == 0, report.stdout + report.stderr
-    rebuilt = cli("rebuild-projection", "--db", str(db), env=env)
+    rebuilt = run_cli("rebuild-projection", "--db", str(db), env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert topics(db)["@TGS#_erasure@TOPIC#_1"] == topic
-    assert cli("verify", "--db", str(db), env=env).returncode == 0
+    assert run_cli("verify", "--db", str(db), env=env).returncode == 0
 
 
 @pytest.mark.parametrize("most_levels", [purge.MOST_LEVELS, 0], ids=["merged", "rebuilt"])
@@ -197,38 +164,27 @@ def test_commitment_hides_the_content_and_the_chain_still_verifies(post: Post, d
 )
 def test_erase_refuses_bad_input(args: list[str], message_part: str, db_path: Path, post: Post) -> None:
     post(message(OTHER, "x"))
-    done = cli("erase", "--db", str(db_path), *args)
+    done = run_cli("erase", "--db", str(db_path), *args)
     assert done.returncode == 2
     assert message_part in done.stderr
 
 
 def test_erase_matching_nothing_says_0_entries(db_path: Path, post: Post) -> None:
     post(message(OTHER, "x"))
-    done = cli("erase", "--db", str(db_path), "--account", "nobody", "--reason", "x", "--yes")
+    done = run_cli("erase", "--db", str(db_path), "--account", "nobody", "--reason", "x", "--yes")
     assert done.returncode == 0, done.stderr
     assert "erased 0 entries" in done.stdout
 
 
 def test_retain_parses_durations(db_path: Path, post: Post) -> None:
     post(message(OTHER, "x"))
-    bad = cli("retain", "--db", str(db_path), "--older-than", "ninety days")
+    bad = run_cli("retain", "--db", str(db_path), "--older-than", "ninety days")
     assert bad.returncode == 2 and "not a duration" in bad.stderr
-    done = cli("retain", "--db", str(db_path), "--older-than", "1d")
+    done = run_cli("retain", "--db", str(db_path), "--older-than", "1d")
     assert done.returncode == 0 and "erased 0 entries" in done.stdout
-    done = cli("retain", "--db", str(db_path), "--older-than", "0s")
+    done = run_cli("retain", "--db", str(db_path), "--older-than", "0s")
     assert done.returncode == 0 and "erased 1 entries" in done.stdout, done.stdout
     assert findings(db_path) == []
-
-
-def forge(db: Path, *statements: str) -> None:
-    """Change a log as someone with write access to the file would: past every trigger."""
-    conn = sqlite3.connect(db)
-    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-        conn.execute(f"DROP TRIGGER {name}")
-    for statement in statements:
-        conn.execute(statement)
-    conn.commit()
-    conn.close()
 
 
 BLANK = (
@@ -335,14 +291,16 @@ def test_an_erase_killed_halfway_leaves_complete_records_and_can_be_finished(tmp
     conn.close()
     assert 2 <= records < 12 and listed == erased  # every record complete, and no entry erased without one
     assert findings(db) == []
-    done = cli("erase", "--db", str(db), "--from-id", "1", "--to-id", "6000", "--reason", "finish", "--yes")
+    done = run_cli(
+        "erase", "--db", str(db), "--from-id", "1", "--to-id", "6000", "--reason", "finish", "--yes"
+    )
     assert done.returncode == 0, done.stderr
     assert f"erased {6000 - erased} entries" in done.stdout
     assert findings(db) == []
 
 
 def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(erased_log: Path) -> None:
-    signed = cli("checkpoint", "--db", str(erased_log))
+    signed = run_cli("checkpoint", "--db", str(erased_log))
     assert signed.returncode == 0, signed.stderr
     conn = sqlite3.connect(erased_log)
     conn.row_factory = sqlite3.Row
@@ -361,7 +319,7 @@ def test_a_consistently_rewritten_erasure_record_is_caught_by_the_checkpoints(er
 def test_erase_says_when_the_replica_forgets(db_path: Path, post: Post) -> None:
     post(message(SUBJECT, "x"))
     env = {**os.environ, "TOPIC_AUDIT_REPLICA_URL": "s3://bucket/prefix"}
-    done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "x", "--yes", env=env)
+    done = run_cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "x", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     assert "the off-box replica keeps older snapshots holding these values until" in done.stdout
 
@@ -391,8 +349,8 @@ def test_erase_finds_an_account_written_with_escapes(
     assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == ["audit.db-wal"]
     Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
     args = ("erase", "--db", str(db_path), "--account", account, "--reason", "request #9")
-    assert "would erase 2 entries (1, 2)" in cli(*args).stdout
-    done = cli(*args, "--yes")
+    assert "would erase 2 entries (1, 2)" in run_cli(*args).stdout
+    done = run_cli(*args, "--yes")
     assert done.returncode == 0, done.stderr
     assert "erased 2 entries" in done.stdout
     assert holding(db_path, b"qzvhello") == holding(db_path, b"qzvhi") == []
@@ -409,7 +367,7 @@ def test_erase_finds_a_topic_written_with_escapes(db_path: Path, post: Post) -> 
     post(escaped(destroyed, topic, as_written), destroyed["CallbackCommand"])
     post(samples.sample("after-create", TopicId=other, GroupId="@TGS#_erasure"))
     Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
-    done = cli("erase", "--db", str(db_path), "--topic", topic, "--reason", "request #10", "--yes")
+    done = run_cli("erase", "--db", str(db_path), "--topic", topic, "--reason", "request #10", "--yes")
     assert done.returncode == 0, done.stderr
     assert "erased 2 entries" in done.stdout
     assert [r["id"] for r in rows(db_path) if r["request_body"] is None] == [1, 2]
@@ -495,14 +453,14 @@ def test_erase_refuses_an_entry_changed_since_it_was_written(legacy: bool, db_pa
     assert before == [("hash" if legacy else "content", 2)]
     Signer.load_or_create(db_path.with_name("checkpoint-signing.key"))
     for yes in ((), ("--yes",)):
-        done = cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "launder", *yes)
+        done = run_cli("erase", "--db", str(db_path), "--account", SUBJECT, "--reason", "launder", *yes)
         assert done.returncode == 1 and done.stdout == "", done.stdout
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         why = "does not match its entry_hash" if legacy else "has content that does not match its commitment"
         assert f"entry 2 {why}: not erasing it" in done.stderr, done.stderr
     assert rows(db_path)[1]["detail"] == "edited"  # nothing erased
     assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before  # still found
-    clean = cli("erase", "--db", str(db_path), "--id", "3", "--reason", "an intact entry", "--yes")
+    clean = run_cli("erase", "--db", str(db_path), "--id", "3", "--reason", "an intact entry", "--yes")
     assert clean.returncode == 0 and "erased 1 entries" in clean.stdout, clean.stderr
     assert [(f["check"], f["entry_id"]) for f in findings(db_path)] == before
 
@@ -525,7 +483,7 @@ def test_a_dry_run_opens_the_database_read_only(db_path: Path, post: Post, tmp_p
     target.close()
     before = untouched(db)
     time.sleep(0.01)  # an mtime written now would differ
-    done = cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "x")
+    done = run_cli("erase", "--db", str(db), "--account", SUBJECT, "--reason", "x")
     assert done.returncode == 0, done.stderr
     assert "dry run (database opened read-only, nothing written): would erase 1 entries (2)" in done.stdout
     assert untouched(db) == before
@@ -555,7 +513,7 @@ def test_a_dry_run_does_not_migrate(db_path: Path, post: Post, tmp_path: Path) -
     applied = sqlite3.connect(old).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()
     before = untouched(old)
     time.sleep(0.01)
-    done = cli("erase", "--db", str(old), "--account", SUBJECT, "--reason", "x")
+    done = run_cli("erase", "--db", str(old), "--account", SUBJECT, "--reason", "x")
     assert done.returncode == 0, done.stderr
     assert "would erase 1 entries (2)" in done.stdout
     assert untouched(old) == before
@@ -628,6 +586,6 @@ def test_erase_refuses_a_row_holding_a_value_of_the_wrong_type(db_path: Path, po
     post(message(SUBJECT, "typed"))
     forge(db_path, "UPDATE audit_log SET request_body = 5 WHERE id = 1")
     Signer.load_or_create(Settings(db=db_path).signing_key_path)
-    done = cli("erase", "--db", str(db_path), "--id", "1", "--reason", "typed", "--yes")
+    done = run_cli("erase", "--db", str(db_path), "--id", "1", "--reason", "typed", "--yes")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "entry 1 " in done.stderr and "not erasing it" in done.stderr, done.stderr
