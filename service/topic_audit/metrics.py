@@ -35,6 +35,10 @@ DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 APPEND_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
+INTAKE_STREAMS = ("TOPIC_AUDIT_INTAKE_A", "TOPIC_AUDIT_INTAKE_B")
+"""The two streams a receiver publishes to (:mod:`topic_audit.cluster.jetstream`)."""
+
+
 def command_label(command: str | None) -> str:
     return command if command is not None and command in models.KNOWN_COMMANDS else "other"
 
@@ -216,6 +220,64 @@ class Metrics:
             "How often serve signs a checkpoint (TOPIC_AUDIT_CHECKPOINT_SECONDS); 0 when it does not.",
             registry=r,
             multiprocess_mode="max",
+        )
+        # Cluster mode (docs/cluster.md): the receivers' side of the intake, then the writer's.
+        self.intake_publish_seconds = Histogram(
+            "topic_audit_intake_publish_seconds",
+            "Cluster mode, at a receiver: time from publishing a callback to the intake's acknowledgement "
+            "(stored on a quorum), retries on the other intake stream included.",
+            buckets=APPEND_BUCKETS,
+            registry=r,
+        )
+        self.intake_publish_errors = Counter(
+            "topic_audit_intake_publish_errors",
+            "Cluster mode, at a receiver: publish attempts the intake did not acknowledge (timed out, "
+            "refused, no connection), by stream; the callback is answered 503 only when no attempt "
+            "succeeded in time (topic_audit_audit_append_errors_total).",
+            ["stream"],
+            registry=r,
+        )
+        for stream in INTAKE_STREAMS:
+            self.intake_publish_errors.labels(stream)
+        self.intake_published_at = Gauge(
+            "topic_audit_intake_published_timestamp_seconds",
+            "Cluster mode, at a receiver: when the intake last acknowledged one of its callbacks (Unix time).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.intake_applied_at = Gauge(
+            "topic_audit_intake_applied_timestamp_seconds",
+            "Cluster mode, at the active writer: when the intake stored the message applied last (Unix "
+            "time): how far the log is behind the receivers' answers.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.intake_lag = Gauge(
+            "topic_audit_intake_lag_messages",
+            "Cluster mode, at the active writer: intake messages not yet applied to the log.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.intake_lag_seconds = Gauge(
+            "topic_audit_intake_lag_seconds",
+            "Cluster mode, at the active writer: age of the oldest intake message not yet applied (0 when "
+            "caught up).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.intake_applied = Gauge(
+            "topic_audit_intake_applied_sequence",
+            "Cluster mode, at the active writer: the intake sequence applied last (committed with its entry).",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.writer_lease = Gauge(
+            "topic_audit_writer_lease",
+            "Cluster mode, at a writer: 1 while this writer holds the lease (the active one), else 0 "
+            "(standing by); by writer (its host name and process id).",
+            ["writer"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
 
         self._callbacks = {

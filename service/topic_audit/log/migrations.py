@@ -507,6 +507,26 @@ def m017_signed_boundaries(db: Database) -> None:
     db.execute("ALTER TABLE checkpoints ADD COLUMN signed_erasures_from INTEGER")
 
 
+@migrations()
+def m018_intake(db: Database) -> None:
+    """Cluster mode (docs/cluster.md): ``intake`` holds every message of the JetStream intake the writer
+    has applied, by its stream sequence, committed in the same transaction as the entry it became --
+    ``entry_id`` NULL for a second copy of a message the writer applied already (a receiver's publish
+    retried on the other intake stream: one callback, one entry). The writer resumes after its highest
+    ``seq``, so that each message is applied exactly once across restarts and failovers.
+    ``msg_id`` is the receiver's random message id (no content). Append-only."""
+    db.execute(
+        "CREATE TABLE intake (seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, entry_id INTEGER "
+        "REFERENCES audit_log(id))"
+    )
+    db.execute("CREATE INDEX intake_msg_id ON intake (msg_id)")
+    for action in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER intake_no_{action.lower()} BEFORE {action} ON intake "
+            f"BEGIN SELECT RAISE(ABORT, 'intake is append-only: {action} refused'); END"
+        )
+
+
 def migrate(path: Path) -> None:
     """Create or upgrade the database at ``path`` (WAL mode is persistent, so it is set here once).
 

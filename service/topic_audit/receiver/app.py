@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -35,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from topic_audit import clock
 from topic_audit.forwarding import outbox
-from topic_audit.forwarding.forwarder import Delivery, Forwarder, LocalDelivery
+from topic_audit.forwarding.forwarder import Delivery, Elsewhere, Forwarder, LocalDelivery
 from topic_audit.forwarding.loop import DELIVERY_SOCKET, Waker
 from topic_audit.log import chain
 from topic_audit.log.migrations import migrate
@@ -433,8 +433,11 @@ async def readyz(state: State) -> Response[bytes]:
     try:
         await asyncio.wait_for(asyncio.wrap_future(writer.probe()), timeout=2.0)
     except Exception as exc:
+        why = f"database not writable: {type(exc).__name__}"
+        if isinstance(exc, AppendError) and state.settings.cluster:
+            why = f"intake not writable: {exc}"
         return Response(
-            models.answer_body(503, "not_ready", f"database not writable: {type(exc).__name__}"),
+            models.answer_body(503, "not_ready", why),
             status_code=503,
             media_type=MediaType.JSON,
         )
@@ -465,13 +468,17 @@ waits up to that long each time the event loop is busy. Measured at 32 connectio
 (67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (docs/performance.md)."""
 
 
-def from_environment() -> Litestar:
+def from_environment(stream: Callable[[Settings, Metrics], Stream] | None = None) -> Litestar:
     """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
-    from ``TOPIC_AUDIT_TOKEN``."""
+    from ``TOPIC_AUDIT_TOKEN``; in cluster mode, publishing to the intake ``stream`` makes."""
     configure_logging()
     settings = Settings.from_workers_json(
         os.environ[WORKER_SETTINGS], os.environ.get("TOPIC_AUDIT_TOKEN") or None
     )
+    if settings.role == "receiver":  # cluster mode: the intake, in place of the writer process
+        assert stream is not None, "a receiver in cluster mode needs its stream"
+        metrics = Metrics()
+        return create_app(settings, metrics, stream=stream(settings, metrics))
     socket, wake = os.environ.get(WRITER_SOCKET), os.environ.get(DELIVERY_SOCKET)
     return create_app(
         settings,
@@ -480,24 +487,40 @@ def from_environment() -> Litestar:
     )
 
 
+@runtime_checkable
+class Stream(Writer, Protocol):
+    """Cluster mode: the intake a receiver publishes to, in place of a writer
+    (:class:`topic_audit.cluster.publisher.StreamWriter`)."""
+
+    async def open(self) -> None: ...
+
+
 def create_app(
     settings: Settings,
     metrics: Metrics | None = None,
     writer_socket: Path | None = None,
     delivery_socket: Path | None = None,
+    stream: Stream | None = None,
 ) -> Litestar:
     """The receiver for ``settings``. With ``writer_socket``, the writer process listening there commits
     its rows (``serve``: :mod:`topic_audit.serve.writer_process`); without, it migrates the database and owns
     a writer thread for its lifetime. What it forwards is delivered by the delivery process listening on
     ``delivery_socket`` (``serve``'s one, :mod:`topic_audit.serve.delivery_process`), which it wakes;
-    without, on its own event loop (:class:`topic_audit.forwarding.forwarder.LocalDelivery`)."""
+    without, on its own event loop (:class:`topic_audit.forwarding.forwarder.LocalDelivery`).
+
+    With ``stream`` (cluster mode), every callback is published there and answered once it is stored:
+    no database, no checkpoints, no retention here; what is forwarded after the answer is delivered by
+    the active writer."""
     metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
-        writer: AuditWriter | RemoteWriter
-        if writer_socket is not None:
+        writer: AuditWriter | RemoteWriter | Stream
+        if stream is not None:
+            writer = stream
+            await stream.open()
+        elif writer_socket is not None:
             writer = RemoteWriter(writer_socket, refused=metrics.batch_failed)
             writer.start()
             await writer.connect(READY_SECONDS)
@@ -512,23 +535,29 @@ def create_app(
                 record_key=record_key(settings.signing_key_path, create=True),
             )
             writer.start()
-        counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
-        metrics.set_initial(*counts)
+        if stream is None:
+            counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
+            metrics.set_initial(*counts)
         app.state.writer = writer
         forwarder = None
         if settings.forward_url:
-            delivery: Delivery = (
-                LocalDelivery(settings, metrics, writer)
-                if delivery_socket is None
-                else Waker(delivery_socket)
-            )
+            delivery: Delivery
+            if stream is not None:
+                delivery = Elsewhere()
+            elif delivery_socket is None:
+                assert not isinstance(writer, Stream)  # (a stream was the case above)
+                delivery = LocalDelivery(settings, metrics, writer)
+            else:
+                delivery = Waker(delivery_socket)
             forwarder = Forwarder(settings, metrics, delivery)
             await forwarder.start()
         app.state.forwarder = forwarder
-        timer = CheckpointTimer(settings, at_start=False)  # under serve, the supervisor's (here: interval 0)
-        timer.start()
+        # Under serve, the supervisor signs (here: interval 0); in cluster mode, the active writer.
+        timer = CheckpointTimer(settings, at_start=False) if stream is None else None
+        if timer is not None:
+            timer.start()
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
-        forgetting = retention.start(settings, metrics, writer, clock.now)
+        forgetting = [] if stream is not None else retention.start(settings, metrics, writer, clock.now)
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
         gc.freeze()
         try:
@@ -540,7 +569,8 @@ def create_app(
             if forwarder is not None:
                 await forwarder.stop()
             writer.stop()
-            await asyncio.to_thread(timer.stop)  # a last checkpoint covers everything answered
+            if timer is not None:
+                await asyncio.to_thread(timer.stop)  # a last checkpoint covers everything answered
 
     # Litestar's own HTTP metrics, by route template. The callback route is left out: it has richer
     # metrics of its own, and its hot path stays free of a second middleware.

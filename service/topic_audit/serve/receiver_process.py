@@ -255,8 +255,12 @@ def announced_app() -> Announce:
     from topic_audit.receiver.app import from_environment
 
     _die_with_parent()
+    stream = None
+    if _settings().role == "receiver":  # cluster mode
+        from topic_audit.cluster.publisher import StreamWriter
 
-    return Announce(from_environment(), int(os.environ[READY_FD]))
+        stream = StreamWriter
+    return Announce(from_environment(stream), int(os.environ[READY_FD]))
 
 
 def _die_with_parent() -> None:

@@ -94,6 +94,8 @@ class Supervisor:
         self.draining: list[Receiver] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpoint_timer = CheckpointTimer(settings)
+        self.intake = settings.role == "receiver"
+        """Cluster mode's receivers: they publish to the intake; no writer, delivery or checkpoint here."""
         self.folder = scratch.folder("writer")  # 0700: only this user reaches the writer
         self.launcher = Launcher(sock, server, os.path.join(self.folder, "delivery.sock"))
         self.delivery: DeliveryProcess | None = None
@@ -116,19 +118,21 @@ class Supervisor:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _serve(self) -> int:
-        writer = self.writers.start(self.settings)
-        failed = self._ready([writer])
-        self.writers.promote(writer)
+        writer = None if self.intake else self.writers.start(self.settings)
+        failed = None if writer is None else self._ready([writer])
+        if writer is not None:
+            self.writers.promote(writer)
         if not failed:
             self.current = self._generation(self.settings)
             failed = self._ready(self.current)
         if failed:
             stop_all(self.metrics_dir, self.current)
-            self._stop_writers([writer])
+            self._stop_writers([] if writer is None else [writer])
             log.error("serve could not start: %s", failed)
             return 1
-        self.checkpoint_timer.start()
-        self._start_delivery(self.settings)
+        if not self.intake:
+            self.checkpoint_timer.start()
+            self._start_delivery(self.settings)
         self.metrics.checkpoint_interval.set(
             self.checkpoint_timer.interval
         )  # receivers report 0: they sign none
@@ -163,20 +167,21 @@ class Supervisor:
         if changed:
             log.warning("reload: %s take effect at the next start", ", ".join(changed))
         settings = replace(settings, **{name: getattr(self.settings, name) for name in OWNED_HERE})
-        writer = self.writers.start(settings)
-        failed = self._ready([writer])
+        writer = None if self.intake else self.writers.start(settings)
+        failed = None if writer is None else self._ready([writer])
         fresh = [] if failed else self._generation(settings, writer)
         failed = failed or self._ready(fresh)
         if failed:
             stop_all(self.metrics_dir, fresh)
-            self._stop_writers([writer])
+            self._stop_writers([] if writer is None else [writer])
             log.error("reload failed: %s; the running processes keep serving", failed)
             sockets.notify("READY=1")
             return
         time.sleep(WARM_SECONDS)  # both generations accept: the new one warms up on part of the load
         old, self.current, self.settings = self.current, fresh, settings
-        self.writers.promote(writer)
-        self._start_delivery(settings)
+        if writer is not None:
+            self.writers.promote(writer)
+            self._start_delivery(settings)
         self.checkpoint_timer.interval = settings.checkpoint_seconds
         self.metrics.checkpoint_interval.set(settings.checkpoint_seconds)
         deadline = time.monotonic() + DRAIN_SECONDS
@@ -212,12 +217,19 @@ class Supervisor:
 
     # -- receivers ---------------------------------------------------------------------------------
     def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
-        writer = writer or self.writers.current
-        assert writer is not None
-        socket_path = writer.socket
+        socket_path = self._writer_socket(writer)
         if self.server == "granian":  # granian runs its own workers in one process group
             return [self.launcher.start(settings, self.workers, socket_path)]
         return [self.launcher.start(settings, 1, socket_path) for _ in range(self.workers)]
+
+    def _writer_socket(self, writer: Receiver | None = None) -> str:
+        """The socket of the writer that receivers of ``writer``'s generation (default: the current one)
+        feed; none for cluster mode's receivers."""
+        if self.intake:
+            return ""
+        writer = writer or self.writers.current
+        assert writer is not None
+        return writer.socket
 
     def _spawn_writer(self, settings: Settings, socket_path: str) -> Receiver:
         writer = self.launcher.start(settings, 1, socket_path, module="topic_audit.serve.writer_process")
@@ -251,10 +263,7 @@ class Supervisor:
             )
             receiver.ended(self.metrics_dir)
             time.sleep(RESPAWN_SECONDS)
-            assert self.writers.current is not None
-            self.current[index] = self.launcher.start(
-                self.settings, receiver.expected, self.writers.current.socket
-            )
+            self.current[index] = self.launcher.start(self.settings, receiver.expected, self._writer_socket())
             self.metrics.restarts.labels("crash").inc()
 
     def _stop_writers(self, writers: list[Receiver]) -> bool:

@@ -27,6 +27,7 @@ from topic_audit.tencent import models
 from topic_audit.writer.requests import Append as Append
 from topic_audit.writer.requests import Committed as Committed
 from topic_audit.writer.requests import Forward as Forward
+from topic_audit.writer.requests import OutOfOrder
 from topic_audit.writer.requests import Record as Record
 from topic_audit.writer.requests import Row as Row
 
@@ -71,14 +72,23 @@ def commit(
     with database.transaction(conn):
         head_id, head_hash = database.head(conn)  # under the write lock: the chain stays contiguous
         group = _Group(conn, head_id + 1, appends, record_key)
+        intake = _Intake(conn) if appends and appends[0].intake is not None else None
         for request in appends:
+            if intake is not None and (first := intake.copy_of(request, done)) is not None:
+                done.committed.append(first)  # a second copy of a message: recorded, not appended
+                continue
             entry_id, row = group.add(request)
             row["id"], row["prev_hash"] = entry_id, head_hash
-            group.seal(entry_id, row, store_bodies == "all" or _kept(request))
+            salt = None if request.intake is None else request.intake.salt
+            group.seal(entry_id, row, store_bodies == "all" or _kept(request), salt)
             row["entry_hash"] = head_hash = chain.entry_hash(row)
             done.rows.append(row)
             done.committed.append(Committed(entry_id, row["outcome"], row["duplicate_of"], head_hash))
+            if intake is not None:
+                intake.applied(request, entry_id)
         group.flush(done.rows)
+        if intake is not None:
+            intake.flush()
         if records:
             now = clock.now()
             done.exhausted = [outbox.record_in(conn, r.attempts, r.schedule, now) for r in records]
@@ -141,8 +151,8 @@ class _Group:
                         delta[now] += 1
         return entry_id, row
 
-    def seal(self, entry_id: int, row: Row, keep: bool) -> None:
-        salt = content.seal(row, keep)
+    def seal(self, entry_id: int, row: Row, keep: bool, salt: bytes | None = None) -> None:
+        salt = content.seal(row, keep, salt)
         if salt is not None:
             self.salts.append((entry_id, salt))
         else:
@@ -162,6 +172,52 @@ class _Group:
             outbox.queue(conn, triples, delay)
         if self.before:
             outbox.append(conn, self.before)
+
+
+class _Intake:
+    """Cluster mode: the intake messages of one transaction, each applied exactly once and in order
+    (the ``intake`` table, written with the rows)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.last: int = conn.execute("SELECT coalesce(max(seq), 0) FROM intake").fetchone()[0]
+        self.rows: list[tuple[int, str, int | None]] = []
+        self.entries: dict[str, int] = {}
+        """This transaction's messages: the entry each became."""
+
+    def copy_of(self, request: Append, done: Appended) -> Committed | None:
+        """What the first copy of ``request``'s message became, when it was applied already (the
+        message's sequence is recorded); None for a message to append. :class:`OutOfOrder` for one that
+        does not follow the last one applied."""
+        message = request.intake
+        if message is None or message.after != self.last or message.seq <= self.last:
+            got = "no intake message" if message is None else f"{message.seq} after {message.after}"
+            raise OutOfOrder(f"intake message {got}; the last applied is {self.last}")
+        self.last = message.seq
+        first = self.entries.get(message.msg_id)
+        if first is None:
+            found = self.conn.execute(
+                "SELECT entry_id FROM intake WHERE msg_id = ? AND entry_id IS NOT NULL", (message.msg_id,)
+            ).fetchone()
+            first = None if found is None else found[0]
+        if first is None:
+            return None
+        self.rows.append((message.seq, message.msg_id, None))
+        for row in done.rows:
+            if row["id"] == first:
+                return Committed(first, row["outcome"], row["duplicate_of"], row["entry_hash"])
+        outcome, duplicate_of, entry_hash = self.conn.execute(
+            "SELECT outcome, duplicate_of, entry_hash FROM audit_log WHERE id = ?", (first,)
+        ).fetchone()
+        return Committed(first, outcome, duplicate_of, entry_hash)
+
+    def applied(self, request: Append, entry_id: int) -> None:
+        assert request.intake is not None
+        self.entries[request.intake.msg_id] = entry_id
+        self.rows.append((request.intake.seq, request.intake.msg_id, entry_id))
+
+    def flush(self) -> None:
+        self.conn.executemany("INSERT INTO intake (seq, msg_id, entry_id) VALUES (?, ?, ?)", self.rows)
 
 
 def append_batch(

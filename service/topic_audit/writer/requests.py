@@ -22,12 +22,29 @@ Row = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
+class Intake:
+    """Cluster mode: the intake stream's message a row came from (:mod:`topic_audit.cluster`)."""
+
+    seq: int
+    """Its sequence in the stream the writer applies."""
+    after: int
+    """The sequence applied just before it (0 for none): the append refuses a row that does not follow
+    the last one applied, so that a group refused never leaves a gap behind a later one committed."""
+    msg_id: str
+    """The receiver's id of the message: a second copy (its publish retried) is recorded, not appended."""
+    salt: bytes
+    """The content's salt, drawn by the receiver: a writer that replays the stream after a failover
+    writes the very entries the one before it wrote (the same commitments, the same hashes)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Append:
     """A request to append one row (and project ``event``, and queue ``forward``)."""
 
     row: Row
     event: models.TopicEvent | None = None
     forward: Forward | None = None
+    intake: Intake | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +67,7 @@ class Committed:
 
 class AppendError(Exception):
     """The row (or the record) could not be committed; the request must be answered 503."""
+
+
+class OutOfOrder(AppendError):
+    """An intake message that does not follow the last one applied (:attr:`Intake.after`)."""

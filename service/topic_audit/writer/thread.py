@@ -41,6 +41,7 @@ from topic_audit.writer.append import Append, Committed, Forward, Record, append
 from topic_audit.writer.committer import AppendError, Committer, Observer
 from topic_audit.writer.groups import Groups
 from topic_audit.writer.housekeeping import SearchIndexer, WalCheckpointer
+from topic_audit.writer.requests import Intake
 
 __all__ = [
     "BUSY_TIMEOUT_SECONDS",
@@ -138,13 +139,24 @@ class AuditWriter:
 
     # -- producers -------------------------------------------------------------------------------
     async def append(
-        self, row: dict[str, Any], event: models.TopicEvent | None = None, forward: Forward | None = None
+        self,
+        row: dict[str, Any],
+        event: models.TopicEvent | None = None,
+        forward: Forward | None = None,
+        intake: Intake | None = None,
     ) -> Committed:
         """Queue ``row`` (every column but id and the chain; not changed) and wait until it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Committed] = loop.create_future()
-        self._queue.put((_Waiting(future, loop), Append(row, event, forward)))
+        self._queue.put((_Waiting(future, loop), Append(row, event, forward, intake)))
         return await future
+
+    def queue(self, request: Append) -> asyncio.Future[Committed]:
+        """Queue ``request`` now (in the order of the calls) and return what to await: its commit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Committed] = loop.create_future()
+        self._queue.put((_Waiting(future, loop), request))
+        return future
 
     async def record(self, attempts: list[outbox.Attempt], schedule: tuple[int, ...]) -> list[outbox.Attempt]:
         """Record delivery attempts (and move their outbox rows on) in the next group's transaction, so

@@ -1,0 +1,122 @@
+"""The intake on NATS JetStream, as both roles see it: the connection, the streams, the lease's bucket.
+
+- Receivers publish to **two intake streams** (``TOPIC_AUDIT_INTAKE_A`` and ``_B``, three replicas each,
+  their leaders on different servers). A stream whose leader dies takes JetStream's election (4-9 s,
+  fixed in the server) to accept writes again; a receiver whose publish is not acknowledged in
+  :data:`TRY_SECONDS` publishes the same message (the same ``Nats-Msg-Id``) to the other one.
+- The writer applies **one stream**, ``TOPIC_AUDIT_INTAKE``, which sources both: one order, the log's.
+  A message in doubt (a first try that timed out yet was stored) reaches it twice; the writer records the
+  second copy without appending it (:class:`topic_audit.writer.requests.Intake`).
+- The writer lease is a key in the key-value bucket ``topic_audit_writer`` (:mod:`.lease`).
+
+What an acknowledgement means on disk is the servers' setting, not ours: with ``sync_interval: always``
+(nats-server 2.10 and later) each replica has synced the message before the quorum acknowledges it;
+with the default, it is in the page cache of a quorum and synced within two minutes (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Final
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamSource,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from topic_audit.metrics import INTAKE_STREAMS
+from topic_audit.settings import Settings
+
+log = logging.getLogger("topic_audit.cluster")
+
+SUBJECTS: Final = ("topic_audit.intake.a", "topic_audit.intake.b")
+"""The subjects of :data:`INTAKE_STREAMS`, in the same order."""
+STREAM: Final = "TOPIC_AUDIT_INTAKE"
+"""What the writer applies: both intake streams, sourced into one order."""
+LEASE_BUCKET: Final = "topic_audit_writer"
+REPLICAS: Final = 3
+DUPLICATE_WINDOW_SECONDS: Final = 120.0
+"""JetStream drops a second publish of the same message id to the same stream within this window."""
+TRY_SECONDS: Final = 0.25
+"""How long a receiver waits for one stream's acknowledgement before trying the other."""
+
+
+def writer_name() -> str:
+    """This process, as the lease and the metrics name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """A connection to the cluster that reconnects for ever (to any of its servers) on its own."""
+    return await nats.connect(
+        servers=list(settings.nats_url),
+        name=name,
+        user_credentials=str(settings.nats_credentials) if settings.nats_credentials else None,
+        connect_timeout=2,
+        reconnect_time_wait=0.2,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        ping_interval=5,
+        max_outstanding_pings=2,
+    )
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """The two intake streams, then the one the writer applies."""
+    kept = dict(
+        num_replicas=REPLICAS,
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.intake_days * 86400,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+    intakes = [
+        StreamConfig(name=name, subjects=[subject], **kept)  # type: ignore[arg-type]
+        for name, subject in zip(INTAKE_STREAMS, SUBJECTS, strict=True)
+    ]
+    applied = StreamConfig(
+        name=STREAM,
+        sources=[StreamSource(name=name) for name in INTAKE_STREAMS],
+        **kept,  # type: ignore[arg-type]
+    )
+    return [*intakes, applied]
+
+
+async def ensure(js: JetStreamContext, settings: Settings) -> None:
+    """Create the streams and the lease's bucket, or bring their settings up to date (the writer's
+    job: receivers need no right to change them)."""
+    for config in stream_configs(settings):
+        try:
+            await js.stream_info(config.name or "")
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created the stream %s (%d replicas)", config.name, REPLICAS)
+            continue
+        try:
+            await js.update_stream(config)
+        except BadRequestError as exc:
+            log.warning("the stream %s keeps its settings: %s", config.name, exc)
+    try:
+        await js.key_value(LEASE_BUCKET)
+    except Exception:  # nats-py raises BucketNotFoundError, or NotFoundError on older servers
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=LEASE_BUCKET,
+                ttl=settings.lease_seconds,
+                replicas=REPLICAS,
+                storage=StorageType.FILE,
+                history=1,
+            )
+        )
+        log.info("created the key-value bucket %s (ttl %.0f s)", LEASE_BUCKET, settings.lease_seconds)

@@ -1,0 +1,273 @@
+"""A writer in cluster mode (``serve --role writer``): a standby until it takes the writer lease, then
+the active writer -- the log, its replica, checkpoints, forwarding and retention, as a single-machine
+``serve`` runs them, fed by the intake instead of receivers.
+
+Taking over: the lease first (:mod:`topic_audit.cluster.lease`); then, with a replica configured, the
+newest copy is restored beside the database and kept when it has applied more of the intake than the
+local file (this machine may have been a writer long ago, or never); then the intake is applied from the
+message after the last one applied (:mod:`topic_audit.cluster.applier`). Replaying the intake writes the
+same entries the writer before wrote (the same order, ids, salts, hashes): a checkpoint or receipt it
+handed out is never contradicted. A writer that learns another holds the lease stops at once (exit code
+75: systemd starts it again, as a standby).
+
+``/healthz``: the process is up. ``/readyz``: it holds the lease and has applied everything stored (503
+with why not otherwise: standing by, restoring, catching up). ``/metrics``: as every role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.datastructures import State
+from nats.aio.client import Client
+
+from topic_audit import clock
+from topic_audit.cluster import jetstream
+from topic_audit.cluster.applier import Applier, last_applied
+from topic_audit.cluster.lease import Lease, Lost
+from topic_audit.forwarding.forwarder import LocalDelivery
+from topic_audit.log.migrations import migrate
+from topic_audit.metrics import Metrics
+from topic_audit.offbox import replica
+from topic_audit.receiver.app import healthz, metrics_endpoint
+from topic_audit.settings import Settings
+from topic_audit.tencent import models
+from topic_audit.transparency.checkpoints import record_key
+from topic_audit.writer import jobs, retention
+from topic_audit.writer.checkpoint_timer import CheckpointTimer
+from topic_audit.writer.thread import AuditWriter
+
+log = logging.getLogger("topic_audit.cluster")
+
+LOST_EXIT: Final = 75
+"""The exit code of a writer that lost the lease (EX_TEMPFAIL: start it again, as a standby)."""
+TAKE_EVERY_SECONDS: Final = 1.0
+"""How often a standby tries to take the lease."""
+
+
+class Role:
+    """One writer: standing by, taking over, then active until it stops or loses the lease."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.name = jetstream.writer_name()
+        self.state = "connecting to the intake"
+        self.nc: Client | None = None
+        self.lease: Lease | None = None
+        self.writer: AuditWriter | None = None
+        self.applier: Applier | None = None
+        self.replicator: replica.Replicator | None = None
+        self.timer: CheckpointTimer | None = None
+        self.delivery: LocalDelivery | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        metrics.writer_lease.labels(self.name).set(0)
+
+    # -- taking over -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        settings = self.settings
+        while self.nc is None:
+            try:
+                self.nc = await jetstream.connect(settings, f"topic-audit writer {self.name}")
+                js = self.nc.jetstream(timeout=5)
+                await jetstream.ensure(js, settings)
+            except Exception as exc:
+                self.state = f"the intake is not reachable: {type(exc).__name__} {exc}"
+                log.warning("%s; trying again", self.state)
+                if self.nc is not None:
+                    await self.nc.close()
+                    self.nc = None
+                await asyncio.sleep(TAKE_EVERY_SECONDS)
+        js = self.nc.jetstream(timeout=5)
+        self.lease = lease = Lease(
+            await js.key_value(jetstream.LEASE_BUCKET), self.name, settings.lease_seconds
+        )
+        while True:
+            try:
+                if await lease.take():
+                    break
+                self.state = f"standing by: {await lease.holder()} holds the writer lease"
+            except Exception as exc:
+                self.state = f"standing by: the lease cannot be read ({type(exc).__name__})"
+            await asyncio.sleep(TAKE_EVERY_SECONDS)
+        self.metrics.writer_lease.labels(self.name).set(1)
+        self.tasks.append(asyncio.create_task(self._keep(lease), name="writer-lease"))
+        self.state = "restoring from the replica" if settings.replica_url else "opening the log"
+        await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(self._start)
+        assert self.writer is not None
+        if settings.forward_url:
+            self.delivery = LocalDelivery(settings, self.metrics, self.writer)
+        self.tasks += retention.start(settings, self.metrics, self.writer, clock.now)
+        assert self.writer is not None
+        self.state = "catching up with the intake"
+        self.applier = Applier(js, self.writer, settings.db, self.metrics, lease, settings.max_batch)
+        self.tasks.append(asyncio.create_task(self._announce(self.applier), name="caught-up"))
+        await self.applier.run()
+
+    def _prepare(self) -> None:
+        """The newest log this writer can have: the local file, or the replica's when it is further on."""
+        settings = self.settings
+        if settings.replica_url is not None:
+            target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
+            with tempfile.TemporaryDirectory(
+                prefix="topic-audit-takeover-", dir=settings.db.parent
+            ) as folder:
+                copy = Path(folder) / settings.db.name
+                try:
+                    replica.restore(target, copy, litestream=settings.litestream)
+                except RuntimeError as exc:  # no replica yet (the first writer), or unreachable
+                    log.warning("nothing restored from the replica (%s); using the local log", exc)
+                else:
+                    theirs, ours = last_applied(copy), last_applied(settings.db)
+                    if theirs > ours or not settings.db.exists():
+                        _replace(settings.db, copy, settings.checkpoint_path)
+                        log.info(
+                            "restored the replica (intake applied to %d; the local log to %d)", theirs, ours
+                        )
+                    else:
+                        log.info(
+                            "the local log (intake applied to %d) is ahead of the replica (%d)", ours, theirs
+                        )
+        migrate(settings.db)
+
+    def _start(self) -> None:
+        """The replica, the writer thread and the checkpoint timer (blocking: on a thread)."""
+        settings, metrics = self.settings, self.metrics
+        if settings.replica_url is not None:
+            target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
+            self.replicator = replica.Replicator(
+                settings.db, settings.checkpoint_path, target, metrics.replica_lag, settings.litestream
+            )
+            self.replicator.start()
+        self.writer = writer = AuditWriter(
+            settings.db,
+            settings.max_batch,
+            observer=metrics,
+            autocheckpoint=settings.replica_url is None,
+            store_bodies=settings.store_bodies,
+            record_key=record_key(settings.signing_key_path, create=True),
+        )
+        writer.start()
+        counts = writer.submit(jobs.Counts()).result()
+        metrics.set_initial(*counts)
+        self.timer = CheckpointTimer(settings)
+        self.timer.start()
+
+    async def _keep(self, lease: Lease) -> None:
+        """Renew the lease; stop this process at once when another writer holds it."""
+        while True:
+            await asyncio.sleep(lease.renew_every)
+            try:
+                await lease.renew()
+            except Lost as exc:
+                self.metrics.writer_lease.labels(self.name).set(0)
+                log.critical("%s: this writer stops now (exit %d) and applies nothing more", exc, LOST_EXIT)
+                logging.shutdown()
+                os._exit(LOST_EXIT)
+            except Exception as exc:
+                log.warning(
+                    "the writer lease could not be renewed (%s: %s); trying again", type(exc).__name__, exc
+                )
+
+    async def _announce(self, applier: Applier) -> None:
+        while True:
+            await applier.caught_up.wait()
+            if self.state != "active":
+                log.info("writer %s is active: the intake is applied up to %d", self.name, applier.applied)
+            self.state = "active"
+            if self.delivery is not None:
+                self.delivery.wake()
+            await asyncio.sleep(0.5)
+            if not applier.caught_up.is_set():
+                self.state = f"catching up with the intake ({applier.why_not or 'applying'})"
+
+    # -- stopping ----------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.delivery is not None:
+            await self.delivery.stop()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+        if self.timer is not None:
+            await asyncio.to_thread(self.timer.stop)  # a last checkpoint covers everything applied
+        if self.replicator is not None:
+            await asyncio.to_thread(self.replicator.stop)
+        if self.lease is not None:
+            await self.lease.release()
+        self.metrics.writer_lease.labels(self.name).set(0)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    def ready(self) -> str | None:
+        """None when active and caught up; else why not."""
+        if self.state == "active" and self.lease is not None and self.lease.valid():
+            return None
+        return self.state
+
+
+def _replace(db: Path, copy: Path, checkpoint_file: Path) -> None:
+    """Put the restored ``copy`` (and the checkpoints restored with it) in place of the local log, which
+    is kept beside it under a name that says when it was set aside."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for suffix in ("", "-wal", "-shm"):
+        old = db.with_name(db.name + suffix)
+        if old.exists():
+            old.rename(db.with_name(f"{db.name}.superseded-{stamp}{suffix}"))
+    shutil.move(str(copy), db)
+    restored = copy.with_name(copy.name + ".checkpoints.jsonl")
+    if restored.exists():
+        shutil.move(str(restored), checkpoint_file)
+
+
+@get("/readyz")
+async def readyz(state: State) -> Response[bytes]:
+    """Ready: this writer holds the lease and has applied everything the intake stored."""
+    why = state.role.ready()
+    if why is None:
+        return Response(models.OK_BODY, media_type=MediaType.JSON)
+    return Response(models.answer_body(503, "not_ready", why), status_code=503, media_type=MediaType.JSON)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
+    """The writer role's app: its health, readiness and metrics; the role runs for the app's lifetime."""
+    metrics = metrics or Metrics()
+    role = Role(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        running = asyncio.create_task(role.run(), name="writer-role")
+        running.add_done_callback(_ended)
+        try:
+            yield
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await running
+            await role.stop()
+
+    return Litestar(
+        route_handlers=[healthz, readyz, metrics_endpoint],
+        lifespan=[lifespan],
+        state=State({"settings": settings, "metrics": metrics, "role": role}),
+        openapi_config=None,
+    )
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the writer role failed", exc_info=task.exception())
+        logging.shutdown()
+        os._exit(1)
