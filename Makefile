@@ -46,6 +46,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench
 
+# Cluster mode (1 receiver + 1 writer + 3 nats-server) against one serve, same run (needs wrk; nats-server from the venv).
+.PHONY: bench-cluster
+bench-cluster: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.bench_cluster
+
 # Datasette query times on a generated 1,000,000-entry log.
 bench-queries: $(STAMP)
 	test -f data/bench-1m.db || $(BIN)/python -m tests.benchmarks.logs data/bench-1m.db 1000000 30

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmarks.bench_cluster import needs_nats
 from benchmarks.logs import generate_log
 from conftest import ROOT, require_tool
 
@@ -72,3 +74,33 @@ def test_query_benchmark_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "query topic_history" in result.stdout and "chart latency" in result.stdout
     assert "| 500" not in result.stdout  # every query answered 200
+
+
+@needs_nats
+def test_cluster_bench_smoke() -> None:
+    require_tool("wrk")
+    env = {
+        **os.environ,
+        "BENCH_SECONDS": "1",
+        "BENCH_ROUNDS": "1",
+        "BENCH_WRITER_ROWS": "300",
+        "BENCH_SETTLE": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_cluster"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for figure in ("~200/s", "flat out, 32 connections"):
+        for what in ("answers/s", "p50 ms", "p99 ms"):
+            assert re.search(
+                rf"^\| {re.escape(figure)}.*: {what} \| [\d,.]+ \| [\d,.]+ \| [\d.]+ \|$", out, re.M
+            ), out
+        assert re.search(rf"^\| {re.escape(figure)}.*: non-2xx \| 0 \| 0 \| \|$", out, re.M), out  # all 200s
+    assert re.search(r"^\| the writer's rows/s .* \| [\d,]+ \| [\d,]+ \| [\d.]+ \|$", out, re.M), out
+    assert out.count("(OK)") == 2 and "300 rows applied" in out and "### Where it goes" in out, out
