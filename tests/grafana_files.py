@@ -13,6 +13,8 @@ import yaml
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DATASOURCE_UID = "topic-audit-prometheus"
 # What Grafana substitutes before a query reaches Prometheus (1 s scrapes in the tests).
+CLUSTER_ROW = "Cluster mode"
+"""How the title of the dashboard's row of cluster-mode panels begins."""
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "5m"}
 
 
@@ -31,9 +33,28 @@ def substitute(expr: str) -> str:
     return expr
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expression) for every target of every panel."""
-    return [(p["title"], substitute(t["expr"])) for p in dashboard()["panels"] for t in p.get("targets", [])]
+def cluster_panels() -> set[int]:
+    """The ids of the panels under the cluster-mode row (their metrics exist only in cluster mode)."""
+    found: set[int] = set()
+    inside = False
+    for panel in dashboard()["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"].startswith(CLUSTER_ROW)
+        elif inside:
+            found.add(panel["id"])
+    return found
+
+
+def dashboard_queries(cluster: bool | None = None) -> list[tuple[str, str]]:
+    """(panel title, expression) for every target of every panel; with ``cluster``, of the cluster-mode
+    panels only (True) or of every other one (False)."""
+    chosen = cluster_panels()
+    return [
+        (p["title"], substitute(t["expr"]))
+        for p in dashboard()["panels"]
+        for t in p.get("targets", [])
+        if cluster is None or (p["id"] in chosen) == cluster
+    ]
 
 
 def alert_queries() -> list[tuple[str, str]]:

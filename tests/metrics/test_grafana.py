@@ -9,10 +9,12 @@ from pathlib import Path
 import yaml
 from conftest import require_tool
 from grafana_files import (
+    CLUSTER_ROW,
     DATASOURCE_UID,
     GRAFANA,
     alert_queries,
     alert_rules,
+    cluster_panels,
     dashboard,
     dashboard_queries,
 )
@@ -42,6 +44,7 @@ def test_the_dashboard() -> None:
     assert len(ids) == len(set(ids))
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert any("forwarding" in title.lower() for title in rows)
+    assert sum(title.startswith(CLUSTER_ROW) for title in rows) == 1
     for panel in board["panels"]:
         if panel["type"] == "row":
             continue
@@ -52,6 +55,20 @@ def test_the_dashboard() -> None:
     titles = " ".join(p["title"] for p in board["panels"]).lower()
     for needed in ("outcome", "reason", "latency", "append", "entries", "topics"):
         assert needed in titles
+    cluster = " ".join(p["title"] for p in board["panels"] if p["id"] in cluster_panels()).lower()
+    for needed in ("lag (messages)", "lag (seconds)", "publish latency", "publish errors", "lease"):
+        assert needed in cluster, needed
+    cluster_exprs = " ".join(expr for _, expr in dashboard_queries(cluster=True))
+    for metric in (
+        "topic_audit_intake_lag_messages",
+        "topic_audit_intake_lag_seconds",
+        "topic_audit_intake_publish_seconds_bucket",
+        "topic_audit_intake_publish_errors_total",
+        "topic_audit_writer_lease",
+    ):
+        assert metric in cluster_exprs, metric
+    assert "histogram_quantile(0.5," in cluster_exprs and "histogram_quantile(0.99," in cluster_exprs
+    assert "by (stream)" in cluster_exprs and "by (writer)" in cluster_exprs
     links = [link["url"] for link in board["links"]] + [
         link["url"] for p in board["panels"] for link in p.get("links", [])
     ]
@@ -94,8 +111,24 @@ def test_alert_rules_are_consistent() -> None:
         "integrity finding",
         "replica behind",
         "checkpoints not signed",
+        "writer behind",
+        "no writer",
     ):
         assert any(title in r["title"].lower() for r in rules), title
+
+
+def test_the_cluster_alerts_see_nothing_without_cluster_metrics() -> None:
+    """Single-machine mode exports the intake gauges at 0 and no lease series: each cluster expression
+    keeps only values a cluster role sets (> 0, or a lease series), so that it returns nothing there and
+    nothing is OK (the real Prometheus tests show it, this keeps the pieces from being dropped)."""
+    by_uid = {r["uid"]: r for r in alert_rules()}
+    for uid in ("topic-audit-writer-behind", "topic-audit-no-writer"):
+        rule = by_uid[uid]
+        assert rule["noDataState"] == "OK", uid
+        [query] = [d["model"]["expr"] for d in rule["data"] if d["datasourceUid"] != "__expr__"]
+        assert "timestamp_seconds" in query and "> 0)" in " ".join(query.split()), uid
+        assert "severity" in rule["labels"] and rule["annotations"]["description"], uid
+    assert by_uid["topic-audit-no-writer"]["for"] != "0s"  # a failover (the lease's TTL) is not an alert
 
 
 def test_every_expression_parses(tmp_path: Path) -> None:
