@@ -459,6 +459,68 @@ def test_the_units_verify(tmp_path: Path) -> None:
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
 
 
+def _hardening(unit: str) -> list[str]:
+    """A service's sandbox: the lines from its hardening comment to [Install]."""
+    lines = unit.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Hardening:"))
+    return lines[start : lines.index("[Install]")]
+
+
+def test_the_cluster_units_verify(tmp_path: Path) -> None:
+    """``units --role``: cluster mode's receiver (socket-activated, no state) and writer (started again
+    after exit 75, the log and the key in their own directories), both as hardened as the single-machine
+    service, and one machine may run both."""
+    command = [sys.executable, "-m", "topic_audit.cli", "units", "--to", str(tmp_path)]
+    subprocess.run(command, capture_output=True, check=True)
+    written = subprocess.run(
+        [*command, "--role", "receiver", "--role", "writer"], capture_output=True, text=True, check=True
+    )
+    assert written.stdout.split() == [
+        str(tmp_path / "topic-audit-receiver.socket"),
+        str(tmp_path / "topic-audit-receiver.service"),
+        str(tmp_path / "topic-audit-writer.service"),
+    ]
+    alone = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TOPIC_AUDIT_UNITS_ROLE": "writer"},
+    )
+    assert alone.stdout.split() == [str(tmp_path / "topic-audit-writer.service")]
+    single = (tmp_path / "topic-audit.service").read_text()
+    receiver = (tmp_path / "topic-audit-receiver.service").read_text()
+    writer = (tmp_path / "topic-audit-writer.service").read_text()
+    socket_unit = (tmp_path / "topic-audit-receiver.socket").read_text()
+    here = Path(sys.executable).with_name("topic-audit")
+    assert f"ExecStart={here} serve --role receiver --env-file /etc/topic-audit/receiver.env\n" in receiver
+    assert f"ExecStart={here} serve --role writer --env-file /etc/topic-audit/writer.env\n" in writer
+    for unit in (receiver, writer):
+        assert _hardening(unit) == _hardening(single)
+        assert "User=topic-audit\n" in unit and "UMask=0077\n" in unit
+    # The receiver: socket-activated, reloaded like serve, and nothing of the log on its machine.
+    assert "Type=notify\n" in receiver and "ExecReload=/bin/kill -HUP $MAINPID\n" in receiver
+    assert "Requires=topic-audit-receiver.socket\n" in receiver
+    assert "Service=topic-audit-receiver.service\n" in socket_unit
+    assert "StateDirectory" not in receiver and "TOPIC_AUDIT_DB" not in receiver
+    # The writer: it does not notify, is never reloaded (SIGHUP would end it), and comes back after
+    # losing the lease (exit 75), however often; its address is not the receiver's.
+    assert "Type=exec\n" in writer and "ExecReload" not in writer
+    assert "Restart=on-failure\n" in writer and "RestartForceExitStatus=75\n" in writer
+    assert "StartLimitIntervalSec=0\n" in writer
+    from topic_audit.cluster.writer import LOST_EXIT
+
+    assert LOST_EXIT == 75
+    key = next(line for line in writer.splitlines() if "TOPIC_AUDIT_SIGNING_KEY" in line)
+    database = next(line for line in writer.splitlines() if "TOPIC_AUDIT_DB=" in line)
+    assert Path(key.split("=", 2)[2]).parent != Path(database.split("=", 2)[2]).parent
+    assert "Environment=TOPIC_AUDIT_PORT=8010\n" in writer and "ListenStream=0.0.0.0:8000\n" in socket_unit
+    analyze = require_tool("systemd-analyze")
+    units = sorted(str(p) for p in tmp_path.iterdir())
+    checked = subprocess.run([analyze, "verify", *units], capture_output=True, text=True)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
 def test_only_sockets_meant_for_this_process_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "1")
     monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
