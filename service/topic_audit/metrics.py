@@ -267,10 +267,14 @@ class Metrics:
         )
         self.intake_applied = Gauge(
             "topic_audit_intake_applied_sequence",
-            "Cluster mode, at the active writer: the intake sequence applied last (committed with its entry).",
+            "Cluster mode, at the active writer: the sequence applied last (committed with its entry), by "
+            "intake stream.",
+            ["stream"],
             registry=r,
             multiprocess_mode="max",
         )
+        for stream in INTAKE_STREAMS:
+            self.intake_applied.labels(stream)
         self.writer_lease = Gauge(
             "topic_audit_writer_lease",
             "Cluster mode, at a writer: 1 while this writer holds the lease (the active one), else 0 "

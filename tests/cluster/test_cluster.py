@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import run_cli, wait_for
-from processes import NatsCluster, applied, callback, needs_nats, ready, role, topic_ids
+from processes import NatsCluster, applied, callback, exactly_once, needs_nats, ready, role, topic_ids
 from processes import nats_cluster_fixture as nats_cluster_fixture
 
 pytestmark = needs_nats
@@ -24,7 +24,8 @@ def test_a_callback_is_answered_once_the_intake_stored_it_and_applied_once(
         wait_for(lambda: len(applied(writer.db)) == 40, 20, "the writer to apply all 40")
         assert sorted(topic_ids(writer.db)) == sorted(f"@TGS#_cluster-{n}" for n in range(40))
         rows = applied(writer.db)
-        assert [entry for _, _, entry in rows] == list(range(1, 41))  # each message once, in order
+        assert [entry for _, _, _, entry in rows] == list(range(1, 41))  # each message once, in order
+        exactly_once(writer.db, [f"@TGS#_cluster-{n}" for n in range(40)])
         assert not (receiver.db.exists()), "a receiver keeps no database"
         verified = run_cli("verify", "--db", str(writer.db))
         assert verified.returncode == 0, verified.stdout + verified.stderr

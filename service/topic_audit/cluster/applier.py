@@ -1,13 +1,18 @@
-"""The active writer's loop: the intake applied to the log, in the stream's order, each message once.
+"""The active writer's loop: the intake applied to the log, each message once, each stream in its order.
 
-An ordered consumer of :data:`topic_audit.cluster.jetstream.STREAM` from the message after the last
-one applied (the highest ``intake.seq`` in the database: committed with its entry, so a restart or a
-failover resumes exactly there); no acknowledgements and no durable consumer, whose position could be
-ahead of a database restored from the replica. Messages are handed to the writer thread in order, up to
-``max_batch`` at a time; each carries the sequence of the one before it, and the append refuses one that
-does not follow the last applied (:class:`topic_audit.writer.requests.OutOfOrder`), so that no group
-refused can leave a gap behind a later one committed. After any refusal the loop starts again from the
-database.
+One ordered consumer of each intake stream (:data:`topic_audit.metrics.INTAKE_STREAMS`), from the
+message after the last one applied from it (the highest ``intake.seq`` of that stream in the database:
+committed with its entry, so that a restart or a failover resumes exactly there); no acknowledgements
+and no durable consumer, whose position could be ahead of a database restored from the replica.
+Messages are handed to the writer thread as they arrive from either stream, up to ``max_batch`` at a
+time; each carries the sequence of the one before it in its stream, and the append refuses one that does
+not follow the last applied (:class:`topic_audit.writer.requests.OutOfOrder`), so that no group refused
+can leave a gap behind a later one committed. After any refusal, or a consumer that stopped delivering,
+the loop starts again from the database.
+
+The log's order is the order the writer applied the messages in. A writer taking over replays what the
+replica lacks, perhaps interleaving the two streams differently: nothing it replays was handed out (a
+checkpoint is published only once the replica holds what it covers, and receivers hand out no receipt).
 
 Nothing is applied while the lease is in doubt (:meth:`topic_audit.cluster.lease.Lease.valid`).
 """
@@ -19,17 +24,16 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from topic_audit.cluster import intake, jetstream
 from topic_audit.cluster.lease import Lease
 from topic_audit.log.database import read_only
-from topic_audit.metrics import Metrics
+from topic_audit.metrics import INTAKE_STREAMS, Metrics
 from topic_audit.writer.requests import Append, Intake
 from topic_audit.writer.thread import AuditWriter
 
@@ -37,18 +41,21 @@ log = logging.getLogger("topic_audit.cluster")
 
 RETRY_SECONDS: Final = 1.0
 """The pause before starting again from the database after a refusal."""
+IDLE_SECONDS: Final = 1.0
+"""Nothing delivered for this long: check that the streams hold nothing more."""
 
 
-def last_applied(db: Path) -> int:
-    """The intake sequence the log has applied last (0 for none)."""
+def last_applied(db: Path) -> dict[str, int]:
+    """The sequence of each intake stream the log has applied last (0 for none)."""
+    applied = dict.fromkeys(INTAKE_STREAMS, 0)
     if not db.exists():
-        return 0
+        return applied
     conn = read_only(db)
     try:
-        found = conn.execute("SELECT max(seq) FROM intake").fetchone()
+        applied.update(conn.execute("SELECT stream, max(seq) FROM intake GROUP BY stream"))
     finally:
         conn.close()
-    return int(found[0] or 0)
+    return applied
 
 
 class Applier:
@@ -63,18 +70,21 @@ class Applier:
     ) -> None:
         self.js, self.writer, self.db, self.metrics, self.lease = js, writer, db, metrics, lease
         self.max_batch = max_batch
-        self.applied = 0
+        self.applied: dict[str, int] = dict.fromkeys(INTAKE_STREAMS, 0)
         self.caught_up = asyncio.Event()
         """Set while nothing stored in the intake is left to apply."""
         self.why_not: str | None = None
         """Why the loop is not applying, while it is not."""
+        self._pending: dict[str, int] = dict.fromkeys(INTAKE_STREAMS, 0)
+        self._stalled: dict[str, int] = {}
 
     async def run(self) -> None:
         while True:
             self.applied = await asyncio.to_thread(last_applied, self.db)
-            self.metrics.intake_applied.set(self.applied)
+            for name, seq in self.applied.items():
+                self.metrics.intake_applied.labels(name).set(seq)
             try:
-                await self._apply_from(self.applied)
+                await self._apply_from(dict(self.applied))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -83,65 +93,92 @@ class Applier:
                 log.error("applying the intake stopped (%s); starting again from the log", self.why_not)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    async def _apply_from(self, last: int) -> None:
-        start = (
-            ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1)
-            if last
-            else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        )
-        sub = await self.js.subscribe(
-            f"{jetstream.SUBJECTS[0].rsplit('.', 1)[0]}.>",
-            stream=jetstream.STREAM,
-            ordered_consumer=True,
-            config=start,
-            pending_msgs_limit=4 * self.max_batch + 1024,
-        )
-        log.info("applying the intake from sequence %d", last + 1)
+    async def _apply_from(self, after: dict[str, int]) -> None:
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+        subs = []
         try:
-            after = last
+            for name, subject in zip(INTAKE_STREAMS, jetstream.SUBJECTS, strict=True):
+                last = after[name]
+                start = (
+                    ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1)
+                    if last
+                    else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+                )
+                subs.append(
+                    await self.js.subscribe(
+                        subject, stream=name, ordered_consumer=True, config=start, cb=arrived.put
+                    )
+                )
+            log.info("applying the intake from %s", ", ".join(f"{n} {s + 1}" for n, s in after.items()))
+            self._stalled = {}
             while True:
                 try:
-                    first = await sub.next_msg(timeout=1.0)
-                except NatsTimeout:
-                    self._idle()
+                    first = await asyncio.wait_for(arrived.get(), IDLE_SECONDS)
+                except TimeoutError:
+                    await self._idle(after)
                     continue
                 batch = [first]
-                while len(batch) < self.max_batch and sub.pending_msgs > 0:
-                    batch.append(await sub.next_msg(timeout=1.0))
-                after = await self._apply(batch, after)
+                while len(batch) < self.max_batch and not arrived.empty():
+                    batch.append(arrived.get_nowait())
+                await self._apply(batch, after)
         finally:
-            with contextlib.suppress(Exception):  # the connection is gone: so is the consumer
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(Exception):  # the connection is gone: so is the consumer
+                    await sub.unsubscribe()
 
-    async def _apply(self, batch: list[Msg], after: int) -> int:
+    async def _apply(self, batch: list[Msg], after: dict[str, int]) -> None:
         while not self.lease.valid():  # the lease in doubt: apply nothing
             self.why_not = "the writer lease is not confirmed"
             await asyncio.sleep(0.05)
         self.why_not = None
         waiting = []
+        newest: dict[str, Any] = {}
         for msg in batch:
-            seq = msg.metadata.sequence.stream
-            msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq-{seq}"
+            meta = msg.metadata
+            name, seq = meta.stream, meta.sequence.stream
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"{name}-{seq}"
             row, event, forward, salt = intake.decode(msg.data)
-            waiting.append(self.writer.queue(Append(row, event, forward, Intake(seq, after, msg_id, salt))))
-            after = seq
+            request = Append(row, event, forward, Intake(name, seq, after[name], msg_id, salt))
+            waiting.append(self.writer.queue(request))
+            after[name] = seq
+            newest[name] = meta
         for future in waiting:
             await future  # an AppendError stops the loop: it starts again from the log
-        last = batch[-1].metadata
-        self.applied = last.sequence.stream
-        self.metrics.intake_applied.set(self.applied)
-        stored = last.timestamp.timestamp() if last.timestamp else time.time()
+        for name, meta in newest.items():
+            self.applied[name] = meta.sequence.stream
+            self._pending[name] = meta.num_pending
+            self.metrics.intake_applied.labels(name).set(meta.sequence.stream)
+        stored = max(m.timestamp.timestamp() if m.timestamp else time.time() for m in newest.values())
         self.metrics.intake_applied_at.set(stored)
-        self.metrics.intake_lag.set(last.num_pending)
-        self.metrics.intake_lag_seconds.set(max(0.0, time.time() - stored) if last.num_pending else 0.0)
-        if last.num_pending == 0:
+        pending = sum(self._pending.values())
+        self.metrics.intake_lag.set(pending)
+        self.metrics.intake_lag_seconds.set(max(0.0, time.time() - stored) if pending else 0.0)
+        if pending == 0:
             self.caught_up.set()
         else:
             self.caught_up.clear()
-        return after
 
-    def _idle(self) -> None:
-        """Nothing arrived for a second: everything stored is applied."""
-        self.metrics.intake_lag.set(0)
-        self.metrics.intake_lag_seconds.set(0)
-        self.caught_up.set()
+    async def _idle(self, after: dict[str, int]) -> None:
+        """Nothing arrived for a while: everything stored is applied -- unless a stream holds more and
+        its consumer has stopped delivering (one whose re-creation failed while the stream had no quorum
+        is not re-created again). Seen twice in a row, the loop starts again from the log."""
+        behind = 0
+        for name in INTAKE_STREAMS:
+            stored = (await self.js.stream_info(name)).state.last_seq
+            if stored > after[name]:
+                behind += stored - after[name]
+                if self._stalled.get(name) == after[name]:
+                    self.metrics.intake_lag.set(behind)
+                    raise Stalled(f"{name} holds {stored - after[name]} messages not delivered to the writer")
+                self._stalled[name] = after[name]
+            else:
+                self._stalled.pop(name, None)
+        self.metrics.intake_lag.set(behind)
+        if behind == 0:
+            self._pending = dict.fromkeys(INTAKE_STREAMS, 0)
+            self.metrics.intake_lag_seconds.set(0)
+            self.caught_up.set()
+
+
+class Stalled(RuntimeError):
+    """A consumer delivers nothing while its stream holds messages not applied."""

@@ -1,12 +1,14 @@
 """The intake on NATS JetStream, as both roles see it: the connection, the streams, the lease's bucket.
 
 - Receivers publish to **two intake streams** (``TOPIC_AUDIT_INTAKE_A`` and ``_B``, three replicas each,
-  their leaders on different servers). A stream whose leader dies takes JetStream's election (4-9 s,
-  fixed in the server) to accept writes again; a receiver whose publish is not acknowledged in
-  :data:`TRY_SECONDS` publishes the same message (the same ``Nats-Msg-Id``) to the other one.
-- The writer applies **one stream**, ``TOPIC_AUDIT_INTAKE``, which sources both: one order, the log's.
-  A message in doubt (a first try that timed out yet was stored) reaches it twice; the writer records the
-  second copy without appending it (:class:`topic_audit.writer.requests.Intake`).
+  their leaders kept on different servers by the active writer). A stream whose leader dies takes
+  JetStream's election (4-9 s, fixed in the server) to accept writes again; a receiver whose publish is not
+  acknowledged in :data:`TRY_SECONDS` publishes the same message (the same ``Nats-Msg-Id``) to the other.
+- The writer applies **both streams** (:mod:`.applier`). A message in doubt (a first try that timed out
+  yet was stored) reaches it twice; the writer records the second copy without appending it
+  (:class:`topic_audit.writer.requests.Intake`). No third stream sources the two into one order: a
+  sourcing stream stalls for tens of seconds after its leader moves, and would be one more thing to
+  fail.
 - The writer lease is a key in the key-value bucket ``topic_audit_writer`` (:mod:`.lease`).
 
 What an acknowledgement means on disk is the servers' setting, not ours: with ``sync_interval: always``
@@ -16,6 +18,7 @@ with the default, it is in the page cache of a quorum and synced within two minu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -30,7 +33,6 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
-    StreamSource,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -41,8 +43,6 @@ log = logging.getLogger("topic_audit.cluster")
 
 SUBJECTS: Final = ("topic_audit.intake.a", "topic_audit.intake.b")
 """The subjects of :data:`INTAKE_STREAMS`, in the same order."""
-STREAM: Final = "TOPIC_AUDIT_INTAKE"
-"""What the writer applies: both intake streams, sourced into one order."""
 LEASE_BUCKET: Final = "topic_audit_writer"
 REPLICAS: Final = 3
 DUPLICATE_WINDOW_SECONDS: Final = 120.0
@@ -72,25 +72,20 @@ async def connect(settings: Settings, name: str) -> Client:
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The two intake streams, then the one the writer applies."""
-    kept = dict(
-        num_replicas=REPLICAS,
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.intake_days * 86400,
-        duplicate_window=DUPLICATE_WINDOW_SECONDS,
-    )
-    intakes = [
-        StreamConfig(name=name, subjects=[subject], **kept)  # type: ignore[arg-type]
+    """The two intake streams."""
+    return [
+        StreamConfig(
+            name=name,
+            subjects=[subject],
+            num_replicas=REPLICAS,
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.intake_days * 86400,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        )
         for name, subject in zip(INTAKE_STREAMS, SUBJECTS, strict=True)
     ]
-    applied = StreamConfig(
-        name=STREAM,
-        sources=[StreamSource(name=name) for name in INTAKE_STREAMS],
-        **kept,  # type: ignore[arg-type]
-    )
-    return [*intakes, applied]
 
 
 async def ensure(js: JetStreamContext, settings: Settings) -> None:
@@ -120,3 +115,23 @@ async def ensure(js: JetStreamContext, settings: Settings) -> None:
             )
         )
         log.info("created the key-value bucket %s (ttl %.0f s)", LEASE_BUCKET, settings.lease_seconds)
+
+
+APART_EVERY_SECONDS: Final = 5.0
+
+
+async def keep_leaders_apart(nc: Client, js: JetStreamContext) -> None:
+    """Keep the two intake streams' leaders on different servers (the active writer's job): a receiver
+    whose first stream lost its leader publishes to the other at once, which helps only when the other's
+    leader is elsewhere. When they share a server, the second steps down and its replicas elect another
+    (JetStream never elects the one that stepped down)."""
+    while True:
+        await asyncio.sleep(APART_EVERY_SECONDS)
+        try:
+            leaders = [(await js.stream_info(name)).cluster for name in INTAKE_STREAMS]
+            first, second = (c.leader if c is not None else None for c in leaders)
+            if first and first == second:
+                log.info("the intake streams are both led by %s: %s steps down", first, INTAKE_STREAMS[1])
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{INTAKE_STREAMS[1]}", b"", timeout=2)
+        except Exception as exc:  # no quorum now: try again later
+            log.debug("the intake streams' leaders could not be checked: %s", exc)

@@ -4,7 +4,9 @@ A key in JetStream's key-value bucket (:data:`topic_audit.cluster.jetstream.LEAS
 replicas), created by the writer that finds it absent (compare-and-set on "no such key"), renewed by its
 holder (compare-and-set on the revision it wrote) every quarter of its time to live, and removed by the
 bucket's time to live once its holder stops renewing. A renewal refused because another writer's
-revision is there means the lease is lost: the holder stops at once.
+revision is there means the lease is lost: the holder stops at once. A renewal refused because the key
+expired (the bucket's stream electing a leader can take longer than the time to live) takes it again if
+nobody else has.
 
 Fencing: a holder that could not renew for most of the time to live (a stalled machine, a process
 stopped and continued, the bucket's stream electing a leader) stops applying until a renewal succeeds
@@ -60,8 +62,12 @@ class Lease:
         try:
             self.revision = await self.kv.update(KEY, self.name.encode(), last=self.revision)
         except KeyWrongLastSequenceError:
+            holder = await self.holder()
+            if holder is None and await self.take():  # expired while the bucket had no leader
+                log.warning("writer %s took the writer lease again: it expired unrenewed", self.name)
+                return
             self.revision = None
-            raise Lost(f"another writer holds the lease ({await self.holder()})") from None
+            raise Lost(f"another writer holds the lease ({holder})") from None
         self.renewed_at = started
 
     def valid(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from topic_audit.cluster import intake, jetstream
 from topic_audit.forwarding.outbox import Forward
@@ -74,28 +75,37 @@ class StreamWriter:
         headers = {"Nats-Msg-Id": uuid.uuid4().hex}
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + PUBLISH_SECONDS
         which = self._first
-        while (left := deadline - loop.time()) > 0.01:
-            try:
-                ack = await self.js.publish(
-                    jetstream.SUBJECTS[which], data, timeout=min(jetstream.TRY_SECONDS, left), headers=headers
-                )
-            except Exception as exc:  # timed out, no responders, refused: try the other stream
-                self.metrics.intake_publish_errors.labels(INTAKE_STREAMS[which]).inc()
-                self.why_not = f"{INTAKE_STREAMS[which]}: {type(exc).__name__} {exc}".strip()
-                which = 1 - which
-                await asyncio.sleep(0.005)
-                continue
-            self._first, self.why_not = which, None
-            self.metrics.intake_publish_seconds.observe(loop.time() - started)
-            self.metrics.intake_published_at.set(time.time())
-            return Committed(ack.seq, "", None, "")
-        self.metrics.batch_failed(1)
-        log.warning(
-            "a callback was not acknowledged by the intake in %.1f s: %s", PUBLISH_SECONDS, self.why_not
-        )
-        raise AppendError(f"the intake did not acknowledge in time ({self.why_not})")
+        refused: set[int] = set()
+        try:
+            async with asyncio.timeout(PUBLISH_SECONDS):  # however long one try blocks (a reconnect)
+                while True:
+                    try:
+                        ack = await self.js.publish(
+                            jetstream.SUBJECTS[which], data, timeout=jetstream.TRY_SECONDS, headers=headers
+                        )
+                        break
+                    except Exception as exc:  # timed out, no responders, refused: try the other stream
+                        self.metrics.intake_publish_errors.labels(INTAKE_STREAMS[which]).inc()
+                        self.why_not = f"{INTAKE_STREAMS[which]}: {type(exc).__name__} {exc}".strip()
+                        if _refusal(exc):
+                            refused.add(which)
+                            if len(refused) == len(INTAKE_STREAMS):  # both said no: trying again won't help
+                                raise TimeoutError from None
+                        which = 1 - which
+                        await asyncio.sleep(0.005)
+        except TimeoutError:
+            self.metrics.batch_failed(1)
+            log.warning(
+                "a callback was not acknowledged by the intake in %.3f s: %s",
+                loop.time() - started,
+                self.why_not,
+            )
+            raise AppendError(f"the intake did not acknowledge in time ({self.why_not})") from None
+        self._first, self.why_not = which, None
+        self.metrics.intake_publish_seconds.observe(loop.time() - started)
+        self.metrics.intake_published_at.set(time.time())
+        return Committed(ack.seq, "", None, "")
 
     def submit(self, job: jobs.Job[T]) -> Future[T]:
         future: Future[T] = Future()
@@ -120,3 +130,9 @@ class StreamWriter:
                 return
             reasons.append(f"{name}: no leader")
         raise AppendError("; ".join(reasons))
+
+
+def _refusal(exc: Exception) -> bool:
+    """A stream's answer that it will not store the message (sealed, at its limits, too large), as
+    opposed to no answer in time or no leader to give one."""
+    return isinstance(exc, APIError) and not isinstance(exc, (ServiceUnavailableError, NoStreamResponseError))

@@ -5,10 +5,10 @@ the active writer -- the log, its replica, checkpoints, forwarding and retention
 Taking over: the lease first (:mod:`topic_audit.cluster.lease`); then, with a replica configured, the
 newest copy is restored beside the database and kept when it has applied more of the intake than the
 local file (this machine may have been a writer long ago, or never); then the intake is applied from the
-message after the last one applied (:mod:`topic_audit.cluster.applier`). Replaying the intake writes the
-same entries the writer before wrote (the same order, ids, salts, hashes): a checkpoint or receipt it
-handed out is never contradicted. A writer that learns another holds the lease stops at once (exit code
-75: systemd starts it again, as a standby).
+message after the last one applied from each stream (:mod:`topic_audit.cluster.applier`). Nothing the
+replica lacks was handed out (checkpoints are published only once the replica holds what they cover),
+so a checkpoint published before the failover is never contradicted. A writer that learns another
+holds the lease stops at once (exit code 75: systemd starts it again, as a standby).
 
 ``/healthz``: the process is up. ``/readyz``: it holds the lease and has applied everything stored (503
 with why not otherwise: standing by, restoring, catching up). ``/metrics``: as every role.
@@ -102,6 +102,7 @@ class Role:
             await asyncio.sleep(TAKE_EVERY_SECONDS)
         self.metrics.writer_lease.labels(self.name).set(1)
         self.tasks.append(asyncio.create_task(self._keep(lease), name="writer-lease"))
+        self.tasks.append(asyncio.create_task(jetstream.keep_leaders_apart(self.nc, js), name="apart"))
         self.state = "restoring from the replica" if settings.replica_url else "opening the log"
         await asyncio.to_thread(self._prepare)
         await asyncio.to_thread(self._start)
@@ -129,15 +130,19 @@ class Role:
                 except RuntimeError as exc:  # no replica yet (the first writer), or unreachable
                     log.warning("nothing restored from the replica (%s); using the local log", exc)
                 else:
-                    theirs, ours = last_applied(copy), last_applied(settings.db)
+                    theirs, ours = sum(last_applied(copy).values()), sum(last_applied(settings.db).values())
                     if theirs > ours or not settings.db.exists():
                         _replace(settings.db, copy, settings.checkpoint_path)
                         log.info(
-                            "restored the replica (intake applied to %d; the local log to %d)", theirs, ours
+                            "restored the replica (%d intake messages applied; the local log %d)",
+                            theirs,
+                            ours,
                         )
                     else:
                         log.info(
-                            "the local log (intake applied to %d) is ahead of the replica (%d)", ours, theirs
+                            "the local log (%d intake messages applied) is ahead of the replica (%d)",
+                            ours,
+                            theirs,
                         )
         migrate(settings.db)
 
@@ -184,7 +189,7 @@ class Role:
         while True:
             await applier.caught_up.wait()
             if self.state != "active":
-                log.info("writer %s is active: the intake is applied up to %d", self.name, applier.applied)
+                log.info("writer %s is active: the intake is applied up to %s", self.name, applier.applied)
             self.state = "active"
             if self.delivery is not None:
                 self.delivery.wake()

@@ -509,15 +509,16 @@ def m017_signed_boundaries(db: Database) -> None:
 
 @migrations()
 def m018_intake(db: Database) -> None:
-    """Cluster mode (docs/cluster.md): ``intake`` holds every message of the JetStream intake the writer
-    has applied, by its stream sequence, committed in the same transaction as the entry it became --
-    ``entry_id`` NULL for a second copy of a message the writer applied already (a receiver's publish
-    retried on the other intake stream: one callback, one entry). The writer resumes after its highest
-    ``seq``, so that each message is applied exactly once across restarts and failovers.
-    ``msg_id`` is the receiver's random message id (no content). Append-only."""
+    """Cluster mode (docs/cluster.md): ``intake`` holds every message of the JetStream intake streams
+    the writer has applied, by its stream and sequence, committed in the same transaction as the entry
+    it became -- ``entry_id`` NULL for a second copy of a message applied already (a receiver's publish
+    retried on the other intake stream: one callback, one entry). ``id`` is the order of application.
+    The writer resumes each stream after its highest ``seq``, so that each message is applied exactly once
+    across restarts and failovers. ``msg_id`` is the receiver's random message id (no content).
+    Append-only."""
     db.execute(
-        "CREATE TABLE intake (seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, entry_id INTEGER "
-        "REFERENCES audit_log(id))"
+        "CREATE TABLE intake (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "msg_id TEXT NOT NULL, entry_id INTEGER REFERENCES audit_log(id), UNIQUE (stream, seq))"
     )
     db.execute("CREATE INDEX intake_msg_id ON intake (msg_id)")
     for action in ("UPDATE", "DELETE"):

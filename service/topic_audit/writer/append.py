@@ -175,25 +175,30 @@ class _Group:
 
 
 class _Intake:
-    """Cluster mode: the intake messages of one transaction, each applied exactly once and in order
-    (the ``intake`` table, written with the rows)."""
+    """Cluster mode: the intake messages of one transaction, each applied exactly once and, within its
+    stream, in order (the ``intake`` table, written with the rows)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.last: int = conn.execute("SELECT coalesce(max(seq), 0) FROM intake").fetchone()[0]
-        self.rows: list[tuple[int, str, int | None]] = []
+        self.last: dict[str, int] = dict(conn.execute("SELECT stream, max(seq) FROM intake GROUP BY stream"))
+        self.rows: list[tuple[str, int, str, int | None]] = []
         self.entries: dict[str, int] = {}
         """This transaction's messages: the entry each became."""
 
     def copy_of(self, request: Append, done: Appended) -> Committed | None:
         """What the first copy of ``request``'s message became, when it was applied already (the
         message's sequence is recorded); None for a message to append. :class:`OutOfOrder` for one that
-        does not follow the last one applied."""
+        does not follow the last one applied from its stream."""
         message = request.intake
-        if message is None or message.after != self.last or message.seq <= self.last:
-            got = "no intake message" if message is None else f"{message.seq} after {message.after}"
-            raise OutOfOrder(f"intake message {got}; the last applied is {self.last}")
-        self.last = message.seq
+        last = 0 if message is None else self.last.get(message.stream, 0)
+        if message is None or message.after != last or message.seq <= last:
+            got = (
+                "no intake message"
+                if message is None
+                else f"{message.stream} {message.seq} after {message.after}"
+            )
+            raise OutOfOrder(f"intake message {got}; the last applied from it is {last}")
+        self.last[message.stream] = message.seq
         first = self.entries.get(message.msg_id)
         if first is None:
             found = self.conn.execute(
@@ -202,7 +207,7 @@ class _Intake:
             first = None if found is None else found[0]
         if first is None:
             return None
-        self.rows.append((message.seq, message.msg_id, None))
+        self.rows.append((message.stream, message.seq, message.msg_id, None))
         for row in done.rows:
             if row["id"] == first:
                 return Committed(first, row["outcome"], row["duplicate_of"], row["entry_hash"])
@@ -212,12 +217,15 @@ class _Intake:
         return Committed(first, outcome, duplicate_of, entry_hash)
 
     def applied(self, request: Append, entry_id: int) -> None:
-        assert request.intake is not None
-        self.entries[request.intake.msg_id] = entry_id
-        self.rows.append((request.intake.seq, request.intake.msg_id, entry_id))
+        message = request.intake
+        assert message is not None
+        self.entries[message.msg_id] = entry_id
+        self.rows.append((message.stream, message.seq, message.msg_id, entry_id))
 
     def flush(self) -> None:
-        self.conn.executemany("INSERT INTO intake (seq, msg_id, entry_id) VALUES (?, ?, ?)", self.rows)
+        self.conn.executemany(
+            "INSERT INTO intake (stream, seq, msg_id, entry_id) VALUES (?, ?, ?, ?)", self.rows
+        )
 
 
 def append_batch(

@@ -25,16 +25,19 @@ Row = dict[str, Any]
 class Intake:
     """Cluster mode: the intake stream's message a row came from (:mod:`topic_audit.cluster`)."""
 
+    stream: str
+    """The intake stream that stored it."""
     seq: int
-    """Its sequence in the stream the writer applies."""
+    """Its sequence in that stream."""
     after: int
-    """The sequence applied just before it (0 for none): the append refuses a row that does not follow
-    the last one applied, so that a group refused never leaves a gap behind a later one committed."""
+    """The sequence of that stream applied just before it (0 for none): the append refuses a row that
+    does not follow the last one applied, so that a group refused never leaves a gap behind a later one
+    committed."""
     msg_id: str
     """The receiver's id of the message: a second copy (its publish retried) is recorded, not appended."""
     salt: bytes
-    """The content's salt, drawn by the receiver: a writer that replays the stream after a failover
-    writes the very entries the one before it wrote (the same commitments, the same hashes)."""
+    """The content's salt, drawn by the receiver (the commitment to a message's content is the same
+    whichever writer applies it)."""
 
 
 @dataclass(frozen=True, slots=True)
