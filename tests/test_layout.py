@@ -15,12 +15,14 @@ from conftest import ROOT
 
 SERVICE = ROOT / "service" / "topic_audit"
 DOTTED = re.compile(r"topic_audit(?:\.[A-Za-z_]\w*)+")
-NOT_NAMES = {"topic_audit.head"}
-"""Dotted strings that name no module: the ASGI scope extension that carries a request's head."""
+NOT_NAMES = {"topic_audit.head", "topic_audit.intake.a", "topic_audit.intake.b"}
+"""Dotted strings that name no module: the ASGI scope extension that carries a request's head, and the
+NATS subjects of cluster mode's intake streams."""
 
 LOGGERS = {
     "topic_audit",
     "topic_audit.checkpoints",
+    "topic_audit.cluster",
     "topic_audit.database",
     "topic_audit.deliverer",
     "topic_audit.delivery",

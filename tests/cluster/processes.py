@@ -165,7 +165,7 @@ def applied(db: Path) -> list[tuple[str, int, str, int | None]]:
     """The intake messages the writer applied, in the order it applied them: (stream, seq, msg id, entry)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return list(conn.execute("SELECT stream, seq, msg_id, entry_id FROM intake ORDER BY id"))
+        return list(conn.execute("SELECT stream, seq, msg_id, entry_id FROM cluster_intake ORDER BY id"))
     finally:
         conn.close()
 

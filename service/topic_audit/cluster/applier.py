@@ -1,7 +1,7 @@
 """The active writer's loop: the intake applied to the log, each message once, each stream in its order.
 
 One ordered consumer of each intake stream (:data:`topic_audit.metrics.INTAKE_STREAMS`), from the
-message after the last one applied from it (the highest ``intake.seq`` of that stream in the database:
+message after the last one applied from it (the highest ``cluster_intake.seq`` of that stream in the database:
 committed with its entry, so that a restart or a failover resumes exactly there); no acknowledgements
 and no durable consumer, whose position could be ahead of a database restored from the replica.
 Messages are handed to the writer thread as they arrive from either stream, up to ``max_batch`` at a
@@ -52,7 +52,7 @@ def last_applied(db: Path) -> dict[str, int]:
         return applied
     conn = read_only(db)
     try:
-        applied.update(conn.execute("SELECT stream, max(seq) FROM intake GROUP BY stream"))
+        applied.update(conn.execute("SELECT stream, max(seq) FROM cluster_intake GROUP BY stream"))
     finally:
         conn.close()
     return applied

@@ -58,10 +58,15 @@ def writer_name() -> str:
 
 async def connect(settings: Settings, name: str) -> Client:
     """A connection to the cluster that reconnects for ever (to any of its servers) on its own."""
+    credentials: dict[str, str] = {}
+    if settings.nats_credentials is not None:  # a .creds file (a JWT and its seed), or an nkey seed alone
+        path = str(settings.nats_credentials)
+        jwt = b"BEGIN NATS USER JWT" in settings.nats_credentials.read_bytes()
+        credentials = {"user_credentials": path} if jwt else {"nkeys_seed": path}
     return await nats.connect(
         servers=list(settings.nats_url),
         name=name,
-        user_credentials=str(settings.nats_credentials) if settings.nats_credentials else None,
+        **credentials,
         connect_timeout=2,
         reconnect_time_wait=0.2,
         max_reconnect_attempts=-1,

@@ -508,8 +508,8 @@ def m017_signed_boundaries(db: Database) -> None:
 
 
 @migrations()
-def m018_intake(db: Database) -> None:
-    """Cluster mode (docs/cluster.md): ``intake`` holds every message of the JetStream intake streams
+def m018_cluster_intake(db: Database) -> None:
+    """Cluster mode (docs/cluster.md): ``cluster_intake`` holds every message of the JetStream intake streams
     the writer has applied, by its stream and sequence, committed in the same transaction as the entry
     it became -- ``entry_id`` NULL for a second copy of a message applied already (a receiver's publish
     retried on the other intake stream: one callback, one entry). ``id`` is the order of application.
@@ -517,14 +517,14 @@ def m018_intake(db: Database) -> None:
     across restarts and failovers. ``msg_id`` is the receiver's random message id (no content).
     Append-only."""
     db.execute(
-        "CREATE TABLE intake (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "CREATE TABLE cluster_intake (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
         "msg_id TEXT NOT NULL, entry_id INTEGER REFERENCES audit_log(id), UNIQUE (stream, seq))"
     )
-    db.execute("CREATE INDEX intake_msg_id ON intake (msg_id)")
+    db.execute("CREATE INDEX cluster_intake_msg_id ON cluster_intake (msg_id)")
     for action in ("UPDATE", "DELETE"):
         db.execute(
-            f"CREATE TRIGGER intake_no_{action.lower()} BEFORE {action} ON intake "
-            f"BEGIN SELECT RAISE(ABORT, 'intake is append-only: {action} refused'); END"
+            f"CREATE TRIGGER cluster_intake_no_{action.lower()} BEFORE {action} ON cluster_intake "
+            f"BEGIN SELECT RAISE(ABORT, 'cluster_intake is append-only: {action} refused'); END"
         )
 
 

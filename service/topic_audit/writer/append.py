@@ -176,11 +176,13 @@ class _Group:
 
 class _Intake:
     """Cluster mode: the intake messages of one transaction, each applied exactly once and, within its
-    stream, in order (the ``intake`` table, written with the rows)."""
+    stream, in order (the ``cluster_intake`` table, written with the rows)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.last: dict[str, int] = dict(conn.execute("SELECT stream, max(seq) FROM intake GROUP BY stream"))
+        self.last: dict[str, int] = dict(
+            conn.execute("SELECT stream, max(seq) FROM cluster_intake GROUP BY stream")
+        )
         self.rows: list[tuple[str, int, str, int | None]] = []
         self.entries: dict[str, int] = {}
         """This transaction's messages: the entry each became."""
@@ -202,7 +204,8 @@ class _Intake:
         first = self.entries.get(message.msg_id)
         if first is None:
             found = self.conn.execute(
-                "SELECT entry_id FROM intake WHERE msg_id = ? AND entry_id IS NOT NULL", (message.msg_id,)
+                "SELECT entry_id FROM cluster_intake WHERE msg_id = ? AND entry_id IS NOT NULL",
+                (message.msg_id,),
             ).fetchone()
             first = None if found is None else found[0]
         if first is None:
@@ -224,7 +227,7 @@ class _Intake:
 
     def flush(self) -> None:
         self.conn.executemany(
-            "INSERT INTO intake (stream, seq, msg_id, entry_id) VALUES (?, ?, ?, ?)", self.rows
+            "INSERT INTO cluster_intake (stream, seq, msg_id, entry_id) VALUES (?, ?, ?, ?)", self.rows
         )
 
 
