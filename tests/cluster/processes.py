@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from conftest import APP_ID, TOKEN, Server, free_port, start_on_free_ports, wait_for
+from conftest import APP_ID, TOKEN, Server, free_port, start_on_free_ports, unavailable, wait_for
 from topic_audit.tencent import samples
+from topic_audit.transparency.checkpoints import Signer
 
 SERVER = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
 needs_nats = pytest.mark.skipif(
@@ -128,8 +129,11 @@ class NatsCluster:
 
 
 def role(tmp_path: Path, cluster: NatsCluster, name: str, kind: str, **env: str) -> Server:
+    """A receiver or a writer, its folder named ``name``; the writers share one signing key (made here
+    once, as an operator copies the first writer's key to the others)."""
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
+    Signer.load_or_create(tmp_path / "signing.key")
     return Server(
         folder / "audit.db",
         tmp_path / f"{name}.log",
@@ -262,3 +266,59 @@ async def _leader(url: str, stream: str) -> str:
 def leader(cluster: NatsCluster, stream: str) -> str:
     """The server that leads ``stream`` now."""
     return asyncio.run(_leader(cluster.url, stream))
+
+
+HAPROXY_CONFIG = """\
+global
+    log stdout format raw local0 warning
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout http-request 5s
+    timeout server 2s
+    retries 2
+    retry-on conn-failure
+    option redispatch 1
+frontend tencent
+    bind 127.0.0.1:{port}
+    default_backend receivers
+backend receivers
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server check inter 500ms fall 2 rise 2
+{servers}
+"""
+
+
+class HAProxy:
+    """HAProxy in front of receivers, checking their ``/readyz`` (the docs' configuration, on loopback)."""
+
+    def __init__(self, folder: Path, receivers: list[Server]) -> None:
+        self.folder, self.receivers = folder, receivers
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> HAProxy:
+        binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+        if binary is None:
+            unavailable("haproxy is not installed (apt-get install haproxy)")
+        config, log = self.folder / "haproxy.cfg", self.folder / "haproxy.log"
+        servers = "\n".join(f"    server r{n} 127.0.0.1:{r.port}" for n, r in enumerate(self.receivers))
+
+        def launch() -> tuple[subprocess.Popen[Any], set[int]]:
+            port = free_port()
+            config.write_text(HAPROXY_CONFIG.format(port=port, servers=servers))
+            with log.open("ab") as out:
+                process = subprocess.Popen([str(binary), "-db", "-f", str(config)], stdout=out, stderr=out)
+            self.url = f"http://127.0.0.1:{port}"
+            return process, {port}
+
+        self.process = start_on_free_ports(launch, log)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

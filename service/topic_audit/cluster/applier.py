@@ -46,13 +46,15 @@ IDLE_SECONDS: Final = 1.0
 
 
 def last_applied(db: Path) -> dict[str, int]:
-    """The sequence of each intake stream the log has applied last (0 for none)."""
+    """The sequence of each intake stream the log has applied last (0 for none, and for a log not yet
+    created or migrated)."""
     applied = dict.fromkeys(INTAKE_STREAMS, 0)
     if not db.exists():
         return applied
     conn = read_only(db)
     try:
-        applied.update(conn.execute("SELECT stream, max(seq) FROM cluster_intake GROUP BY stream"))
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'cluster_intake'").fetchone():
+            applied.update(conn.execute("SELECT stream, max(seq) FROM cluster_intake GROUP BY stream"))
     finally:
         conn.close()
     return applied

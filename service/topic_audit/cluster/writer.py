@@ -89,6 +89,14 @@ class Role:
                     self.nc = None
                 await asyncio.sleep(TAKE_EVERY_SECONDS)
         js = self.nc.jetstream(timeout=5)
+        key = settings.signing_key_path
+        while not key.exists():  # a writer of its own key would sign what the pinned key does not
+            self.state = (
+                f"no signing key at {key}: every writer signs with the same key; copy it from the first "
+                "writer (`topic-audit checkpoint` creates one once)"
+            )
+            log.error("%s", self.state)
+            await asyncio.sleep(10 * TAKE_EVERY_SECONDS)
         self.lease = lease = Lease(
             await js.key_value(jetstream.LEASE_BUCKET), self.name, settings.lease_seconds
         )
@@ -161,7 +169,7 @@ class Role:
             observer=metrics,
             autocheckpoint=settings.replica_url is None,
             store_bodies=settings.store_bodies,
-            record_key=record_key(settings.signing_key_path, create=True),
+            record_key=record_key(settings.signing_key_path, create=False),
         )
         writer.start()
         counts = writer.submit(jobs.Counts()).result()
@@ -268,6 +276,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         lifespan=[lifespan],
         state=State({"settings": settings, "metrics": metrics, "role": role}),
         openapi_config=None,
+        logging_config=None,  # the one logging setup (settings.configure_logging): written at once, not queued
     )
 
 

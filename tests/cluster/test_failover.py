@@ -1,0 +1,149 @@
+"""The failure table of cluster mode, the rows with every role: two receivers behind HAProxy, an active
+and a standby writer replicating to SeaweedFS with Litestream, under ~200 callbacks a second. Each test
+prints what it measured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Server, metric_samples, run_cli, wait_for
+from processes import (
+    HAProxy,
+    Load,
+    NatsCluster,
+    applied,
+    exactly_once,
+    needs_nats,
+    ready,
+    role,
+)
+from processes import nats_cluster_fixture as nats_cluster_fixture
+from s3store import SeaweedFS
+
+pytestmark = [needs_nats, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    running = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        running.bucket("cluster")
+        yield running
+    finally:
+        running.stop()
+
+
+def holds_lease(writer: Server) -> bool:
+    return sum(metric_samples(writer, "topic_audit_writer_lease").values()) == 1
+
+
+def test_a_receiver_killed_leaves_haproxy_the_other(tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    writer = role(tmp_path, nats_cluster, "writer-a", "writer").start()
+    receivers = [role(tmp_path, nats_cluster, f"receiver-{n}", "receiver").start() for n in (1, 2)]
+    proxy = HAProxy(tmp_path, receivers).start()
+    try:
+        wait_for(lambda: ready(writer) and all(ready(r) for r in receivers), 30, "every role ready")
+        load = Load(proxy.url, "kill-receiver")
+        time.sleep(5)
+        assert receivers[0].process is not None
+        killed = time.time()
+        receivers[0].process.send_signal(signal.SIGKILL)
+        time.sleep(10)
+        load.stop()
+        failed = load.failed()
+        late = load.failed(after=killed + 0.05)
+        print(
+            f"\nkilled receiver-1 behind HAProxy: {len(load.answers)} callbacks, {len(load.ok)} answered 200, "
+            f"{len(failed)} failed ({len(late)} sent after the kill)"
+        )
+        assert not late, f"callbacks sent after the kill failed: {late[:5]}"
+        wait_for(lambda: len(applied(writer.db)) >= len(load.ok), 60, "the writer to apply every answer")
+        exactly_once(writer.db, load.ok)
+    finally:
+        proxy.stop()
+        for receiver in receivers:
+            receiver.stop()
+        writer.stop()
+
+
+def test_the_active_writer_killed_with_its_disk_is_replaced_by_the_standby(
+    tmp_path: Path, nats_cluster: NatsCluster, store: SeaweedFS
+) -> None:
+    replica = {
+        **store.env,
+        "TOPIC_AUDIT_REPLICA_URL": "s3://cluster/failover",
+        "TOPIC_AUDIT_REPLICA_ENDPOINT": store.endpoint,
+        "TOPIC_AUDIT_CHECKPOINT_SECONDS": "1",
+    }
+    active = role(tmp_path, nats_cluster, "writer-a", "writer", **replica).start()
+    wait_for(lambda: ready(active), 60, "the first writer to hold the lease")
+    standby = role(tmp_path, nats_cluster, "writer-b", "writer", **replica).start()
+    receivers = [role(tmp_path, nats_cluster, f"receiver-{n}", "receiver").start() for n in (1, 2)]
+    proxy = HAProxy(tmp_path, receivers).start()
+    try:
+        wait_for(lambda: all(ready(r) for r in receivers), 30, "the receivers ready")
+        assert not holds_lease(standby)
+        load = Load(proxy.url, "failover")
+        wait_for(
+            lambda: len(store.keys("cluster", "failover/checkpoints/")) >= 3, 60, "published checkpoints"
+        )
+        time.sleep(3)
+        assert active.process is not None
+        killed = time.monotonic()
+        active.process.send_signal(signal.SIGKILL)
+        active.process.wait(10)
+        shutil.rmtree(active.db.parent)  # its disk is gone with it
+        took = wait_for(lambda: holds_lease(standby), 30, "the standby to take the lease", interval=0.1)
+        caught_up = wait_for(lambda: ready(standby), 60, "the standby to restore and catch up", interval=0.2)
+        time.sleep(3)
+        load.stop()
+        wait_for(lambda: len(applied(standby.db)) >= len(load.ok), 60, "the standby to apply every answer")
+        print(
+            f"\nkilled the active writer and deleted its disk: {len(load.answers)} callbacks, "
+            f"{len(load.ok)} answered 200, {len(load.failed())} failed; the standby held the lease after "
+            f"{took:.1f} s and was caught up {took + caught_up:.1f} s after the kill"
+        )
+        assert took <= 10.0
+        assert not load.failed(), "answers stopped"
+        exactly_once(standby.db, load.ok)
+        assert time.monotonic() - killed < 180
+        verified = run_cli("verify", "--db", str(standby.db))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert httpx.get(f"{standby.url}/readyz", timeout=5).status_code == 200
+        standby.stop()  # a clean stop publishes its last checkpoints once the replica holds them
+        # every checkpoint published, before and after the failover, holds for the log the standby has
+        published = tmp_path / "published.checkpoints.jsonl"
+        client = store.client()
+        lines = [
+            client.get_object(Bucket="cluster", Key=key)["Body"].read().decode().strip()
+            for key in store.keys("cluster", "failover/checkpoints/")
+        ]
+        published.write_text("\n".join(lines) + "\n")
+        sizes = [json.loads(line)["log_size"] for line in lines]
+        assert sizes == sorted(sizes)
+        watched = run_cli(
+            "watch",
+            "--db",
+            str(standby.db),
+            "--checkpoint-file",
+            str(published),
+            "--rounds",
+            "1",
+            "--metrics-port",
+            "0",
+        )
+        assert watched.returncode == 0, watched.stdout + watched.stderr
+        print(f"{len(lines)} published checkpoints (log sizes {sizes[0]}..{sizes[-1]}): watch sees no fork")
+    finally:
+        proxy.stop()
+        for receiver in receivers:
+            receiver.stop()
+        standby.stop()
+        active.stop()
