@@ -275,6 +275,13 @@ class Metrics:
         )
         for stream in INTAKE_STREAMS:
             self.intake_applied.labels(stream)
+        self.intake_erased = Counter(
+            "topic_audit_intake_erased_messages",
+            "Cluster mode, at the active writer: intake messages deleted from the streams because their "
+            "entry's content was erased (on request, by retention or by policy), once the replica held the "
+            "erasure.",
+            registry=r,
+        )
         self.writer_lease = Gauge(
             "topic_audit_writer_lease",
             "Cluster mode, at a writer: 1 while this writer holds the lease (the active one), else 0 "

@@ -116,6 +116,15 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int], 
             f"the off-box replica keeps older snapshots holding these values until {until:%Y-%m-%dT%H:%MZ} at the "
             "latest (Litestream's snapshot retention); backups of the database keep them as long as they are kept"
         )
+    if outcome.entries and os.environ.get("TOPIC_AUDIT_NATS_URL"):
+        from topic_audit.cluster.scrub import EVERY_SECONDS
+
+        click.echo(
+            "cluster mode: the intake streams still hold these callbacks; the active writer deletes them "
+            f"(JetStream overwrites each) within {EVERY_SECONDS:.0f} s of the replica holding this erasure "
+            "(topic_audit_intake_erased_messages_total counts them); each NATS server's raft log keeps a copy "
+            "until it compacts, within minutes (docs: Cluster)"
+        )
 
 
 def _purge_status(done: str, outcome: erasure.Outcome, db: Path) -> None:

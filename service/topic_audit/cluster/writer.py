@@ -36,6 +36,7 @@ from topic_audit import clock
 from topic_audit.cluster import jetstream
 from topic_audit.cluster.applier import Applier, last_applied
 from topic_audit.cluster.lease import Lease, Lost
+from topic_audit.cluster.scrub import Scrubber
 from topic_audit.forwarding.forwarder import LocalDelivery
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
@@ -118,6 +119,15 @@ class Role:
         if settings.forward_url:
             self.delivery = LocalDelivery(settings, self.metrics, self.writer)
         self.tasks += retention.start(settings, self.metrics, self.writer, clock.now)
+        replicator = self.replicator
+        scrubber = Scrubber(
+            js,
+            settings.db,
+            settings.checkpoint_path,
+            (lambda: replicator.published) if replicator is not None else (lambda: None),
+            self.metrics,
+        )
+        self.tasks.append(asyncio.create_task(scrubber.run(), name="intake-erasure"))
         assert self.writer is not None
         self.state = "catching up with the intake"
         self.applier = Applier(js, self.writer, settings.db, self.metrics, lease, settings.max_batch)

@@ -521,6 +521,9 @@ def m018_cluster_intake(db: Database) -> None:
         "msg_id TEXT NOT NULL, entry_id INTEGER REFERENCES audit_log(id), UNIQUE (stream, seq))"
     )
     db.execute("CREATE INDEX cluster_intake_msg_id ON cluster_intake (msg_id)")
+    db.execute(
+        "CREATE INDEX cluster_intake_entry_id ON cluster_intake (entry_id)"
+    )  # erasure reaching the intake
     for action in ("UPDATE", "DELETE"):
         db.execute(
             f"CREATE TRIGGER cluster_intake_no_{action.lower()} BEFORE {action} ON cluster_intake "
