@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from topic_audit.forwarding import outbox
+from topic_audit.log import chain
 from topic_audit.metrics import Metrics
 from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
@@ -137,6 +139,39 @@ def topics(db: Path) -> dict[str, dict[str, Any]]:
 SUBJECT = "erin_subject_42"
 OTHER = "leckie"
 SUBJECT_IP = "203.0.113.77"
+
+
+def make_row(n: int, **changes: Any) -> dict[str, Any]:
+    """A row as the receiver makes it (an ignored callback, topic ``t<n>``), for the writer's tests."""
+    body = f'{{"n": {n}}}'.encode()
+    row: dict[str, Any] = {
+        "received_at": "2026-11-25T00:00:00.000Z",
+        "method": "POST",
+        "path": "/callback",
+        "query_string": f"n={n}",
+        "sdk_app_id": "1",
+        "callback_command": "Group.CallbackAfterCreateGroup",
+        "client_ip": None,
+        "opt_platform": None,
+        "request_time": None,
+        "remote_addr": "127.0.0.1",
+        "request_headers": "{}",
+        "request_body": chain.stored_body(body),
+        "request_body_sha256": hashlib.sha256(body).hexdigest(),
+        "request_body_bytes": len(body),
+        "status_code": 200,
+        "response_body": "{}",
+        "outcome": "ignored",
+        "reason": None,
+        "detail": None,
+        "topic_id": f"t{n}",
+        "group_id": None,
+        "duplicate_of": None,
+        "elapsed_ms": 0.1,
+        "client_cert_subject": None,
+    }
+    row.update(changes)
+    return row
 
 
 def message(sender: str, text: str, to: str = OTHER) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_row
 from topic_audit.forwarding import outbox
 from topic_audit.integrity import verify
 from topic_audit.log import chain, database
@@ -21,38 +22,6 @@ from topic_audit.transparency import checkpoints
 from topic_audit.writer import append, jobs
 from topic_audit.writer import thread as writer_module
 from topic_audit.writer.thread import AppendError, AuditWriter, Forward
-
-
-def make_row(n: int, **changes: Any) -> dict[str, Any]:
-    body = f'{{"n": {n}}}'.encode()
-    row: dict[str, Any] = {
-        "received_at": "2026-11-25T00:00:00.000Z",
-        "method": "POST",
-        "path": "/callback",
-        "query_string": f"n={n}",
-        "sdk_app_id": "1",
-        "callback_command": "Group.CallbackAfterCreateGroup",
-        "client_ip": None,
-        "opt_platform": None,
-        "request_time": None,
-        "remote_addr": "127.0.0.1",
-        "request_headers": "{}",
-        "request_body": chain.stored_body(body),
-        "request_body_sha256": hashlib.sha256(body).hexdigest(),
-        "request_body_bytes": len(body),
-        "status_code": 200,
-        "response_body": "{}",
-        "outcome": "ignored",
-        "reason": None,
-        "detail": None,
-        "topic_id": f"t{n}",
-        "group_id": None,
-        "duplicate_of": None,
-        "elapsed_ms": 0.1,
-        "client_cert_subject": None,
-    }
-    row.update(changes)
-    return row
 
 
 class Recorder:
