@@ -290,7 +290,8 @@ from topic_audit.settings import Settings, SettingsError, check_key_file, config
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="TOPIC_AUDIT_NATS_CREDENTIALS",
     show_envvar=True,
-    help="Cluster mode: this role's NATS credentials (a .creds file). [default: none]",
+    help="Cluster mode: this role's NATS credentials: a .creds file (a JWT and its seed) or an nkey seed "
+    "alone. [default: none]",
 )
 @click.option(
     "--intake-days",
