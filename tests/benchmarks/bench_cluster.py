@@ -13,7 +13,7 @@
    the intake's acknowledgement) and the CPU each process took.
 2. The writer's rows/s fed by the stream against fed by its socket, the same rows
    (:func:`tests.benchmarks.logs.decided`): BENCH_WRITER_ROWS intake messages published while no writer
-   runs, then a writer on a fresh log started, timed from the first message applied to the last (the
+   runs, then a writer on a fresh log started, timed from the first message applied to the last (its
    ``intake`` table); against :func:`tests.benchmarks.bench.writer_process_benchmark` (the writer
    process fed over its Unix socket, as ``make bench`` measures it), alternating.
 3. A table: figure, cluster, single, cluster ÷ single.
@@ -106,7 +106,7 @@ def applied(db: Path) -> int:
         return 0
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return int(conn.execute("SELECT count(*) FROM intake").fetchone()[0])
+        return int(conn.execute("SELECT count(*) FROM cluster_intake").fetchone()[0])
     except sqlite3.OperationalError:  # not migrated yet
         return 0
     finally:
@@ -122,9 +122,11 @@ def entries(db: Path) -> int:
 
 
 async def _stored(url: str) -> int:
+    """How many messages the intake streams have stored, together."""
     nc = await nats.connect(servers=url.split(","), connect_timeout=2)
     try:
-        return int((await nc.jetstream(timeout=5).stream_info(jetstream.STREAM)).state.last_seq)
+        js = nc.jetstream(timeout=5)
+        return sum([int((await js.stream_info(name)).state.last_seq) for name in INTAKE_STREAMS])
     finally:
         await nc.close()
 
@@ -247,13 +249,13 @@ def answers(folder: Path, cluster: Cluster) -> tuple[dict[str, dict[str, dict[st
 
 
 # -- 2. the writer, fed by the stream and by its socket ------------------------------------------------
-async def _publish(url: str, items: list[Any], window: int) -> tuple[float, float]:
-    """Fresh intake streams holding ``items`` as receivers publish them; (seconds to publish them all,
-    seconds until the writer's stream had sourced them all)."""
+async def _publish(url: str, items: list[Any], window: int) -> float:
+    """Fresh intake streams holding ``items`` as receivers publish them (to the first stream, while it
+    answers); the seconds it took to publish them all."""
     nc = await nats.connect(servers=url.split(","), connect_timeout=2)
     js = nc.jetstream(timeout=30)
     try:
-        for name in (jetstream.STREAM, *INTAKE_STREAMS):  # the writer's stream first: it sources the others
+        for name in INTAKE_STREAMS:
             with contextlib.suppress(NotFoundError):
                 await js.delete_stream(name)
         with contextlib.suppress(Exception):
@@ -269,10 +271,7 @@ async def _publish(url: str, items: list[Any], window: int) -> tuple[float, floa
 
         started = time.perf_counter()
         await asyncio.gather(*(one(row, event) for row, event in items))
-        published = time.perf_counter() - started
-        while (await js.stream_info(jetstream.STREAM)).state.messages < len(items):
-            await asyncio.sleep(0.02)
-        return published, time.perf_counter() - started
+        return time.perf_counter() - started
     finally:
         await nc.close()
 
@@ -280,7 +279,7 @@ async def _publish(url: str, items: list[Any], window: int) -> tuple[float, floa
 def stream_fed(folder: Path, cluster: NatsCluster, items: list[Any], window: int) -> dict[str, float]:
     """Publish ``items`` with no writer running, then start one on a fresh log and time its applying."""
     folder.mkdir()
-    published, sourced = asyncio.run(_publish(cluster.url, items, window))
+    published = asyncio.run(_publish(cluster.url, items, window))
     nats_pids = [p.pid for p in cluster.processes.values()]
     writer = role(folder, cluster, folder.name, "writer", **BENCH_ENV)
     writer.start()
@@ -301,7 +300,6 @@ def stream_fed(folder: Path, cluster: NatsCluster, items: list[Any], window: int
         "cpu µs": cpu / done * 1e6,
         "nats cpu µs": nats_cpu / done * 1e6,
         "published/s": count / published,
-        "sourced s": sourced,
         "rows": entries(writer.db),
     }
 
@@ -402,10 +400,10 @@ def main() -> None:
         f"run and caught up {flat['catch up s']:.1f} s later (means)."
     )
     print(
-        f"Writer fed by the stream: {c['rows']:.0f} rows applied, published into the intake at "
-        f"{c['published/s']:,.0f}/s from one client (all sourced into the writer's stream "
-        f"{c['sourced s']:.1f} s after the first publish), the nats-servers' CPU while it applied "
-        f"{c['nats cpu µs']:.0f} µs a row; fed by its socket: {s['rows']:.0f} rows committed."
+        f"Writer fed by the stream: {c['rows']:.0f} rows applied (published into the intake beforehand at "
+        f"{c['published/s']:,.0f}/s from one client, {bench.setting('WRITER_WINDOW', '512')} in flight); the "
+        f"nats-servers' CPU while it applied: {c['nats cpu µs']:.0f} µs a row; fed by its socket: "
+        f"{s['rows']:.0f} rows committed."
     )
     print(
         f"\nOne fsync of a 1 KiB append on this disk (200 in a row, before / after the runs): "
