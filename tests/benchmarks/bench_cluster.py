@@ -122,11 +122,19 @@ def entries(db: Path) -> int:
 
 
 async def _stored(url: str) -> int:
-    """How many messages the intake streams have stored, together."""
+    """How many messages the intake streams have stored, together (asked again while a stream has no
+    leader: the active writer makes one step down when both share a server)."""
     nc = await nats.connect(servers=url.split(","), connect_timeout=2)
+    deadline = time.monotonic() + 60
     try:
-        js = nc.jetstream(timeout=5)
-        return sum([int((await js.stream_info(name)).state.last_seq) for name in INTAKE_STREAMS])
+        js = nc.jetstream(timeout=2)
+        while True:
+            try:
+                return sum([int((await js.stream_info(name)).state.last_seq) for name in INTAKE_STREAMS])
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
     finally:
         await nc.close()
 
@@ -262,6 +270,8 @@ async def _publish(url: str, items: list[Any], window: int) -> float:
             await js.delete_key_value(jetstream.LEASE_BUCKET)
         settings = Settings(sdk_app_id=bench.APP_ID, token=bench.TOKEN, nats_url=tuple(url.split(",")))
         await jetstream.ensure(js, settings)
+        while not ((info := await js.stream_info(INTAKE_STREAMS[0])).cluster and info.cluster.leader):
+            await asyncio.sleep(0.1)  # a new stream elects its leader first
         gate = asyncio.Semaphore(window)
 
         async def one(row: dict[str, Any], event: Any) -> None:
