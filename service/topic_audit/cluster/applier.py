@@ -29,6 +29,7 @@ from typing import Any, Final
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from topic_audit.cluster import intake, jetstream
 from topic_audit.cluster.lease import Lease
@@ -86,6 +87,7 @@ class Applier:
             for name, seq in self.applied.items():
                 self.metrics.intake_applied.labels(name).set(seq)
             try:
+                await self._stored_times()
                 await self._apply_from(dict(self.applied))
             except asyncio.CancelledError:
                 raise
@@ -94,6 +96,19 @@ class Applier:
                 self.caught_up.clear()
                 log.error("applying the intake stopped (%s); starting again from the log", self.why_not)
                 await asyncio.sleep(RETRY_SECONDS)
+
+    async def _stored_times(self) -> None:
+        """When the last messages applied were stored (a writer taking over reports it at once: the
+        "Writer behind" alert compares it with the receivers' last acknowledgement)."""
+        times = []
+        for name, seq in self.applied.items():
+            if seq:
+                with contextlib.suppress(NotFoundError):  # deleted (erased) or expired
+                    stored = (await self.js.get_msg(name, seq)).time
+                    if stored is not None:
+                        times.append(stored.timestamp())
+        if times:
+            self.metrics.intake_applied_at.set(max(times))
 
     async def _apply_from(self, after: dict[str, int]) -> None:
         arrived: asyncio.Queue[Msg] = asyncio.Queue()

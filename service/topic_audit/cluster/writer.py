@@ -55,6 +55,8 @@ LOST_EXIT: Final = 75
 """The exit code of a writer that lost the lease (EX_TEMPFAIL: start it again, as a standby)."""
 TAKE_EVERY_SECONDS: Final = 1.0
 """How often a standby tries to take the lease."""
+RETRY_RENEW_SECONDS: Final = 0.5
+"""After a renewal that got no answer, the next try."""
 
 
 class Role:
@@ -113,6 +115,11 @@ class Role:
         self.tasks.append(asyncio.create_task(self._keep(lease), name="writer-lease"))
         self.tasks.append(asyncio.create_task(jetstream.keep_leaders_apart(self.nc, js), name="apart"))
         self.state = "restoring from the replica" if settings.replica_url else "opening the log"
+        if settings.replica_url is None:
+            log.warning(
+                "no replica (TOPIC_AUDIT_REPLICA_URL): a standby taking over from this writer has no copy of "
+                "its log to restore (docs/cluster.md)"
+            )
         await asyncio.to_thread(self._prepare)
         await asyncio.to_thread(self._start)
         assert self.writer is not None
@@ -189,8 +196,10 @@ class Role:
 
     async def _keep(self, lease: Lease) -> None:
         """Renew the lease; stop this process at once when another writer holds it."""
+        pause = lease.renew_every
         while True:
-            await asyncio.sleep(lease.renew_every)
+            await asyncio.sleep(pause)
+            pause = lease.renew_every
             try:
                 await lease.renew()
             except Lost as exc:
@@ -198,7 +207,8 @@ class Role:
                 log.critical("%s: this writer stops now (exit %d) and applies nothing more", exc, LOST_EXIT)
                 logging.shutdown()
                 os._exit(LOST_EXIT)
-            except Exception as exc:
+            except Exception as exc:  # no answer (a reconnect, an election): try again soon, not in ttl/4
+                pause = min(lease.renew_every, RETRY_RENEW_SECONDS)
                 log.warning(
                     "the writer lease could not be renewed (%s: %s); trying again", type(exc).__name__, exc
                 )
@@ -232,13 +242,15 @@ class Role:
         self.metrics.writer_lease.labels(self.name).set(0)
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.close()
+                await asyncio.wait_for(self.nc.close(), 2)  # a stop never waits on a server that is gone
 
     def ready(self) -> str | None:
         """None when active and caught up; else why not."""
-        if self.state == "active" and self.lease is not None and self.lease.valid():
-            return None
-        return self.state
+        if self.state != "active":
+            return self.state
+        if self.lease is None or not self.lease.valid():
+            return "the writer lease is not confirmed: applying nothing until it is renewed"
+        return None
 
 
 def _replace(db: Path, copy: Path, checkpoint_file: Path) -> None:
