@@ -53,8 +53,10 @@ cluster {{
 class NatsCluster:
     """Three JetStream servers on loopback, one cluster; any of them killed and started again."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra: str = "") -> None:
         self.folder = folder
+        self.extra = extra
+        """More configuration for every server (accounts and users)."""
         self.names = ["n1", "n2", "n3"]
         self.ports: dict[str, tuple[int, int, int]] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -90,6 +92,7 @@ class NatsCluster:
                 routes=routes,
                 store=self.folder / name,
             )
+            + self.extra
         )
         log = self.folder / f"{name}.log"
 
