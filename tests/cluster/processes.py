@@ -260,14 +260,13 @@ async def _leader(url: str, stream: str) -> str:
     nc = await nats.connect(servers=url.split(","), connect_timeout=2)
     try:
         info = await nc.jetstream(timeout=2).stream_info(stream)
-        assert info.cluster is not None and info.cluster.leader
-        return info.cluster.leader
+        return (info.cluster.leader or "") if info.cluster is not None else ""
     finally:
         await nc.close()
 
 
 def leader(cluster: NatsCluster, stream: str) -> str:
-    """The server that leads ``stream`` now."""
+    """The server that leads ``stream`` now ("" while it elects one)."""
     return asyncio.run(_leader(cluster.url, stream))
 
 

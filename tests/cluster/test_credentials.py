@@ -149,6 +149,13 @@ def test_the_documented_permissions_let_each_role_do_its_part_and_no_more(
         wait_for(  # the writer's permissions include deleting the erased messages
             lambda: "deleted 5 messages" in writer.log.read_text(), 30, "the writer to delete the messages"
         )
+        writer.stop()  # started again, it resumes the streams where its log stopped
+        writer.start()
+        wait_for(lambda: ready(writer), 60, "the writer to hold the lease again")
+        for n in range(2):
+            assert send(receiver.url, message("leckie", f"again {n}")).status_code == 200
+        wait_for(lambda: len(applied(writer.db)) == 7, 30, "the writer, started again, to apply both")
+        assert "Error" not in writer.log.read_text().split("holds the writer lease")[-1]
     finally:
         receiver.stop()
         writer.stop()

@@ -116,7 +116,7 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int], 
             f"the off-box replica keeps older snapshots holding these values until {until:%Y-%m-%dT%H:%MZ} at the "
             "latest (Litestream's snapshot retention); backups of the database keep them as long as they are kept"
         )
-    if outcome.entries and os.environ.get("TOPIC_AUDIT_NATS_URL"):
+    if outcome.entries and _applies_an_intake(db):
         from topic_audit.cluster.scrub import EVERY_SECONDS
 
         click.echo(
@@ -125,6 +125,17 @@ def _report(outcome: erasure.Outcome, what: str, dry_run: bool, ids: list[int], 
             "(topic_audit_intake_erased_messages_total counts them); each NATS server's raft log keeps a copy "
             "until it compacts, within minutes (docs: Cluster)"
         )
+
+
+def _applies_an_intake(db: Path) -> bool:
+    """Whether this log is a cluster-mode writer's (it has applied intake messages)."""
+    conn = _read_only(db)
+    try:
+        return conn.execute("SELECT 1 FROM cluster_intake LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:  # a log from before cluster mode
+        return False
+    finally:
+        conn.close()
 
 
 def _purge_status(done: str, outcome: erasure.Outcome, db: Path) -> None:

@@ -94,8 +94,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
 
 
 async def ensure(js: JetStreamContext, settings: Settings) -> None:
-    """Create the streams and the lease's bucket, or bring their settings up to date (the writer's
-    job: receivers need no right to change them)."""
+    """Create the streams and the lease's bucket, or bring the streams' settings up to date (the
+    writer's job: receivers need no right to change them). The bucket keeps the time to live it was made
+    with: every writer's lease uses the bucket's (:class:`topic_audit.cluster.writer.Role`)."""
     for config in stream_configs(settings):
         try:
             await js.stream_info(config.name or "")

@@ -4,7 +4,8 @@ A key in JetStream's key-value bucket (:data:`topic_audit.cluster.jetstream.LEAS
 replicas), created by the writer that finds it absent (compare-and-set on "no such key"), renewed by its
 holder (compare-and-set on the revision it wrote) every quarter of its time to live, and removed by the
 bucket's time to live once its holder stops renewing. A renewal refused because another writer's
-revision is there means the lease is lost: the holder stops at once. A renewal refused because the key
+revision is there means the lease is lost: the holder stops at once (a revision of its own there is a
+renewal whose answer was lost: it carries on). A renewal refused because the key
 expired (the bucket's stream electing a leader can take longer than the time to live) takes it again if
 nobody else has.
 
@@ -63,6 +64,10 @@ class Lease:
             self.revision = await self.kv.update(KEY, self.name.encode(), last=self.revision)
         except KeyWrongLastSequenceError:
             holder = await self.holder()
+            if holder == self.name:  # a renewal stored, its answer lost (a reconnect): ours still
+                self.revision = (await self.kv.get(KEY)).revision
+                self.renewed_at = started
+                return
             if holder is None and await self.take():  # expired while the bucket had no leader
                 log.warning("writer %s took the writer lease again: it expired unrenewed", self.name)
                 return

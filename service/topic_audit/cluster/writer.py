@@ -3,8 +3,8 @@ the active writer -- the log, its replica, checkpoints, forwarding and retention
 ``serve`` runs them, fed by the intake instead of receivers.
 
 Taking over: the lease first (:mod:`topic_audit.cluster.lease`); then, with a replica configured, the
-newest copy is restored beside the database and kept when it has applied more of the intake than the
-local file (this machine may have been a writer long ago, or never); then the intake is applied from the
+newest copy is restored beside the database and replaces the local file unless that holds the replica's
+head entry itself (this writer's own log, continued since); then the intake is applied from the
 message after the last one applied from each stream (:mod:`topic_audit.cluster.applier`). Nothing the
 replica lacks was handed out (checkpoints are published only once the replica holds what they cover),
 so a checkpoint published before the failover is never contradicted. A writer that learns another
@@ -38,6 +38,7 @@ from topic_audit.cluster.applier import Applier, last_applied
 from topic_audit.cluster.lease import Lease, Lost
 from topic_audit.cluster.scrub import Scrubber
 from topic_audit.forwarding.forwarder import LocalDelivery
+from topic_audit.log.database import read_only
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
 from topic_audit.offbox import replica
@@ -51,6 +52,8 @@ from topic_audit.writer.thread import AuditWriter
 
 log = logging.getLogger("topic_audit.cluster")
 
+NO_BACKUPS: Final = "no matching backup"
+"""What ``litestream restore`` says of a replica that holds nothing yet (the first writer's start)."""
 LOST_EXIT: Final = 75
 """The exit code of a writer that lost the lease (EX_TEMPFAIL: start it again, as a standby)."""
 TAKE_EVERY_SECONDS: Final = 1.0
@@ -74,6 +77,8 @@ class Role:
         self.timer: CheckpointTimer | None = None
         self.delivery: LocalDelivery | None = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.keeping: asyncio.Task[None] | None = None
+        """Renewing the lease: the last thing a stop ends, just before it gives the lease up."""
         metrics.writer_lease.labels(self.name).set(0)
 
     # -- taking over -------------------------------------------------------------------------------
@@ -100,9 +105,17 @@ class Role:
             )
             log.error("%s", self.state)
             await asyncio.sleep(10 * TAKE_EVERY_SECONDS)
-        self.lease = lease = Lease(
-            await js.key_value(jetstream.LEASE_BUCKET), self.name, settings.lease_seconds
-        )
+        kv = await js.key_value(jetstream.LEASE_BUCKET)
+        ttl = (await kv.status()).ttl or settings.lease_seconds  # the bucket's, which expires the key
+        if abs(ttl - settings.lease_seconds) > 0.01:
+            log.warning(
+                "the lease lasts %.1f s (the bucket %s was made so), not TOPIC_AUDIT_LEASE_SECONDS=%.1f: "
+                "every writer uses the bucket's",
+                ttl,
+                jetstream.LEASE_BUCKET,
+                settings.lease_seconds,
+            )
+        self.lease = lease = Lease(kv, self.name, ttl)
         while True:
             try:
                 if await lease.take():
@@ -112,7 +125,7 @@ class Role:
                 self.state = f"standing by: the lease cannot be read ({type(exc).__name__})"
             await asyncio.sleep(TAKE_EVERY_SECONDS)
         self.metrics.writer_lease.labels(self.name).set(1)
-        self.tasks.append(asyncio.create_task(self._keep(lease), name="writer-lease"))
+        self.keeping = asyncio.create_task(self._keep(lease), name="writer-lease")
         self.tasks.append(asyncio.create_task(jetstream.keep_leaders_apart(self.nc, js), name="apart"))
         self.state = "restoring from the replica" if settings.replica_url else "opening the log"
         if settings.replica_url is None:
@@ -142,7 +155,10 @@ class Role:
         await self.applier.run()
 
     def _prepare(self) -> None:
-        """The newest log this writer can have: the local file, or the replica's when it is further on."""
+        """The newest log this writer can have: the local file when it holds all the replica holds (its
+        own, continued since), else the replica's. A store that cannot be read now is not "no replica":
+        taking over on a stale local log would skip what the streams no longer keep, so this fails, and
+        the writer is started again (exit 1) to try again."""
         settings = self.settings
         if settings.replica_url is not None:
             target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
@@ -152,22 +168,18 @@ class Role:
                 copy = Path(folder) / settings.db.name
                 try:
                     replica.restore(target, copy, litestream=settings.litestream)
-                except RuntimeError as exc:  # no replica yet (the first writer), or unreachable
-                    log.warning("nothing restored from the replica (%s); using the local log", exc)
+                except RuntimeError as exc:
+                    if NO_BACKUPS not in str(exc):
+                        raise
+                    log.warning("no replica yet (the first writer): using the local log")
                 else:
-                    theirs, ours = sum(last_applied(copy).values()), sum(last_applied(settings.db).values())
-                    if theirs > ours or not settings.db.exists():
+                    if _continues(settings.db, copy):
+                        log.info("the local log holds all the replica holds, and more: kept")
+                    else:
                         _replace(settings.db, copy, settings.checkpoint_path)
                         log.info(
-                            "restored the replica (%d intake messages applied; the local log %d)",
-                            theirs,
-                            ours,
-                        )
-                    else:
-                        log.info(
-                            "the local log (%d intake messages applied) is ahead of the replica (%d)",
-                            ours,
-                            theirs,
+                            "restored the replica (%d intake messages applied)",
+                            sum(last_applied(settings.db).values()),
                         )
         migrate(settings.db)
 
@@ -208,6 +220,17 @@ class Role:
                 logging.shutdown()
                 os._exit(LOST_EXIT)
             except Exception as exc:  # no answer (a reconnect, an election): try again soon, not in ttl/4
+                if time.monotonic() > lease.renewed_at + lease.ttl:  # expired: another may hold it now
+                    self.metrics.writer_lease.labels(self.name).set(0)
+                    log.critical(
+                        "the writer lease expired unrenewed (%s: %s): this writer stops now (exit %d): its "
+                        "checkpoints, replica and deliveries with it",
+                        type(exc).__name__,
+                        exc,
+                        LOST_EXIT,
+                    )
+                    logging.shutdown()
+                    os._exit(LOST_EXIT)
                 pause = min(lease.renew_every, RETRY_RENEW_SECONDS)
                 log.warning(
                     "the writer lease could not be renewed (%s: %s); trying again", type(exc).__name__, exc
@@ -237,6 +260,8 @@ class Role:
             await asyncio.to_thread(self.timer.stop)  # a last checkpoint covers everything applied
         if self.replicator is not None:
             await asyncio.to_thread(self.replicator.stop)
+        if self.keeping is not None:  # renewed until here: a slow stop never lets a standby in early
+            self.keeping.cancel()
         if self.lease is not None:
             await self.lease.release()
         self.metrics.writer_lease.labels(self.name).set(0)
@@ -253,14 +278,42 @@ class Role:
         return None
 
 
+def _head(db: Path) -> tuple[int, str] | None:
+    if not db.exists():
+        return None
+    conn = read_only(db)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_log'").fetchone():
+            return None
+        found = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+        return None if found is None else (int(found[0]), str(found[1]))
+    finally:
+        conn.close()
+
+
+def _continues(local: Path, copy: Path) -> bool:
+    """Whether the local log holds the replica's head entry, the same (and so everything before it):
+    this writer's own log, continued since the replica was made."""
+    theirs = _head(copy)
+    if theirs is None:
+        return local.exists()
+    ours = _head(local)
+    if ours is None or ours[0] < theirs[0]:
+        return False
+    conn = read_only(local)
+    try:
+        found = conn.execute("SELECT entry_hash FROM audit_log WHERE id = ?", (theirs[0],)).fetchone()
+    finally:
+        conn.close()
+    return found is not None and found[0] == theirs[1]
+
+
 def _replace(db: Path, copy: Path, checkpoint_file: Path) -> None:
     """Put the restored ``copy`` (and the checkpoints restored with it) in place of the local log, which
-    is kept beside it under a name that says when it was set aside."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    is deleted: it is older than the replica, or not the log the replica continues, and a copy kept
+    would escape every later erasure."""
     for suffix in ("", "-wal", "-shm"):
-        old = db.with_name(db.name + suffix)
-        if old.exists():
-            old.rename(db.with_name(f"{db.name}.superseded-{stamp}{suffix}"))
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
     shutil.move(str(copy), db)
     restored = copy.with_name(copy.name + ".checkpoints.jsonl")
     if restored.exists():

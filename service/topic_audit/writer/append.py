@@ -180,9 +180,8 @@ class _Intake:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.last: dict[str, int] = dict(
-            conn.execute("SELECT stream, max(seq) FROM cluster_intake GROUP BY stream")
-        )
+        self.last: dict[str, int] = {}
+        """The sequence applied last from each stream, looked up once a transaction (an index search)."""
         self.rows: list[tuple[str, int, str, int | None]] = []
         self.entries: dict[str, int] = {}
         """This transaction's messages: the entry each became."""
@@ -192,7 +191,12 @@ class _Intake:
         message's sequence is recorded); None for a message to append. :class:`OutOfOrder` for one that
         does not follow the last one applied from its stream."""
         message = request.intake
-        last = 0 if message is None else self.last.get(message.stream, 0)
+        if message is not None and message.stream not in self.last:
+            found = self.conn.execute(
+                "SELECT max(seq) FROM cluster_intake WHERE stream = ?", (message.stream,)
+            ).fetchone()
+            self.last[message.stream] = int(found[0] or 0)
+        last = 0 if message is None else self.last[message.stream]
         if message is None or message.after != last or message.seq <= last:
             got = (
                 "no intake message"
