@@ -45,7 +45,6 @@ from topic_audit.offbox import replica
 from topic_audit.receiver.app import healthz, metrics_endpoint
 from topic_audit.settings import Settings
 from topic_audit.tencent import models
-from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, retention
 from topic_audit.writer.checkpoint_timer import CheckpointTimer
 from topic_audit.writer.thread import AuditWriter
@@ -192,14 +191,7 @@ class Role:
                 settings.db, settings.checkpoint_path, target, metrics.replica_lag, settings.litestream
             )
             self.replicator.start()
-        self.writer = writer = AuditWriter(
-            settings.db,
-            settings.max_batch,
-            observer=metrics,
-            autocheckpoint=settings.replica_url is None,
-            store_bodies=settings.store_bodies,
-            record_key=record_key(settings.signing_key_path, create=False),
-        )
+        self.writer = writer = AuditWriter.serving(settings, metrics, create_key=False)
         writer.start()
         counts = writer.submit(jobs.Counts()).result()
         metrics.set_initial(*counts)

@@ -42,7 +42,6 @@ from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.tencent import checks, models
-from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, retention
 from topic_audit.writer.checkpoint_timer import CheckpointTimer
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
@@ -526,14 +525,7 @@ def create_app(
             await writer.connect(READY_SECONDS)
         else:
             migrate(settings.db)
-            writer = AuditWriter(
-                settings.db,
-                settings.max_batch,
-                observer=metrics,
-                autocheckpoint=settings.replica_url is None,
-                store_bodies=settings.store_bodies,
-                record_key=record_key(settings.signing_key_path, create=True),
-            )
+            writer = AuditWriter.serving(settings, metrics, create_key=True)
             writer.start()
         if stream is None:
             counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))

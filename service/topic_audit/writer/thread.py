@@ -35,7 +35,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from topic_audit.forwarding import outbox
 from topic_audit.log.database import BUSY_TIMEOUT_SECONDS, connect
+from topic_audit.settings import Settings
 from topic_audit.tencent import models
+from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs
 from topic_audit.writer.append import Append, Committed, Forward, Record, append_batch
 from topic_audit.writer.committer import AppendError, Committer, Observer
@@ -107,6 +109,20 @@ class AuditWriter:
         self._stopped = False
         self._committer: Committer | None = None
         self._wal_checkpointer: WalCheckpointer | None = None
+
+    @classmethod
+    def serving(cls, settings: Settings, observer: Observer, create_key: bool) -> AuditWriter:
+        """The writer of a ``serve`` (or of cluster mode's active writer): its batch, bodies policy and
+        signing key from ``settings``; the WAL left to Litestream to checkpoint when there is a replica.
+        ``create_key``: make the signing key when absent (never in cluster mode, whose writers share one)."""
+        return cls(
+            settings.db,
+            settings.max_batch,
+            observer=observer,
+            autocheckpoint=settings.replica_url is None,
+            store_bodies=settings.store_bodies,
+            record_key=record_key(settings.signing_key_path, create=create_key),
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
