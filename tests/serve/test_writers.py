@@ -11,15 +11,15 @@ from pathlib import Path
 
 from topic_audit.restarts import Backoff
 from topic_audit.serve import writers
-from topic_audit.serve.children import Receiver
+from topic_audit.serve.children import Child
 from topic_audit.settings import Settings
 
 
-def stand_in(settings: Settings, socket: str) -> Receiver:
+def stand_in(settings: Settings, socket: str) -> Child:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     read, write = os.pipe()
     os.close(write)
-    return Receiver(process, read, 1, socket=socket)
+    return Child(process, read, 1, socket=socket)
 
 
 def test_a_writer_that_ends_is_started_again_on_its_socket_after_a_growing_pause(tmp_path: Path) -> None:

@@ -32,8 +32,9 @@ DRAIN_SECONDS = 45.0
 
 
 @dataclass
-class Receiver:
-    """One receiver process (with granian: one process group serving ``expected`` workers)."""
+class Child:
+    """One child process of ``serve`` that says when it is ready on a pipe: a receiver (with granian: one
+    process group serving ``expected`` workers) or the writer process."""
 
     process: subprocess.Popen[bytes]
     ready_fd: int
@@ -90,7 +91,7 @@ class Launcher:
         expected: int,
         socket_path: str,
         module: str = "topic_audit.serve.receiver_process",
-    ) -> Receiver:
+    ) -> Child:
         """``module`` in a fresh interpreter, expected to say ``expected`` pids on its pipe; it feeds (or,
         a writer, listens on) ``socket_path``."""
         read, write = os.pipe()
@@ -116,10 +117,10 @@ class Launcher:
             )
         finally:
             os.close(write)
-        return Receiver(process, read, expected)
+        return Child(process, read, expected)
 
 
-def wait_ready(receivers: list[Receiver], meanwhile: Callable[[], None]) -> str | None:
+def wait_ready(receivers: list[Child], meanwhile: Callable[[], None]) -> str | None:
     """None once every one of ``receivers`` has started; otherwise why not. ``meanwhile`` is called
     between looks."""
     deadline = time.monotonic() + READY_SECONDS
@@ -138,7 +139,7 @@ def wait_ready(receivers: list[Receiver], meanwhile: Callable[[], None]) -> str 
     return None
 
 
-def stop_all(metrics_dir: str, receivers: list[Receiver]) -> bool:
+def stop_all(metrics_dir: str, receivers: list[Child]) -> bool:
     """SIGTERM to every receiver, and wait for them to drain; False when one had to be killed."""
     for receiver in receivers:
         if receiver.process.poll() is None:

@@ -53,7 +53,7 @@ from dataclasses import replace
 from topic_audit import scratch
 from topic_audit.metrics import Metrics
 from topic_audit.serve import sockets
-from topic_audit.serve.children import DRAIN_SECONDS, Launcher, Receiver, stop_all, wait_ready
+from topic_audit.serve.children import DRAIN_SECONDS, Child, Launcher, stop_all, wait_ready
 from topic_audit.serve.delivery import DeliveryProcess
 from topic_audit.serve.writers import Writers
 from topic_audit.settings import Settings, SettingsError
@@ -90,8 +90,8 @@ class Supervisor:
     ) -> None:
         self.sock, self.settings, self.load = sock, settings, load
         self.server, self.workers, self.metrics, self.metrics_dir = server, workers, metrics, metrics_dir
-        self.current: list[Receiver] = []
-        self.draining: list[Receiver] = []
+        self.current: list[Child] = []
+        self.draining: list[Child] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.checkpoint_timer = CheckpointTimer(settings)
         self.intake = settings.role == "receiver"
@@ -216,13 +216,13 @@ class Supervisor:
             stopping.join()
 
     # -- receivers ---------------------------------------------------------------------------------
-    def _generation(self, settings: Settings, writer: Receiver | None = None) -> list[Receiver]:
+    def _generation(self, settings: Settings, writer: Child | None = None) -> list[Child]:
         socket_path = self._writer_socket(writer)
         if self.server == "granian":  # granian runs its own workers in one process group
             return [self.launcher.start(settings, self.workers, socket_path)]
         return [self.launcher.start(settings, 1, socket_path) for _ in range(self.workers)]
 
-    def _writer_socket(self, writer: Receiver | None = None) -> str:
+    def _writer_socket(self, writer: Child | None = None) -> str:
         """The socket of the writer that receivers of ``writer``'s generation (default: the current one)
         feed; none for cluster mode's receivers."""
         if self.intake:
@@ -231,12 +231,12 @@ class Supervisor:
         assert writer is not None
         return writer.socket
 
-    def _spawn_writer(self, settings: Settings, socket_path: str) -> Receiver:
+    def _spawn_writer(self, settings: Settings, socket_path: str) -> Child:
         writer = self.launcher.start(settings, 1, socket_path, module="topic_audit.serve.writer_process")
         writer.socket = socket_path
         return writer
 
-    def _ready(self, receivers: list[Receiver]) -> str | None:
+    def _ready(self, receivers: list[Child]) -> str | None:
         """None once every one of ``receivers`` has started; otherwise why not. The running writers are
         watched meanwhile (a reload waits here)."""
         return wait_ready(receivers, self.writers.reap)
@@ -266,11 +266,11 @@ class Supervisor:
             self.current[index] = self.launcher.start(self.settings, receiver.expected, self._writer_socket())
             self.metrics.restarts.labels("crash").inc()
 
-    def _stop_writers(self, writers: list[Receiver]) -> bool:
+    def _stop_writers(self, writers: list[Child]) -> bool:
         self.writers.forget(writers)
         return stop_all(self.metrics_dir, writers)
 
-    def _announce(self, what: str, old: list[Receiver] | None = None) -> None:
+    def _announce(self, what: str, old: list[Child] | None = None) -> None:
         pids = sorted(pid for r in self.current for pid in r.pids)
         versions = sorted({v for r in self.current for v in r.versions})
         message = (

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from topic_audit.restarts import Backoff
-from topic_audit.serve.children import Receiver
+from topic_audit.serve.children import Child
 from topic_audit.settings import Settings
 
 log = logging.getLogger("topic_audit.serve")
@@ -40,33 +40,33 @@ class Writers:
     """``spawn(settings, socket)`` starts a writer process; ``ended(writer)`` releases what an ended one
     held; ``crashed()`` counts a writer that ended unasked."""
 
-    spawn: Callable[[Settings, str], Receiver]
+    spawn: Callable[[Settings, str], Child]
     folder: str
-    ended: Callable[[Receiver], None]
+    ended: Callable[[Child], None]
     crashed: Callable[[], None]
-    current: Receiver | None = None
-    retiring: list[Receiver] = field(default_factory=list)
+    current: Child | None = None
+    retiring: list[Child] = field(default_factory=list)
     """Writers of earlier generations, stopped once no receiver of theirs is left."""
     generation: int = 0
     _restarts: dict[str, _Restart] = field(default_factory=dict)
 
-    def start(self, settings: Settings) -> Receiver:
+    def start(self, settings: Settings) -> Child:
         """A writer on the socket of a new generation (made current by :meth:`promote`)."""
         self.generation += 1
         socket_path = os.path.join(self.folder, f"writer-{self.generation}.sock")
         self._restarts[socket_path] = _Restart(settings)
         return self.spawn(settings, socket_path)
 
-    def promote(self, writer: Receiver) -> None:
+    def promote(self, writer: Child) -> None:
         """``writer`` serves the new generation; the current one serves the draining receivers."""
         if self.current is not None:
             self.retiring.append(self.current)
         self.current = writer
 
-    def everyone(self) -> list[Receiver]:
+    def everyone(self) -> list[Child]:
         return [*self.retiring, *([self.current] if self.current is not None else [])]
 
-    def forget(self, writers: list[Receiver]) -> None:
+    def forget(self, writers: list[Child]) -> None:
         """``writers`` were stopped: no longer watched."""
         for writer in writers:
             self._restarts.pop(writer.socket, None)
@@ -81,7 +81,7 @@ class Writers:
             self.current = self._again(self.current, now)
         self.retiring = [self._again(writer, now) for writer in self.retiring]
 
-    def _again(self, writer: Receiver, now: float) -> Receiver:
+    def _again(self, writer: Child, now: float) -> Child:
         restart = self._restarts[writer.socket]
         if restart.due is None:
             if writer.process.poll() is None:
