@@ -5,6 +5,7 @@ the transaction of the entries, so that a writer resuming from the log resumes e
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +86,13 @@ def test_the_intake_is_append_only(conn: sqlite3.Connection) -> None:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             conn.execute(statement)
     assert verify.verify_chain(conn)[0] == []
+
+
+def test_a_message_whose_lease_lapsed_before_its_commit_is_refused(conn: sqlite3.Connection) -> None:
+    lapsed = Append(make_row(1), intake=Intake("A", 1, 0, "m1", SALT, valid_until=time.monotonic() - 0.001))
+    with pytest.raises(OutOfOrder, match="lease"):
+        append.commit(conn, [lapsed])
+    assert conn.execute("SELECT count(*) FROM audit_log").fetchone()[0] == 0
+    confirmed = Intake("A", 1, 0, "m1", SALT, valid_until=time.monotonic() + 5)
+    append.commit(conn, [Append(make_row(1), intake=confirmed)])
+    assert intake(conn) == [("A", 1, "m1", 1)]

@@ -170,7 +170,8 @@ class Applier:
             name, seq = meta.stream, meta.sequence.stream
             msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"{name}-{seq}"
             row, event, forward, salt = intake.decode(msg.data)
-            request = Append(row, event, forward, Intake(name, seq, after[name], msg_id, salt))
+            message = Intake(name, seq, after[name], msg_id, salt, self.lease.valid_until)
+            request = Append(row, event, forward, message)
             waiting.append(self.writer.queue(request))
             after[name] = seq
             newest[name] = meta

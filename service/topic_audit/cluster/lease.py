@@ -75,9 +75,14 @@ class Lease:
             raise Lost(f"another writer holds the lease ({holder})") from None
         self.renewed_at = started
 
+    @property
+    def valid_until(self) -> float:
+        """Until when (``time.monotonic``) this writer may apply, as of its last renewal."""
+        return self.renewed_at + MARGIN * self.ttl if self.revision is not None else 0.0
+
     def valid(self) -> bool:
         """This writer may apply now: it holds the lease, renewed recently enough."""
-        return self.revision is not None and time.monotonic() < self.renewed_at + MARGIN * self.ttl
+        return time.monotonic() < self.valid_until
 
     async def holder(self) -> str | None:
         try:

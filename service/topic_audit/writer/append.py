@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -197,6 +198,10 @@ class _Intake:
             ).fetchone()
             self.last[message.stream] = int(found[0] or 0)
         last = 0 if message is None else self.last[message.stream]
+        if message is not None and time.monotonic() > message.valid_until:
+            raise OutOfOrder(
+                f"intake message {message.stream} {message.seq}: the writer lease is not confirmed"
+            )
         if message is None or message.after != last or message.seq <= last:
             got = (
                 "no intake message"

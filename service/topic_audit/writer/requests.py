@@ -38,6 +38,9 @@ class Intake:
     salt: bytes
     """The content's salt, drawn by the receiver (the commitment to a message's content is the same
     whichever writer applies it)."""
+    valid_until: float = float("inf")
+    """The writer lease's end as last confirmed (``time.monotonic``): a message whose group commits later
+    is refused (:class:`OutOfOrder`), for another writer may hold the lease by then."""
 
 
 @dataclass(frozen=True, slots=True)
