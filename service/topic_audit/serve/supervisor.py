@@ -133,9 +133,9 @@ class Supervisor:
         if not self.intake:
             self.checkpoint_timer.start()
             self._start_delivery(self.settings)
-        self.metrics.checkpoint_interval.set(
-            self.checkpoint_timer.interval
-        )  # receivers report 0: they sign none
+        # The processes that sign report their interval; the receivers report 0 (they sign none), and so
+        # does cluster mode's receiver `serve` (its active writer signs).
+        self.metrics.checkpoint_interval.set(0 if self.intake else self.checkpoint_timer.interval)
         self._announce("serving")
         sockets.notify("READY=1")
         while True:
