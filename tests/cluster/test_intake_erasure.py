@@ -10,7 +10,7 @@ import nats
 import pytest
 from conftest import message, metric, run_cli, send, wait_for
 from nats.js.errors import NotFoundError
-from processes import NatsCluster, applied, needs_nats, ready, role
+from processes import NatsCluster, applied, needs_nats, writer_and_receiver
 from processes import nats_cluster_fixture as nats_cluster_fixture
 
 pytestmark = needs_nats
@@ -53,10 +53,7 @@ def test_erasing_an_account_deletes_its_callbacks_from_the_intake(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     settings = {"TOPIC_AUDIT_CHECKPOINT_SECONDS": "1"}
-    writer = role(tmp_path, nats_cluster, "writer-a", "writer", **settings).start()
-    receiver = role(tmp_path, nats_cluster, "receiver-1", "receiver").start()
-    try:
-        wait_for(lambda: ready(writer) and ready(receiver), 30, "the writer and the receiver")
+    with writer_and_receiver(tmp_path, nats_cluster, **settings) as (writer, receiver):
         for n in range(5):
             assert send(receiver.url, message("erin", f"{SECRET} {n}")).status_code == 200
             assert send(receiver.url, message("leckie", f"{KEPT} {n}")).status_code == 200
@@ -96,6 +93,3 @@ def test_erasing_an_account_deletes_its_callbacks_from_the_intake(
             if p.is_file() and SECRET.encode() in p.read_bytes()
         ]
         print(f"\nerased from the stream files; still in {len(raft)} raft log files until they compact")
-    finally:
-        receiver.stop()
-        writer.stop()

@@ -32,8 +32,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from topic_audit.cluster import intake, jetstream
 from topic_audit.cluster.lease import Lease
+from topic_audit.log import database
 from topic_audit.log.database import read_only
 from topic_audit.metrics import INTAKE_STREAMS, Metrics
+from topic_audit.writer import append
 from topic_audit.writer.requests import Append, Intake
 from topic_audit.writer.thread import AuditWriter
 
@@ -53,10 +55,8 @@ def last_applied(db: Path) -> dict[str, int]:
         return applied
     conn = read_only(db)
     try:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'cluster_intake'").fetchone():
-            for name in INTAKE_STREAMS:  # one index search each (GROUP BY would scan the table)
-                found = conn.execute("SELECT max(seq) FROM cluster_intake WHERE stream = ?", (name,))
-                applied[name] = int(found.fetchone()[0] or 0)
+        if database.exists(conn, "cluster_intake"):
+            applied = {name: append.last_applied(conn, name) for name in INTAKE_STREAMS}
     finally:
         conn.close()
     return applied

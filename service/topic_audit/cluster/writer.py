@@ -38,6 +38,7 @@ from topic_audit.cluster.applier import Applier, last_applied
 from topic_audit.cluster.lease import Lease, Lost
 from topic_audit.cluster.scrub import Scrubber
 from topic_audit.forwarding.forwarder import LocalDelivery
+from topic_audit.log import database
 from topic_audit.log.database import read_only
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
@@ -270,30 +271,22 @@ class Role:
         return None
 
 
-def _head(db: Path) -> tuple[int, str] | None:
-    if not db.exists():
-        return None
-    conn = read_only(db)
-    try:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_log'").fetchone():
-            return None
-        found = conn.execute("SELECT id, entry_hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
-        return None if found is None else (int(found[0]), str(found[1]))
-    finally:
-        conn.close()
-
-
 def _continues(local: Path, copy: Path) -> bool:
     """Whether the local log holds the replica's head entry, the same (and so everything before it):
     this writer's own log, continued since the replica was made."""
-    theirs = _head(copy)
-    if theirs is None:
+    conn = read_only(copy)
+    try:
+        theirs = database.head(conn)
+    finally:
+        conn.close()
+    if theirs[0] == 0:  # an empty replica
         return local.exists()
-    ours = _head(local)
-    if ours is None or ours[0] < theirs[0]:
+    if not local.exists():
         return False
     conn = read_only(local)
     try:
+        if not database.exists(conn, "audit_log"):
+            return False
         found = conn.execute("SELECT entry_hash FROM audit_log WHERE id = ?", (theirs[0],)).fetchone()
     finally:
         conn.close()

@@ -175,6 +175,12 @@ class _Group:
             outbox.append(conn, self.before)
 
 
+def last_applied(conn: sqlite3.Connection, stream: str) -> int:
+    """The sequence of intake ``stream`` applied last (0 for none): an index search."""
+    found = conn.execute("SELECT max(seq) FROM cluster_intake WHERE stream = ?", (stream,)).fetchone()
+    return int(found[0] or 0)
+
+
 class _Intake:
     """Cluster mode: the intake messages of one transaction, each applied exactly once and, within its
     stream, in order (the ``cluster_intake`` table, written with the rows)."""
@@ -193,10 +199,7 @@ class _Intake:
         does not follow the last one applied from its stream."""
         message = request.intake
         if message is not None and message.stream not in self.last:
-            found = self.conn.execute(
-                "SELECT max(seq) FROM cluster_intake WHERE stream = ?", (message.stream,)
-            ).fetchone()
-            self.last[message.stream] = int(found[0] or 0)
+            self.last[message.stream] = last_applied(self.conn, message.stream)
         last = 0 if message is None else self.last[message.stream]
         if message is not None and time.monotonic() > message.valid_until:
             raise OutOfOrder(
