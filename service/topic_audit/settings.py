@@ -340,6 +340,16 @@ def _warn_legacy_key(legacy: Path, default: Path) -> None:
     )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_key_file(path: Path) -> None:
     """Refuse a private key file that group or others may read or write (it must be 0600 or 0400); the
     message says how to fix it."""

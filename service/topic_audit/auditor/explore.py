@@ -16,7 +16,6 @@ pointer, and with two arguments would install one.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sqlite3
 import sys
@@ -32,20 +31,12 @@ from datasette.database import Database
 from datasette.plugins import pm
 
 from topic_audit.auditor import screens
+from topic_audit.settings import is_loopback
 
 DASHBOARD = Path(str(resources.files("topic_audit.dashboard")))
 """Datasette's metadata and templates: ``dashboard/`` in the tree, ``topic_audit/dashboard`` when installed."""
 DATABASE_NAME = screens.DATABASE_NAME
 hookimpl = pluggy.HookimplMarker("datasette")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -25,7 +25,7 @@ from topic_audit.cli.options import (
     retry_schedule_option,
     signing_key_option,
 )
-from topic_audit.settings import Settings, SettingsError, check_key_file, configure_logging
+from topic_audit.settings import Settings, SettingsError, check_key_file, configure_logging, is_loopback
 
 
 @click.command(context_settings=CONTEXT)
@@ -475,7 +475,6 @@ def _settings(params: dict[str, Any]) -> Settings:
     """Settings from the options, checked; a SettingsError names what is wrong."""
     import os
 
-    from topic_audit.auditor.explore import is_loopback
     from topic_audit.serve import tls
 
     options = {

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -31,21 +31,20 @@ from litestar.handlers import asgi
 from litestar.plugins.prometheus import PrometheusConfig
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from topic_audit import clock
 from topic_audit.forwarding import outbox
-from topic_audit.forwarding.forwarder import Delivery, Elsewhere, Forwarder, LocalDelivery
-from topic_audit.forwarding.loop import DELIVERY_SOCKET, Waker
 from topic_audit.log import chain
-from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.tencent import checks, models
 from topic_audit.writer import jobs, retention
-from topic_audit.writer.checkpoint_timer import CheckpointTimer
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
-from topic_audit.writer.thread import AppendError, AuditWriter, Forward, Writer
+from topic_audit.writer.thread import AppendError, Forward, Writer
+
+if TYPE_CHECKING:  # what only forwarding, or the app without serve, loads (a receiver starts sooner)
+    from topic_audit.forwarding.forwarder import Delivery, Forwarder
+    from topic_audit.writer.thread import AuditWriter
 
 log = logging.getLogger("topic_audit")
 
@@ -451,6 +450,8 @@ def metrics_endpoint(state: State) -> Response[bytes]:
     ``PROMETHEUS_MULTIPROC_DIR`` (process and GC metrics are per process, so they are left out).
     """
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
         merged = CollectorRegistry()
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         merged.register(state.metrics.erased_entries)  # read from the database: the same in every process
@@ -467,6 +468,16 @@ waits up to that long each time the event loop is busy. Measured at 32 connectio
 (67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (docs/performance.md)."""
 
 
+async def _made(path: Path, seconds: float) -> float:
+    """Wait (at most ``seconds``) for the writer process to make its socket at ``path``; the seconds
+    waited. ``serve`` starts it beside the receivers: until then there is nothing to connect to, and
+    nothing to warn about."""
+    started = time.monotonic()
+    while not path.exists() and time.monotonic() - started < seconds:
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
 def from_environment(stream: Callable[[Settings, Metrics], Stream] | None = None) -> Litestar:
     """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
     from ``TOPIC_AUDIT_TOKEN``; in cluster mode, publishing to the intake ``stream`` makes."""
@@ -478,7 +489,11 @@ def from_environment(stream: Callable[[Settings, Metrics], Stream] | None = None
         assert stream is not None, "a receiver in cluster mode needs its stream"
         metrics = Metrics()
         return create_app(settings, metrics, stream=stream(settings, metrics))
-    socket, wake = os.environ.get(WRITER_SOCKET), os.environ.get(DELIVERY_SOCKET)
+    socket, wake = os.environ.get(WRITER_SOCKET), None
+    if settings.forward_url:  # the delivery process to wake: only a receiver that forwards loads it
+        from topic_audit.forwarding.loop import DELIVERY_SOCKET
+
+        wake = os.environ.get(DELIVERY_SOCKET)
     return create_app(
         settings,
         writer_socket=None if socket is None else Path(socket),
@@ -520,10 +535,14 @@ def create_app(
             writer = stream
             await stream.open()
         elif writer_socket is not None:
+            waited = await _made(writer_socket, READY_SECONDS)
             writer = RemoteWriter(writer_socket, refused=metrics.batch_failed)
             writer.start()
-            await writer.connect(READY_SECONDS)
+            await writer.connect(max(READY_SECONDS - waited, 1.0))
         else:
+            from topic_audit.log.migrations import migrate
+            from topic_audit.writer.thread import AuditWriter
+
             migrate(settings.db)
             writer = AuditWriter.serving(settings, metrics, create_key=True)
             writer.start()
@@ -533,6 +552,9 @@ def create_app(
         app.state.writer = writer
         forwarder = None
         if settings.forward_url:
+            from topic_audit.forwarding.forwarder import Elsewhere, Forwarder, LocalDelivery
+            from topic_audit.forwarding.loop import Waker
+
             delivery: Delivery
             if stream is not None:
                 delivery = Elsewhere()
@@ -545,8 +567,11 @@ def create_app(
             await forwarder.start()
         app.state.forwarder = forwarder
         # Under serve, the supervisor signs (here: interval 0); in cluster mode, the active writer.
-        timer = CheckpointTimer(settings, at_start=False) if stream is None else None
-        if timer is not None:
+        timer = None
+        if stream is None and settings.checkpoint_seconds:
+            from topic_audit.writer.checkpoint_timer import CheckpointTimer
+
+            timer = CheckpointTimer(settings, at_start=False)
             timer.start()
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
         forgetting = [] if stream is not None else retention.start(settings, metrics, writer, clock.now)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import multiprocess
 
-from topic_audit.forwarding.loop import DELIVERY_SOCKET
 from topic_audit.serve.receiver_process import LISTEN_FD, READY_FD, SERVER, THREADS
 from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.writer.client import WRITER_SOCKET
@@ -103,8 +102,11 @@ class Launcher:
             SERVER: self.server,
             THREADS: str(expected),
             WRITER_SOCKET: socket_path,
-            DELIVERY_SOCKET: self.wake_socket,
         }
+        if settings.forward_url:  # only a receiver that forwards wakes the delivery process
+            from topic_audit.forwarding.loop import DELIVERY_SOCKET
+
+            env[DELIVERY_SOCKET] = self.wake_socket
         env.pop("TOPIC_AUDIT_TOKEN", None)
         if settings.token is not None:
             env["TOPIC_AUDIT_TOKEN"] = settings.token

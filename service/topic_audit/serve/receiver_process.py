@@ -293,6 +293,7 @@ def _uvicorn(app: Any, sock: socket.socket) -> None:
         log_level=os.environ.get("TOPIC_AUDIT_LOG_LEVEL", "info"),
         server_header=False,
         lifespan="on",
+        ws="none",  # no WebSocket route: its protocol is not even loaded
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         proxy_headers=False,  # X-Forwarded-For is trusted by the app, from TOPIC_AUDIT_TRUSTED_PROXIES only
         **{**tls, "http": protocol},

@@ -22,8 +22,8 @@ restart may close the listening socket or leave it without a process that answer
   one delivers at any time). Settings these read (the database, the address, the replica, the checkpoint
   files) take effect at the next start; a reload that changes them says so.
 - **One writer process** (:mod:`topic_audit.serve.writer_process`) commits for every receiver: it starts
-  first, listens on a Unix socket in a folder of ``serve``'s own (0700), and the receivers feed it
-  (:class:`topic_audit.writer.client.RemoteWriter`). A writer that ends unasked, of this generation
+  beside them (each waits for it to listen before it says it is ready), listens on a Unix socket in a
+  folder of ``serve``'s own (0700), and the receivers feed it (:class:`topic_audit.writer.client.RemoteWriter`). A writer that ends unasked, of this generation
   or of one still draining, is started again on the same socket (``kind="crash"``; at once, then after
   a growing pause while it keeps ending: :mod:`topic_audit.serve.writers`); meanwhile its receivers answer 503
   for what it did not commit, never OK. A reload starts a new writer beside the old one (two writers on one file take
@@ -49,15 +49,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from topic_audit import scratch
 from topic_audit.metrics import Metrics
 from topic_audit.serve import sockets
 from topic_audit.serve.children import DRAIN_SECONDS, Child, Launcher, stop_all, wait_ready
-from topic_audit.serve.delivery import DeliveryProcess
 from topic_audit.serve.writers import Writers
 from topic_audit.settings import Settings, SettingsError
-from topic_audit.writer.checkpoint_timer import CheckpointTimer
+
+if TYPE_CHECKING:  # loaded once the first receivers answer, or only when forwarding: serve starts sooner
+    from topic_audit.serve.delivery import DeliveryProcess
+    from topic_audit.writer.checkpoint_timer import CheckpointTimer
 
 log = logging.getLogger("topic_audit.serve")
 
@@ -78,6 +81,9 @@ OWNED_HERE = (
 
 
 class Supervisor:
+    checkpoint_timer: CheckpointTimer
+    """Made once the first generation is ready (:meth:`_serve`)."""
+
     def __init__(
         self,
         sock: socket.socket,
@@ -93,7 +99,6 @@ class Supervisor:
         self.current: list[Child] = []
         self.draining: list[Child] = []
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.checkpoint_timer = CheckpointTimer(settings)
         self.intake = settings.role == "receiver"
         """Cluster mode's receivers: they publish to the intake; no writer, delivery or checkpoint here."""
         self.folder = scratch.folder("writer")  # 0700: only this user reaches the writer
@@ -118,18 +123,21 @@ class Supervisor:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _serve(self) -> int:
+        # The receivers start beside their writer, not after it (each waits for its socket): the first
+        # callback is answered one interpreter's start sooner.
         writer = None if self.intake else self.writers.start(self.settings)
-        failed = None if writer is None else self._ready([writer])
-        if writer is not None:
+        self.current = self._generation(self.settings, writer)
+        failed = self._ready([*([] if writer is None else [writer]), *self.current])
+        if writer is not None and not failed:
             self.writers.promote(writer)
-        if not failed:
-            self.current = self._generation(self.settings)
-            failed = self._ready(self.current)
         if failed:
             stop_all(self.metrics_dir, self.current)
             self._stop_writers([] if writer is None else [writer])
             log.error("serve could not start: %s", failed)
             return 1
+        from topic_audit.writer.checkpoint_timer import CheckpointTimer
+
+        self.checkpoint_timer = CheckpointTimer(self.settings)
         if not self.intake:
             self.checkpoint_timer.start()
             self._start_delivery(self.settings)
@@ -203,6 +211,8 @@ class Supervisor:
             stopping.start()
             self._retired_deliveries.append(stopping)
         if settings.forward_url:
+            from topic_audit.serve.delivery import DeliveryProcess
+
             assert self.writers.current is not None
             self.delivery = DeliveryProcess(
                 settings, self.metrics, self.writers.current.socket, self.launcher.wake_socket

@@ -18,7 +18,6 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from topic_audit.settings import PREFIX, SettingsError
@@ -32,6 +31,8 @@ def client_cert_name(transport: asyncio.BaseTransport) -> str | None:
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
+    from cryptography import x509  # only HTTPS with client certificates needs it
+
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 

@@ -1,0 +1,78 @@
+"""How ``serve`` starts: its receivers beside its writer, and nothing loaded that answering does not need
+(docs/performance.md, "Cold start"). Real ``serve`` processes on real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Server, rows, send
+from topic_audit.tencent import samples
+
+pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
+
+NOT_NEEDED = ("aiohttp", "datasette", "topic_audit.auditor", "topic_audit.forwarding.forwarder", "websockets")
+"""What no process of a ``serve`` without forwarding loads: the forwarding client, the auditors' Datasette,
+a WebSocket protocol."""
+
+
+def imported(log: Path) -> set[str]:
+    """Every module any process imported, from their ``PYTHONPROFILEIMPORTTIME`` lines in ``log``."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
+
+def test_serve_without_forwarding_loads_neither_forwarding_nor_datasette(
+    db_path: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "serve.log"
+    running = Server(db_path, log, env={"PYTHONPROFILEIMPORTTIME": "1"}).start()
+    try:
+        assert send(running.url, samples.sample("after-create", TopicId="loaded")).status_code == 200
+        modules = imported(log)
+    finally:
+        running.stop()
+    assert {"litestar", "topic_audit.writer.committer"} <= modules  # the receiver's and the writer's lines
+    loaded = sorted(m for m in modules if any(m == n or m.startswith(f"{n}.") for n in NOT_NEEDED))
+    assert loaded == []
+    assert [r["topic_id"] for r in rows(db_path)] == ["loaded"]
+
+
+def _started_at(pid: int) -> float:
+    """When process ``pid`` started, in ``time.time()`` terms (to a clock tick)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_receivers_start_beside_the_writer_not_after_it(db_path: Path, tmp_path: Path) -> None:
+    """The first receiver is started before the writer process listens (it waits for the writer's socket),
+    not once the writer has said it is ready: one interpreter's start less before the first answer."""
+    running = Server(db_path, tmp_path / "serve.log").start()
+    try:
+        assert running.process is not None
+        children = Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children").read_text()
+        started = {
+            Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2]: _started_at(int(pid))
+            for pid in children.split()
+        }
+        sockets = list(
+            Path(tempfile.gettempdir()).glob(f"topic-audit-writer-{running.process.pid}-*/writer-1.sock")
+        )
+        assert len(started) == 2 and len(sockets) == 1
+        writer, receiver = (
+            started[b"topic_audit.serve.writer_process"],
+            started[b"topic_audit.serve.receiver_process"],
+        )
+        listening = sockets[0].stat().st_mtime
+        assert receiver - writer < (listening - writer) / 2
+        assert send(running.url, samples.sample("after-create", TopicId="beside")).status_code == 200
+    finally:
+        running.stop()
+    assert [r["topic_id"] for r in rows(db_path)] == ["beside"]
