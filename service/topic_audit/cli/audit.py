@@ -19,7 +19,6 @@ from topic_audit.cli.options import (
     signing_key_option,
 )
 from topic_audit.cli.options import log_origin as origin_named
-from topic_audit.log import migrations
 from topic_audit.log.database import TOOL_TIMEOUT_SECONDS, connect, read_only
 from topic_audit.settings import Settings
 
@@ -61,6 +60,7 @@ def explore(host: str, port: int, allowed_host: tuple[str, ...], db: Path) -> No
     import uvicorn
 
     from topic_audit.auditor.explore import AccessError, HostCheck, allowed_hosts, make_datasette
+    from topic_audit.log import migrations
 
     try:
         allowed = allowed_hosts(host, allowed_host)
@@ -93,6 +93,8 @@ def hash_password(password: str) -> None:
 @db_option
 def migrate(db: Path) -> None:
     """Create the database or bring its schema up to date."""
+    from topic_audit.log import migrations  # sqlite-utils: not loaded by the other commands
+
     migrations.migrate(db)
     click.echo(f"{db}: schema up to date")
 
@@ -230,6 +232,8 @@ def checkpoint(
             "`topic-audit public-key`",
             err=True,
         )
+    from topic_audit.log import migrations  # sqlite-utils: not loaded by the other commands
+
     migrations.migrate(db)
     conn = connect(db)
     try:

@@ -7,16 +7,19 @@ import sqlite3
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from topic_audit import clock
 from topic_audit.cli.options import CONTEXT, db_option, signing_key_option
-from topic_audit.log import migrations
 from topic_audit.log.database import read_only
-from topic_audit.privacy import erasure, purge, subjects
 from topic_audit.settings import Settings, SettingsError
+
+if TYPE_CHECKING:  # loaded by these commands only, not by every other one (serve starts sooner)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from topic_audit.privacy import erasure
 
 _SELECTORS = (
     (
@@ -43,6 +46,7 @@ _SELECTORS = (
 def _selector_key(signing_key: Path | None, db: Path) -> bytes:
     """The key of the selectors' digests, derived from the checkpoint signing key (kept off the
     database's disk): the database alone cannot confirm whose data a record erased."""
+    from topic_audit.privacy import erasure
     from topic_audit.transparency.checkpoints import Signer
 
     path = Settings(db=db, signing_key=signing_key).signing_key_path
@@ -75,6 +79,9 @@ def _record_key(signing_key: Path | None, db: Path) -> Ed25519PrivateKey:
 
 
 def _open(db: Path) -> sqlite3.Connection:
+    from topic_audit.log import migrations
+    from topic_audit.privacy import purge
+
     if not db.exists():
         raise click.ClickException(f"{db} does not exist")
     migrations.migrate(db)
@@ -140,6 +147,8 @@ def _applies_an_intake(db: Path) -> bool:
 
 def _purge_status(done: str, outcome: erasure.Outcome, db: Path) -> None:
     """Say "no copy remains" only once every place named holds none (:func:`purge.copies_left`)."""
+    from topic_audit.privacy import purge
+
     left = purge.copies_left(db, outcome.purged, outcome.erased_at)
     if not left:
         click.echo(
@@ -210,6 +219,8 @@ def erase(
     strings, headers, answers and everything copied from them, keeping the evidence (ids, times, outcome)
     and a chained record in `erasures`. Safe while `serve` runs. Returns once no copy remains in the
     database files. Nothing matched: exit 0 with "0 entries"."""
+    from topic_audit.privacy import erasure, subjects
+
     chosen = [
         (kind, str(value))
         for kind, value in (("account", account), ("ip", ip), ("topic", topic), ("id", entry_id))
@@ -259,6 +270,8 @@ def erase(
 def retain(db: Path, signing_key: Path | None, older_than: str) -> None:
     """Erase the content of entries older than --older-than now (what `serve` does every hour with
     TOPIC_AUDIT_RETENTION_DAYS), in records of at most 500 entries."""
+    from topic_audit.privacy import erasure, subjects
+
     try:
         age = subjects.parse_duration(older_than)
     except ValueError as exc:

@@ -392,7 +392,6 @@ def serve(**params: Any) -> None:
 
 def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], server: str, workers: int) -> int:
     from topic_audit.log.database import private
-    from topic_audit.log.migrations import migrate
     from topic_audit.metrics import Metrics
     from topic_audit.serve import sockets
     from topic_audit.serve.supervisor import Supervisor
@@ -400,7 +399,12 @@ def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], serv
     receiving = settings.role == "receiver"  # cluster mode: no database here, the intake (docs/cluster.md)
     if not receiving:
         private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
-        migrate(settings.db)  # once, before any receiver starts
+    if not receiving and settings.replica_url is not None:
+        # Litestream starts before the writer: on a database that exists. Otherwise the writer process
+        # migrates it before it listens, as at every start, while the receivers start beside it.
+        from topic_audit.log.migrations import migrate
+
+        migrate(settings.db)
     handed_over = sock is not None
     if sock is None:
         try:
@@ -475,8 +479,6 @@ def _settings(params: dict[str, Any]) -> Settings:
     """Settings from the options, checked; a SettingsError names what is wrong."""
     import os
 
-    from topic_audit.serve import tls
-
     options = {
         k: v for k, v in params.items() if k not in ("workers", "server_name", "log_level", "env_file")
     }
@@ -496,7 +498,10 @@ def _settings(params: dict[str, Any]) -> Settings:
     settings = Settings(sdk_app_id=sdkappid, token=os.environ.get("TOPIC_AUDIT_TOKEN") or None, **options)
     settings.validate()
     check_key_file(settings.signing_key_path)
-    tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if settings.tls_cert or settings.tls_key or settings.tls_client_ca:  # (the module loads uvicorn)
+        from topic_audit.serve import tls
+
+        tls.check_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     _replica_target(settings)
     return settings
 

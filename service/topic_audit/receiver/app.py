@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import hashlib
+import importlib
 import ipaddress
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -38,13 +39,20 @@ from topic_audit.log import chain
 from topic_audit.metrics import Metrics
 from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
 from topic_audit.tencent import checks, models
-from topic_audit.writer import jobs, retention
+from topic_audit.writer import jobs
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
-from topic_audit.writer.thread import AppendError, Forward, Writer
+from topic_audit.writer.requests import AppendError, Forward
 
-if TYPE_CHECKING:  # what only forwarding, or the app without serve, loads (a receiver starts sooner)
+if TYPE_CHECKING:  # loaded only when forwarding, without serve, or after start: a receiver answers sooner
     from topic_audit.forwarding.forwarder import Delivery, Forwarder
-    from topic_audit.writer.thread import AuditWriter
+    from topic_audit.writer.thread import AuditWriter, Writer
+
+    class Stream(Writer, Protocol):
+        """Cluster mode: the intake a receiver publishes to, in place of a writer
+        (:class:`topic_audit.cluster.publisher.StreamWriter`)."""
+
+        async def open(self) -> None: ...
+
 
 log = logging.getLogger("topic_audit")
 
@@ -468,6 +476,18 @@ waits up to that long each time the event loop is busy. Measured at 32 connectio
 (67 to 103, three runs) → 51 ms (39 to 78, five runs), throughput unchanged (docs/performance.md)."""
 
 
+async def _forgetting(settings: Settings, metrics: Metrics, writer: Writer) -> None:
+    """Retention, the body policy and the privacy metrics (:func:`topic_audit.writer.retention.start`),
+    loaded in a thread once the receiver answers: what they import is not on the first callback's path."""
+    retention = await asyncio.to_thread(importlib.import_module, "topic_audit.writer.retention")
+    tasks: list[asyncio.Task[None]] = retention.start(settings, metrics, writer, clock.now)
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _made(path: Path, seconds: float) -> float:
     """Wait (at most ``seconds``) for the writer process to make its socket at ``path``; the seconds
     waited. ``serve`` starts it beside the receivers: until then there is nothing to connect to, and
@@ -499,14 +519,6 @@ def from_environment(stream: Callable[[Settings, Metrics], Stream] | None = None
         writer_socket=None if socket is None else Path(socket),
         delivery_socket=None if wake is None else Path(wake),
     )
-
-
-@runtime_checkable
-class Stream(Writer, Protocol):
-    """Cluster mode: the intake a receiver publishes to, in place of a writer
-    (:class:`topic_audit.cluster.publisher.StreamWriter`)."""
-
-    async def open(self) -> None: ...
 
 
 def create_app(
@@ -559,8 +571,8 @@ def create_app(
             if stream is not None:
                 delivery = Elsewhere()
             elif delivery_socket is None:
-                assert not isinstance(writer, Stream)  # (a stream was the case above)
-                delivery = LocalDelivery(settings, metrics, writer)
+                local = cast("AuditWriter | RemoteWriter", writer)  # (a stream was the case above)
+                delivery = LocalDelivery(settings, metrics, local)
             else:
                 delivery = Waker(delivery_socket)
             forwarder = Forwarder(settings, metrics, delivery)
@@ -574,15 +586,17 @@ def create_app(
             timer = CheckpointTimer(settings, at_start=False)
             timer.start()
         sweeper = asyncio.create_task(deadlines.sweep(), name="body-deadlines")
-        forgetting = [] if stream is not None else retention.start(settings, metrics, writer, clock.now)
+        forgetting = (
+            None if stream is not None else asyncio.create_task(_forgetting(settings, metrics, writer))
+        )
         gc.collect()  # what start-up built lives as long as the process: out of the collector's way
         gc.freeze()
         try:
             yield
         finally:
             sweeper.cancel()
-            for task in forgetting:
-                task.cancel()
+            if forgetting is not None:
+                forgetting.cancel()
             if forwarder is not None:
                 await forwarder.stop()
             writer.stop()

@@ -18,12 +18,17 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import multiprocess
 
-from topic_audit.serve.receiver_process import LISTEN_FD, READY_FD, SERVER, THREADS
 from topic_audit.settings import WORKER_SETTINGS, Settings
 from topic_audit.writer.client import WRITER_SOCKET
 
 log = logging.getLogger("topic_audit.serve")
 
+LISTEN_FD = "TOPIC_AUDIT_LISTEN_FD"
+"""The child's environment: the listening socket's fd, the ready pipe's, the HTTP server, how many
+serving processes (:mod:`topic_audit.serve.receiver_process` reads them)."""
+READY_FD = "TOPIC_AUDIT_READY_FD"
+SERVER = "TOPIC_AUDIT_SERVER"
+THREADS = "TOPIC_AUDIT_WORKERS"
 READY_SECONDS = 60.0
 """Longest a new receiver may take to start before the reload gives up on it."""
 DRAIN_SECONDS = 45.0

@@ -27,12 +27,9 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from topic_audit.metrics import package_version
+from topic_audit.serve.children import LISTEN_FD, READY_FD, SERVER, THREADS
 from topic_audit.serve.tls import ClientCertHttpTools
 
-LISTEN_FD = "TOPIC_AUDIT_LISTEN_FD"
-READY_FD = "TOPIC_AUDIT_READY_FD"
-SERVER = "TOPIC_AUDIT_SERVER"
-THREADS = "TOPIC_AUDIT_WORKERS"
 GRACEFUL_SECONDS = 30
 """Longest a draining process waits for its connections before it cancels what is left."""
 _PR_SET_PDEATHSIG = 1
