@@ -31,6 +31,8 @@ def test_bench_suite_smoke() -> None:
         "BENCH_SETTLE": "0",
         "BENCH_GROWN_ROWS": "300",
         "BENCH_BEFORE": "HEAD",  # an earlier version measured in the same run (here: this one again)
+        # every section but the cold start's (its own smoke run below)
+        "BENCH_ONLY": "targets,http,servers,grown,writer,memory,log,forward,replica",
     }
     result = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.bench"],
@@ -43,6 +45,7 @@ def test_bench_suite_smoke() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for heading in (
+        "The targets, each beside its same-run baseline",
         "audited vs bare",
         "before/bare",
         "A grown log",
@@ -55,6 +58,10 @@ def test_bench_suite_smoke() -> None:
     ):
         assert heading in out, out
     assert "Every answered request committed" in out and "(OK)" in out, out
+    targets = re.findall(
+        r"^\| (.+?) \| (≥|≤)[^|]* \| ([\d.+]+)[^|]* \| [^|]+ \| (yes|\*\*no\*\*) \|$", out, re.M
+    )
+    assert len(targets) == 8, out  # the writer, four of HTTP, three of forwarding: each measured, each judged
     assert "| 64 |" in out and "| `verify` (chain" in out and "projection emptied first, all cores |" in out
     assert (
         "Throughput with forwarding on ÷ off" in out and "Before-callbacks, the app answering in 50 ms" in out
@@ -104,3 +111,21 @@ def test_cluster_bench_smoke() -> None:
         assert re.search(rf"^\| {re.escape(figure)}.*: non-2xx \| 0 \| 0 \| \|$", out, re.M), out  # all 200s
     assert re.search(r"^\| the writer's rows/s .* \| [\d,]+ \| [\d,]+ \| [\d.]+ \|$", out, re.M), out
     assert out.count("(OK)") == 2 and "300 rows applied" in out and "### Where it goes" in out, out
+
+
+def test_ceiling_benchmark_smoke() -> None:
+    env = {**os.environ, "CEILING_ROWS": "600", "CEILING_ROUNDS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_ceiling"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^\| its rows alone, no secondary index \| [\d,]+ \| [\d.]+ \|$", out, re.M), out
+    steps = re.findall(r"^\| [a-z][^|]* \| ([\d.]+) \|$", out, re.M)
+    assert len(steps) == 5 and all(float(s) > 0 for s in steps), out  # every step measured
+    assert re.search(r"^\| \*\*left for everything else\*\* .* \| \*\*-?[\d.]+\*\* \|$", out, re.M), out

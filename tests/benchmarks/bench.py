@@ -1,5 +1,7 @@
 """The benchmark suite (`make bench`): measures in one run and prints a Markdown table.
 
+0. The targets, each beside its baseline from the same run (tests/benchmarks/targets.py), and the cold
+   start of `serve` against the bare endpoint's (tests/benchmarks/bench_start.py).
 1. HTTP: `topic-audit serve` against a bare Litestar+msgspec endpoint (tests/benchmarks/bare.py), same
    uvicorn settings, same load generator (wrk, every request a unique signed delivery), at 1, 32 and 128
    connections and at a steady ~200/s, alternating ROUNDS times to cancel drift. The headline is
@@ -21,7 +23,7 @@ BENCH_WRITER_ROWS (20000), BENCH_DELIVERIES (1000000), BENCH_LOG_ROWS (1000000),
 BENCH_BEFORE_REQUESTS (2000), BENCH_RPO_RUNS (3), BENCH_SETTLE (seconds before each HTTP run, 3),
 BENCH_BEFORE (a git ref), BENCH_GROWN_ROWS
 ("1000000,5000000"), BENCH_GROWN_DIR (where the grown logs are kept; default a temporary folder),
-BENCH_ONLY (sections to run, "http,servers,grown,writer,memory,log,forward,replica").
+BENCH_ONLY (sections to run, "targets,start,http,servers,grown,writer,memory,log,forward,replica").
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from topic_audit.log.migrations import migrate
@@ -321,19 +324,31 @@ def writer_benchmark(folder: Path) -> list[str]:
 
 
 def writer_process_benchmark(folder: Path) -> list[str]:
-    """The writer process alone, fed by a synthetic producer over its socket (as the receivers feed it),
-    against the same rows committed in-process at the group sizes it reaches."""
+    """The writer process alone, fed by a synthetic producer over its socket (as the receivers feed it)."""
+    from tests.benchmarks.logs import decided
+
+    count = int(setting("WRITER_ROWS", "20000"))
+    window = int(setting("WRITER_WINDOW", "512"))
+    rate, per_row, share = writer_process_rate(folder, decided(count, 7))
+    return [
+        f"The writer process, fed over its socket ({window} rows in flight, synchronous=FULL): "
+        f"{rate:.0f} rows/s, {per_row:.0f} µs of the writer's CPU a row ({share:.0%} of a core)"
+    ]
+
+
+def writer_process_rate(folder: Path, items: list[Any]) -> tuple[float, float, float]:
+    """Rows/s of a fresh writer process committing ``items`` (WRITER_WINDOW in flight), its CPU µs a row,
+    and the share of a core it used."""
     import asyncio
 
     from topic_audit.settings import Settings
     from topic_audit.writer.client import RemoteWriter
 
-    from tests.benchmarks.logs import decided
-
-    count = int(setting("WRITER_ROWS", "20000"))
+    count = len(items)
     window = int(setting("WRITER_WINDOW", "512"))
-    items = decided(count, 7)
     db, sock = folder / "writer-process.db", folder / "thread.sock"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
     read, write = os.pipe()
     env = {
         **ENV,
@@ -370,13 +385,11 @@ def writer_process_benchmark(folder: Path) -> list[str]:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     conn = sqlite3.connect(db)
-    groups = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    committed = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
     conn.close()
-    return [
-        f"The writer process, fed over its socket ({window} rows in flight, synchronous=FULL): "
-        f"{count / elapsed:.0f} rows/s ({groups} rows committed), {cpu / count * 1e6:.0f} µs of the writer's "
-        f"CPU a row ({cpu / elapsed:.0%} of a core)"
-    ]
+    if committed != count:
+        raise RuntimeError(f"the writer process committed {committed} of {count} rows")
+    return count / elapsed, cpu / count * 1e6, cpu / elapsed
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -546,7 +559,7 @@ def forward_benchmark(folder: Path) -> list[str]:
                     try:
                         result = wrk(process.url, connections, seconds, delay)
                         if mode == "on":
-                            result |= _drain(db, seconds)
+                            result |= drain(db, seconds)
                     finally:
                         process.stop()
                     runs[mode].append(result)
@@ -575,7 +588,7 @@ def forward_benchmark(folder: Path) -> list[str]:
     return lines
 
 
-def _drain(db: Path, seconds: int) -> dict[str, float]:
+def drain(db: Path, seconds: int) -> dict[str, float]:
     """The outbox after a wrk run: what was delivered while it ran, what was left, how long that took."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -848,7 +861,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sections: list[tuple[str, list[str]]] = []
-        only = setting("ONLY", "http,servers,grown,writer,memory,log,forward,replica").split(",")
+        only = setting("ONLY", "targets,start,http,servers,grown,writer,memory,log,forward,replica").split(
+            ","
+        )
+        if "targets" in only:
+            from tests.benchmarks.targets import targets_benchmark
+
+            sections.append(("The targets, each beside its same-run baseline", targets_benchmark(folder)))
+        if "start" in only:
+            from tests.benchmarks.bench_start import start_benchmark
+
+            sections.append(("Cold start (exec → first answered callback)", start_benchmark(folder)))
         if "http" in only:
             with checkout(setting("BEFORE", "")) as before:
                 http, db = http_benchmark(folder, before)

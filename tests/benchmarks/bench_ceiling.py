@@ -11,6 +11,11 @@ Each is a fresh file, committed in groups of CEILING_GROUP (256) rows, CEILING_R
 median of CEILING_ROUNDS (3) rounds, each running the three in another order. If (3) is below the
 writer's target, no change to the Python on the commit path can reach it: only fewer or smaller pages
 per row can.
+
+Then the budget a row has when the writer process is to reach a share of (3) (``make bench``'s target:
+0.4), beside what the steps every row must take cost alone, in process, on the same rows: decoding its
+frame, sealing its content (a salt, an HMAC), its chain hash, the projection of its event, and its
+answer's frame. What they leave is what SQLite, the socket and the event loop may cost.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from topic_audit.log import chain
+from topic_audit.log import chain, content, projection
 from topic_audit.log.migrations import migrate
+from topic_audit.writer import wire
 from topic_audit.writer.append import append_batch
+from topic_audit.writer.requests import Committed
 from topic_audit.writer.thread import connect
 
 from tests.benchmarks.logs import decided
@@ -77,6 +84,54 @@ def inserted(folder: Path, rows: list[tuple[Any, ...]], indexes: bool) -> float:
     return rate
 
 
+def steps(items: list[Any]) -> dict[str, float]:
+    """µs a row of each step every row takes in the writer, alone, over ``items`` (best of 3)."""
+    frames = [wire.append_frame(n, row, event, None)[wire.HEADER :] for n, (row, event) in enumerate(items)]
+    rows = [dict(row) for row, _ in items]
+    for n, row in enumerate(rows):
+        row.update(id=n + 1, prev_hash=chain.GENESIS, outcome="accepted", duplicate_of=None)
+    events = [(n + 1, event, row) for n, (row, event) in enumerate(items) if event is not None]
+
+    def decode() -> None:
+        for body in frames:
+            wire.request(body)
+
+    def seal() -> None:
+        for row in rows:
+            content.seal(dict(row), True)
+
+    def hashed() -> None:
+        for row in rows:
+            row["content_commitment"] = "0" * 64
+            chain.entry_hash(row)
+
+    def project() -> None:
+        store = projection.MemoryStore()
+        for entry_id, event, row in events:
+            effect = projection.project(event, entry_id, row["received_at"], "", store.lookup)
+            store.write(effect, "", entry_id)
+
+    def answer() -> None:
+        for n in range(len(rows)):
+            wire.answer(n, wire.OK, Committed(n, "accepted", None, chain.GENESIS))
+
+    found = {}
+    for label, step in (
+        ("decode the row's frame", decode),
+        ("seal its content (salt, HMAC-SHA-256)", seal),
+        ("its chain hash (canonical JSON, SHA-256)", hashed),
+        ("project its event (in memory, no SQL)", project),
+        ("encode its answer's frame", answer),
+    ):
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - started)
+        found[label] = best / len(items) * 1e6
+    return found
+
+
 def main() -> None:
     items = decided(ROWS, 5)
     labels = (
@@ -103,6 +158,25 @@ def main() -> None:
     for label, values in rates.items():
         median = statistics.median(values)
         print(f"| {label} | {median:,.0f} | {median / base:.2f} |")
+    floor = statistics.median(rates[labels[2]])
+    share = float(os.environ.get("CEILING_SHARE", "0.4"))
+    budget = 1e6 / (share * floor)
+    costs = steps(items)
+    print(
+        f"\nA row's budget at {share:g} of the floor ({floor:,.0f} rows/s): {budget:.1f} µs, of which SQLite's"
+    )
+    print(
+        f"own work on the row (the floor) takes {1e6 / floor:.1f} µs. What the steps every row takes cost alone:\n"
+    )
+    print("| step | µs a row |")
+    print("|---|---:|")
+    for label, cost in costs.items():
+        print(f"| {label} | {cost:.1f} |")
+    rest = budget - 1e6 / floor - sum(costs.values())
+    print(
+        f"| **left for everything else** (the projection's SQL, the topics' upsert, content keys, rollups, the "
+        f"event loop, the socket, the COMMIT's other pages) | **{rest:.1f}** |"
+    )
 
 
 if __name__ == "__main__":

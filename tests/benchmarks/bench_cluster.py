@@ -14,7 +14,7 @@
 2. The writer's rows/s fed by the stream against fed by its socket, the same rows
    (:func:`tests.benchmarks.logs.decided`): BENCH_WRITER_ROWS intake messages published while no writer
    runs, then a writer on a fresh log started, timed from the first message applied to the last (its
-   ``intake`` table); against :func:`tests.benchmarks.bench.writer_process_benchmark` (the writer
+   ``intake`` table); against :func:`tests.benchmarks.bench.writer_process_rate` (the writer
    process fed over its Unix socket, as ``make bench`` measures it), alternating.
 3. A table: figure, cluster, single, cluster ÷ single.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import resource
 import shutil
 import sqlite3
@@ -319,20 +318,18 @@ def stream_fed(folder: Path, cluster: NatsCluster, items: list[Any], window: int
 
 
 def socket_fed(folder: Path) -> dict[str, float]:
-    """``make bench``'s writer-process figure (its own code, its own line, parsed)."""
+    """``make bench``'s writer-process figure (its own code: :func:`tests.benchmarks.bench.writer_process_rate`)."""
     folder.mkdir()
-    line = bench.writer_process_benchmark(folder)[0]
-    rate = re.search(r"(\d+) rows/s \((\d+) rows committed\), (\d+) µs", line)
-    if rate is None:
-        raise RuntimeError(f"unexpected line from writer_process_benchmark: {line}")
-    return {"rows/s": float(rate.group(1)), "rows": float(rate.group(2)), "cpu µs": float(rate.group(3))}
+    count = int(bench.setting("WRITER_ROWS", "20000"))
+    rate, per_row, _ = bench.writer_process_rate(folder, decided(count, 7))
+    return {"rows/s": rate, "rows": float(count), "cpu µs": per_row}
 
 
 def writers(folder: Path, cluster: NatsCluster) -> dict[str, dict[str, float]]:
     count = int(bench.setting("WRITER_ROWS", "20000"))
     window = int(bench.setting("WRITER_WINDOW", "512"))
     rounds = int(bench.setting("ROUNDS", "2"))
-    items = decided(count, 7)  # the rows writer_process_benchmark appends
+    items = decided(count, 7)  # the rows writer_process_rate appends
     ways: dict[str, Callable[[Path], dict[str, float]]] = {
         "cluster": lambda where: stream_fed(where, cluster, items, window),
         "single": socket_fed,
