@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, rows, send
+from conftest import APP_ID, TOKEN, Server, rows, send
 from topic_audit.tencent import samples
 
 pytestmark = pytest.mark.slow  # real serve processes (make test-fast leaves them out)
@@ -76,3 +79,35 @@ def test_the_receivers_start_beside_the_writer_not_after_it(db_path: Path, tmp_p
     finally:
         running.stop()
     assert [r["topic_id"] for r in rows(db_path)] == ["beside"]
+
+
+def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> None:
+    """The receivers, started beside the writer, wait for it; when it fails instead (here: the database
+    locked for longer than its busy timeout), serve says so and exits 1 without waiting for them."""
+    db = tmp_path / "data" / "audit.db"
+    db.parent.mkdir(mode=0o700)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    log = tmp_path / "serve.log"
+    started = time.monotonic()
+    try:
+        with log.open("wb") as out:
+            process = subprocess.run(
+                [sys.executable, "-m", "topic_audit.cli", "serve"],
+                env={
+                    **os.environ,
+                    "TOPIC_AUDIT_SDKAPPID": APP_ID,
+                    "TOPIC_AUDIT_TOKEN": TOKEN,
+                    "TOPIC_AUDIT_DB": str(db),
+                    "TOPIC_AUDIT_PORT": "0",
+                },
+                stdout=out,
+                stderr=out,
+                timeout=60,
+            )
+    finally:
+        holder.close()
+    took = time.monotonic() - started
+    assert process.returncode == 1
+    assert "serve could not start" in log.read_text() and "database is locked" in log.read_text()
+    assert took < 20, took  # the writer's busy timeout, not a receiver's wait for it (30 s) on top

@@ -131,6 +131,9 @@ class Supervisor:
         if writer is not None and not failed:
             self.writers.promote(writer)
         if failed:
+            for receiver in self.current:
+                if not receiver.pids:  # still starting (waiting for the writer): it has accepted nothing
+                    receiver.kill()
             stop_all(self.metrics_dir, self.current)
             self._stop_writers([] if writer is None else [writer])
             log.error("serve could not start: %s", failed)
