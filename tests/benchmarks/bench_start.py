@@ -214,6 +214,13 @@ def _cell(seconds: list[float]) -> str:
 
 def start_benchmark(folder: Path) -> list[str]:
     """The cold-start table, and the SIGTERM + start row, as Markdown lines."""
+    try:
+        return _measured(folder)
+    finally:  # the empty log's signing key, made by serve in its default place beside ``folder``
+        shutil.rmtree(default_signing_key(folder / "start-empty.db").parent, ignore_errors=True)
+
+
+def _measured(folder: Path) -> list[str]:
     runs = int(os.environ.get("BENCH_START_RUNS", "5"))
     empty, grown = folder / "start-empty.db", grown_log(folder)
     migrate(empty)
@@ -271,10 +278,7 @@ def start_benchmark(folder: Path) -> list[str]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
-        try:
-            lines = start_benchmark(Path(tmp))
-        finally:  # the empty log's signing key, made by serve in its default place beside the folder
-            shutil.rmtree(default_signing_key(Path(tmp) / "start-empty.db").parent, ignore_errors=True)
+        lines = start_benchmark(Path(tmp))
     print("\n### Cold start\n")
     print("\n".join(lines))
 
