@@ -129,3 +129,23 @@ def test_ceiling_benchmark_smoke() -> None:
     steps = re.findall(r"^\| [a-z][^|]* \| ([\d.]+) \|$", out, re.M)
     assert len(steps) == 5 and all(float(s) > 0 for s in steps), out  # every step measured
     assert re.search(r"^\| \*\*left for everything else\*\* .* \| \*\*-?[\d.]+\*\* \|$", out, re.M), out
+
+
+def test_start_benchmark_smoke() -> None:
+    require_tool("wrk")
+    env = {**os.environ, "BENCH_ONLY": "start", "BENCH_START_RUNS": "1", "BENCH_START_ROWS": "300"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for target in ("bare endpoint (same-run baseline)", "`serve`, empty log", "`serve`, 300-entry log"):
+        assert re.search(rf"^\| {re.escape(target)} \| [\d.]+ / [\d.]+ \| (yes|no) \| 0 \|$", out, re.M), out
+    assert re.search(
+        r"^\| SIGTERM \+ start \| [\d.]+ / [\d.]+ \| [\d.]+ \| \d+ \| 0 \| (yes|no) \|$", out, re.M
+    ), out

@@ -53,6 +53,7 @@ TARGET_SECONDS = 2.0
 POLL_SECONDS = 0.01
 LOAD_RATE = 50.0
 """Callbacks a second sent across a SIGTERM + start."""
+GIVE_UP_SECONDS = 120.0
 LOG_ROWS = int(os.environ.get("BENCH_START_ROWS", "1000000"))
 """Entries of the grown log when it is generated (a smoke run makes a small one)."""
 
@@ -92,13 +93,17 @@ def post(port: int, topic: str, timeout: float = 60.0) -> int | None:
 
 
 def first_answer(port: int, topic: str, began: float, process: subprocess.Popen[bytes]) -> float:
-    """Seconds from ``began`` until a callback for ``topic`` is answered 200."""
-    while True:
+    """Seconds from ``began`` until a callback for ``topic`` is answered 200 (RuntimeError after
+    :data:`GIVE_UP_SECONDS`, or when the process ends first)."""
+    status = None
+    while time.monotonic() - began < GIVE_UP_SECONDS:
         if process.poll() is not None:
             raise RuntimeError(f"the process ended (exit code {process.returncode}) before answering")
-        if post(port, topic) == 200:
+        status = post(port, topic)
+        if status == 200:
             return time.monotonic() - began
         time.sleep(POLL_SECONDS)
+    raise RuntimeError(f"no 200 within {GIVE_UP_SECONDS:g} s (the last answer: {status})")
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlite_utils import Database
 from topic_audit.log import chain
-from topic_audit.log.migrations import migrate, migrations
+from topic_audit.log.migrations import migrate, migrations, pending
 
 
 def triggers(path: Path) -> set[str]:
@@ -76,3 +76,14 @@ def test_update_and_delete_are_refused(tmp_path: Path, statement: str) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         conn.execute(statement)
     conn.close()
+
+
+def test_pending_says_whether_migrate_has_anything_to_do_and_writes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    assert pending(db) and not db.exists()  # a new database: created by migrate, not by the question
+    migrations.apply(Database(db), stop_before="m018_cluster_intake")  # a log from before an upgrade
+    assert pending(db)
+    size = db.stat().st_size
+    assert pending(db) and db.stat().st_size == size
+    migrate(db)
+    assert not pending(db)

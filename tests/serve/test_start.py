@@ -38,9 +38,9 @@ def test_serve_without_forwarding_loads_neither_forwarding_nor_datasette(
     running = Server(db_path, log, env={"PYTHONPROFILEIMPORTTIME": "1"}).start()
     try:
         assert send(running.url, samples.sample("after-create", TopicId="loaded")).status_code == 200
-        modules = imported(log)
     finally:
         running.stop()
+    modules = imported(log)  # after the stop: also what was loaded once the first answers went out
     assert {"litestar", "topic_audit.writer.committer"} <= modules  # the receiver's and the writer's lines
     loaded = sorted(m for m in modules if any(m == n or m.startswith(f"{n}.") for n in NOT_NEEDED))
     assert loaded == []
@@ -81,9 +81,10 @@ def test_the_receivers_start_beside_the_writer_not_after_it(db_path: Path, tmp_p
     assert [r["topic_id"] for r in rows(db_path)] == ["beside"]
 
 
-def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> None:
-    """The receivers, started beside the writer, wait for it; when it fails instead (here: the database
-    locked for longer than its busy timeout), serve says so and exits 1 without waiting for them."""
+def test_serve_stops_at_once_when_it_cannot_migrate(tmp_path: Path) -> None:
+    """A log with migrations to apply (here: a new one) is migrated by serve itself before any child
+    starts: an upgrade's migrations may take longer than a receiver waits for the writer. When that fails
+    (here: the database locked for longer than the busy timeout), serve says so and exits 1 at once."""
     db = tmp_path / "data" / "audit.db"
     db.parent.mkdir(mode=0o700)
     holder = sqlite3.connect(db, isolation_level=None)
@@ -110,4 +111,5 @@ def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> Non
     took = time.monotonic() - started
     assert process.returncode == 1
     assert "serve could not start" in log.read_text() and "database is locked" in log.read_text()
+    assert "migrating" in log.read_text() and "receiver process" not in log.read_text()  # no child started
     assert took < 20, took  # the writer's busy timeout, not a receiver's wait for it (30 s) on top

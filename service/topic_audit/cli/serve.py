@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -399,12 +400,18 @@ def _supervise(settings: Settings, sock: Any, load: Callable[[], Settings], serv
     receiving = settings.role == "receiver"  # cluster mode: no database here, the intake (docs/cluster.md)
     if not receiving:
         private(settings.db, settings.checkpoint_path)  # 0700/0600 and umask 077, for every child too
-    if not receiving and settings.replica_url is not None:
-        # Litestream starts before the writer: on a database that exists. Otherwise the writer process
-        # migrates it before it listens, as at every start, while the receivers start beside it.
-        from topic_audit.log.migrations import migrate
+    if not receiving:
+        from topic_audit.log import migrations
 
-        migrate(settings.db)
+        # Litestream starts before the writer: on a database that exists. An upgrade's migrations may
+        # scan the whole log for minutes: here, before any receiver waits for the writer. Otherwise the
+        # writer process checks again before it listens, while the receivers start beside it.
+        try:
+            if settings.replica_url is not None or migrations.pending(settings.db):
+                migrations.migrate(settings.db)
+        except sqlite3.Error as exc:
+            click.echo(f"serve could not start: migrating {settings.db} failed: {exc}", err=True)
+            return 1
     handed_over = sock is not None
     if sock is None:
         try:

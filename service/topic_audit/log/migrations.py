@@ -7,6 +7,7 @@ the chained rows); add columns with ``ALTER TABLE … ADD COLUMN`` and list them
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -529,6 +530,19 @@ def m018_cluster_intake(db: Database) -> None:
             f"CREATE TRIGGER cluster_intake_no_{action.lower()} BEFORE {action} ON cluster_intake "
             f"BEGIN SELECT RAISE(ABORT, 'cluster_intake is append-only: {action} refused'); END"
         )
+
+
+def pending(path: Path) -> bool:
+    """Whether :func:`migrate` has anything to do at ``path``: a new database, or migrations not applied
+    yet (an upgrade, whose migrations may scan the whole log). A read of the migrations table; nothing is
+    written."""
+    if not path.exists():
+        return True
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return bool(migrations.pending(Database(conn)))
+    finally:
+        conn.close()
 
 
 def migrate(path: Path) -> None:

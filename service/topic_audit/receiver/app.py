@@ -479,8 +479,12 @@ waits up to that long each time the event loop is busy. Measured at 32 connectio
 async def _forgetting(settings: Settings, metrics: Metrics, writer: Writer) -> None:
     """Retention, the body policy and the privacy metrics (:func:`topic_audit.writer.retention.start`),
     loaded in a thread once the receiver answers: what they import is not on the first callback's path."""
-    retention = await asyncio.to_thread(importlib.import_module, "topic_audit.writer.retention")
-    tasks: list[asyncio.Task[None]] = retention.start(settings, metrics, writer, clock.now)
+    try:
+        retention = await asyncio.to_thread(importlib.import_module, "topic_audit.writer.retention")
+        tasks: list[asyncio.Task[None]] = retention.start(settings, metrics, writer, clock.now)
+    except Exception:  # said at once, not when the task is collected
+        log.exception("retention, the body policy and the privacy metrics could not start")
+        raise
     try:
         await asyncio.gather(*tasks)
     finally:

@@ -49,6 +49,8 @@ class Child:
     drain_deadline: float | None = None
     socket: str = ""
     """The writer process's socket (a writer's own; the one a receiver feeds)."""
+    kind: str = "receiver"
+    """What it is, as messages name it: ``receiver`` or ``writer``."""
 
     @property
     def ready(self) -> bool:
@@ -124,7 +126,8 @@ class Launcher:
             )
         finally:
             os.close(write)
-        return Child(process, read, expected)
+        kind = "writer" if module.endswith("writer_process") else "receiver"
+        return Child(process, read, expected, kind=kind)
 
 
 def wait_ready(receivers: list[Child], meanwhile: Callable[[], None]) -> str | None:
@@ -135,9 +138,10 @@ def wait_ready(receivers: list[Child], meanwhile: Callable[[], None]) -> str | N
         meanwhile()
         for receiver in receivers:
             if receiver.process.poll() is not None and not receiver.ready:
-                return f"receiver process {receiver.process.pid} ended (exit code {receiver.process.returncode}) before it was ready (its lines above say why)"
+                return f"{receiver.kind} process {receiver.process.pid} ended (exit code {receiver.process.returncode}) before it was ready (its lines above say why)"
         if time.monotonic() > deadline:
-            return f"a receiver process did not start within {READY_SECONDS:g} s"
+            late = next(r for r in receivers if not r.ready)
+            return f"a {late.kind} process did not start within {READY_SECONDS:g} s"
         waiting = [r.ready_fd for r in receivers if not r.ready]
         readable, _, _ = select.select(waiting, [], [], 0.2)
         for receiver in receivers:

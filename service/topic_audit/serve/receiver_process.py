@@ -306,6 +306,8 @@ def uvicorn_tls(settings: Any) -> dict[str, Any]:
 
     arguments: dict[str, Any] = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
     if settings.tls_client_ca is not None:
+        import cryptography.x509  # noqa: F401  (loaded now: not on the event loop at the first certificate)
+
         arguments |= {
             "ssl_ca_certs": str(settings.tls_client_ca),
             "ssl_cert_reqs": ssl.CERT_REQUIRED,
