@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,23 @@ from benchmarks.logs import generate_log
 from conftest import ROOT, require_tool
 
 pytestmark = pytest.mark.slow
+
+
+def smoke(
+    argv: tuple[str, ...] | str, env: Mapping[str, str], timeout: int
+) -> subprocess.CompletedProcess[str]:
+    """``python -m <argv>`` from the repository's root; it must exit 0."""
+    args = (argv,) if isinstance(argv, str) else argv
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def test_bench_suite_smoke() -> None:
@@ -34,15 +52,7 @@ def test_bench_suite_smoke() -> None:
         # every section but the cold start's (its own smoke run below)
         "BENCH_ONLY": "targets,http,servers,grown,writer,memory,log,forward,replica",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke("tests.benchmarks.bench", env, 600)
     out = result.stdout
     for heading in (
         "The targets, each beside its same-run baseline",
@@ -71,14 +81,7 @@ def test_bench_suite_smoke() -> None:
 def test_query_benchmark_smoke(tmp_path: Path) -> None:
     db = tmp_path / "audit.db"
     generate_log(db, 300, span_days=3)
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_queries", str(db)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke(("tests.benchmarks.bench_queries", str(db)), os.environ, 300)
     assert "query topic_history" in result.stdout and "chart latency" in result.stdout
     assert "| 500" not in result.stdout  # every query answered 200
 
@@ -93,15 +96,7 @@ def test_cluster_bench_smoke() -> None:
         "BENCH_WRITER_ROWS": "300",
         "BENCH_SETTLE": "0",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_cluster"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke("tests.benchmarks.bench_cluster", env, 300)
     out = result.stdout
     for figure in ("~200/s", "flat out, 32 connections"):
         for what in ("answers/s", "p50 ms", "p99 ms"):
@@ -115,15 +110,7 @@ def test_cluster_bench_smoke() -> None:
 
 def test_ceiling_benchmark_smoke() -> None:
     env = {**os.environ, "CEILING_ROWS": "600", "CEILING_ROUNDS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_ceiling"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke("tests.benchmarks.bench_ceiling", env, 300)
     out = result.stdout
     assert re.search(r"^\| its rows alone, no secondary index \| [\d,]+ \| [\d.]+ \|$", out, re.M), out
     steps = re.findall(r"^\| [a-z][^|]* \| ([\d.]+) \|$", out, re.M)
@@ -134,15 +121,7 @@ def test_ceiling_benchmark_smoke() -> None:
 def test_start_benchmark_smoke() -> None:
     require_tool("wrk")
     env = {**os.environ, "BENCH_ONLY": "start", "BENCH_START_RUNS": "1", "BENCH_START_ROWS": "300"}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = smoke("tests.benchmarks.bench", env, 600)
     out = result.stdout
     for target in ("bare endpoint (same-run baseline)", "`serve`, empty log", "`serve`, 300-entry log"):
         assert re.search(rf"^\| {re.escape(target)} \| [\d.]+ / [\d.]+ \| (yes|no) \| 0 \|$", out, re.M), out

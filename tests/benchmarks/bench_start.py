@@ -45,7 +45,7 @@ from topic_audit.log.migrations import migrate
 from topic_audit.settings import default_signing_key
 from topic_audit.tencent import samples
 
-from tests.benchmarks.bench import HERE, checkout, free_port, setting
+from tests.benchmarks.bench import HERE, bare_command, checkout, free_port, setting
 from tests.benchmarks.restarts import APP_ID, TOKEN, Load, environment, serve_command
 
 TARGET_SECONDS = 2.0
@@ -56,23 +56,6 @@ LOAD_RATE = 50.0
 GIVE_UP_SECONDS = 120.0
 LOG_ROWS = int(os.environ.get("BENCH_START_ROWS", "1000000"))
 """Entries of the grown log when it is generated (a smoke run makes a small one)."""
-
-
-def bare_command(port: int) -> list[str]:
-    """The bare endpoint as ``tests.benchmarks.bench.bare()`` starts it."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "tests.benchmarks.bare:create_app",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--no-server-header",
-    ]
 
 
 def post(port: int, topic: str, timeout: float = 60.0) -> int | None:
