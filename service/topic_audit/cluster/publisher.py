@@ -82,12 +82,22 @@ class StreamWriter:
         refused: set[int] = set()
         spent = float(row.get("elapsed_ms") or 0) / 1000  # deciding it: a Before-callback waited for the app
         budget = max(0.05, min(PUBLISH_SECONDS, ANSWER_BY_SECONDS - spent))
+        deadline = started + budget
         try:
             async with asyncio.timeout(budget):  # however long one try blocks (a reconnect)
                 while True:
+                    # Each try ends by the deadline too: Python 3.11's asyncio.wait_for (inside nats-py's
+                    # request) can swallow the timeout's cancellation when its answer comes at that moment,
+                    # and the loop would then try again with no deadline at all.
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError
                     try:
                         await self.js.publish(  # its acknowledgement: stored on a quorum
-                            jetstream.SUBJECTS[which], data, timeout=jetstream.TRY_SECONDS, headers=headers
+                            jetstream.SUBJECTS[which],
+                            data,
+                            timeout=min(jetstream.TRY_SECONDS, left),
+                            headers=headers,
                         )
                         break
                     except Exception as exc:  # timed out, no responders, refused: try the other stream
