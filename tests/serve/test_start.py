@@ -79,6 +79,7 @@ def test_the_receivers_start_beside_the_writer_not_after_it(db_path: Path, tmp_p
     finally:
         running.stop()
     assert [r["topic_id"] for r in rows(db_path)] == ["beside"]
+    assert "waiting for the writer process" not in (tmp_path / "serve.log").read_text()  # it was starting
 
 
 def test_serve_stops_at_once_when_it_cannot_migrate(tmp_path: Path) -> None:

@@ -177,6 +177,36 @@ def test_a_request_with_no_writer_listening_is_refused_quickly(tmp_path: Path) -
     assert asyncio.run(main()) < 1.9  # within Tencent's 2 s: a 503, not a timeout
 
 
+def test_a_writer_still_starting_is_waited_for_quietly_and_a_lost_one_out_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver starts beside its writer (``serve``): until their first connection, the writer is only
+    starting, and nothing is said. Once connected, losing it is worth a warning."""
+    sock = tmp_path / "writer.sock"
+
+    def waiting() -> int:
+        return sum("waiting for the writer process" in r.getMessage() for r in caplog.records)
+
+    async def main() -> tuple[int, int]:
+        client = RemoteWriter(sock)
+        client.start()
+        await asyncio.sleep(0.3)  # tried some sixty times: nobody listens yet
+        before = waiting()
+        writer = await asyncio.to_thread(WriterProcess(tmp_path / "audit.db", sock).start)
+        await client.connect(5)
+        await client.append(*ITEMS[1])
+        writer.kill()
+        while not client.failing:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        client.stop()
+        return before, waiting()
+
+    with caplog.at_level("WARNING", logger="topic_audit"):
+        before, after = asyncio.run(main())
+    assert (before, after) == (0, 1)
+
+
 def test_sigterm_commits_what_arrived_and_exits_zero(writer_process: WriterProcess) -> None:
     """SIGTERM while appends are in flight: each is answered (committed, or 503 once the writer has
     stopped listening), every one acknowledged is in the log, and the writer exits 0."""

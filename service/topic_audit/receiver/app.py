@@ -492,16 +492,6 @@ async def _forgetting(settings: Settings, metrics: Metrics, writer: Writer) -> N
             task.cancel()
 
 
-async def _made(path: Path, seconds: float) -> float:
-    """Wait (at most ``seconds``) for the writer process to make its socket at ``path``; the seconds
-    waited. ``serve`` starts it beside the receivers: until then there is nothing to connect to, and
-    nothing to warn about."""
-    started = time.monotonic()
-    while not path.exists() and time.monotonic() - started < seconds:
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
-
-
 def from_environment(stream: Callable[[Settings, Metrics], Stream] | None = None) -> Litestar:
     """The app in a worker process started by ``serve``: settings from :data:`WORKER_SETTINGS`, the token
     from ``TOPIC_AUDIT_TOKEN``; in cluster mode, publishing to the intake ``stream`` makes."""
@@ -551,10 +541,9 @@ def create_app(
             writer = stream
             await stream.open()
         elif writer_socket is not None:
-            waited = await _made(writer_socket, READY_SECONDS)
             writer = RemoteWriter(writer_socket, refused=metrics.batch_failed)
-            writer.start()
-            await writer.connect(max(READY_SECONDS - waited, 1.0))
+            writer.start()  # serve starts the writer process beside the receivers: it may not listen yet
+            await writer.connect(READY_SECONDS)
         else:
             from topic_audit.log.migrations import migrate
             from topic_audit.writer.thread import AuditWriter

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from prometheus_client import multiprocess
 
@@ -34,6 +35,13 @@ READY_SECONDS = 60.0
 DRAIN_SECONDS = 45.0
 """Longest a draining receiver may take before it is killed."""
 
+Kind = Literal["receiver", "writer"]
+MODULES: dict[Kind, str] = {
+    "receiver": "topic_audit.serve.receiver_process",
+    "writer": "topic_audit.serve.writer_process",
+}
+"""What each kind of child runs."""
+
 
 @dataclass
 class Child:
@@ -49,8 +57,8 @@ class Child:
     drain_deadline: float | None = None
     socket: str = ""
     """The writer process's socket (a writer's own; the one a receiver feeds)."""
-    kind: str = "receiver"
-    """What it is, as messages name it: ``receiver`` or ``writer``."""
+    kind: Kind = "receiver"
+    """What it is, as messages name it."""
 
     @property
     def ready(self) -> bool:
@@ -96,10 +104,10 @@ class Launcher:
         settings: Settings,
         expected: int,
         socket_path: str,
-        module: str = "topic_audit.serve.receiver_process",
+        kind: Kind = "receiver",
     ) -> Child:
-        """``module`` in a fresh interpreter, expected to say ``expected`` pids on its pipe; it feeds (or,
-        a writer, listens on) ``socket_path``."""
+        """A ``kind`` process (its module in :data:`MODULES`) in a fresh interpreter, expected to say
+        ``expected`` pids on its pipe; it feeds (or, a writer, listens on) ``socket_path``."""
         read, write = os.pipe()
         env = {
             **os.environ,
@@ -119,14 +127,13 @@ class Launcher:
             env["TOPIC_AUDIT_TOKEN"] = settings.token
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", module],
+                [sys.executable, "-m", MODULES[kind]],
                 env=env,
                 pass_fds=(self.sock.fileno(), write),
                 process_group=0,  # signals to serve's group (a terminal's ^C, a hangup) are serve's to pass on
             )
         finally:
             os.close(write)
-        kind = "writer" if module.endswith("writer_process") else "receiver"
         return Child(process, read, expected, kind=kind)
 
 

@@ -245,7 +245,7 @@ class Supervisor:
         return writer.socket
 
     def _spawn_writer(self, settings: Settings, socket_path: str) -> Child:
-        writer = self.launcher.start(settings, 1, socket_path, module="topic_audit.serve.writer_process")
+        writer = self.launcher.start(settings, 1, socket_path, kind="writer")
         writer.socket = socket_path
         return writer
 

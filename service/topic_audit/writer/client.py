@@ -43,6 +43,10 @@ MOST_WAITING = 8192
 """Requests waiting for the writer at once; past them, an append is answered 503 at once (a writer that
 does not keep up must not fill the receiver's memory)."""
 RETRY_SECONDS = 0.05
+"""How often a receiver tries again to reach a writer process it has lost."""
+FIRST_RETRY_SECONDS = 0.005
+"""How often it tries before its first connection: ``serve`` starts the writer beside the receivers, and
+each millisecond here is one before the first answer."""
 _RECORD = "(record)"
 """What a delivery record waits as, in ``_waiting`` (an append waits as "", a job as its class's name)."""
 COMPLAIN_SECONDS = 10.0
@@ -305,22 +309,23 @@ class RemoteWriter:
 
     async def _keep_connected(self) -> None:
         loop = asyncio.get_running_loop()
-        said = False
+        said, ever = False, False
         while not self._stopping:
             await self._disconnected.wait()
+            retry = RETRY_SECONDS if ever else FIRST_RETRY_SECONDS
             try:
                 transport, _ = await loop.create_unix_connection(lambda: _Link(self), str(self.path))
             except OSError as exc:
-                if not said:
+                if ever and not said:  # before the first connection, the writer is still starting
                     log.warning("waiting for the writer process on %s (%s)", self.path, exc)
                     said = True
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(retry)
                 continue
             if transport.is_closing():  # the writer closed it already (stopping, or refused us)
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(retry)
                 continue
             transport.write(wire.hello())
-            self._transport, said = transport, False
+            self._transport, said, ever = transport, False, True
             self._disconnected.clear()
             self._connected.set()
 
