@@ -308,6 +308,11 @@ class Metrics:
         self._topics["active"].set(active)
         self._topics["deleted"].set(deleted)
 
+    def set_policy(self, retention_days: float | None, checkpoint_seconds: float) -> None:
+        """The retention and checkpoint interval in force (set at start, before the first answer)."""
+        self.retention.set((retention_days or 0) * 86400)
+        self.checkpoint_interval.set(checkpoint_seconds)
+
     # -- reported by the forwarder ---------------------------------------------------------------
     def forwarding_to(self, destination: str) -> None:
         """Create every series of ``destination`` (host:port) at zero."""

@@ -162,6 +162,26 @@ def test_retention_behind_fires_in_prometheus(tmp_path: Path) -> None:
     assert age[0][1] < 86400
 
 
+def test_the_policy_in_force_is_reported_before_retention_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention loads once the receiver answers (docs/performance.md, "Cold start"); the retention and
+    checkpoint interval in force are in the metrics from the start. Here retention never loads (a
+    stand-in for ``_forgetting`` that does nothing)."""
+
+    async def never(*_: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr("topic_audit.receiver.app._forgetting", never)
+    settings = Settings(
+        sdk_app_id=APP_ID, token=TOKEN, db=tmp_path / "audit.db", retention_days=2, checkpoint_seconds=60
+    )
+    with TestClient(create_app(settings, Metrics())) as client:
+        text = client.get("/metrics").text
+    assert "topic_audit_retention_seconds 172800.0" in text
+    assert "topic_audit_checkpoint_interval_seconds 60.0" in text
+
+
 def test_the_oldest_content_is_read_from_where_the_last_read_left_off(post: Post, db_path: Path) -> None:
     for i in range(8):
         post(message(f"user{i}", f"text {i}"))

@@ -554,6 +554,7 @@ def create_app(
         if stream is None:
             counts = await asyncio.wrap_future(writer.submit(jobs.Counts()))
             metrics.set_initial(*counts)
+            metrics.set_policy(settings.retention_days, settings.checkpoint_seconds)  # retention loads later
         app.state.writer = writer
         forwarder = None
         if settings.forward_url:

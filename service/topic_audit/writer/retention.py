@@ -285,8 +285,7 @@ def start(
     settings: Settings, metrics: Metrics, writer: Writer, now: Callable[[], str]
 ) -> list[asyncio.Task[None]]:
     """The tasks of ``serve`` that forget on their own, and keep the privacy metrics current."""
-    metrics.retention.set((settings.retention_days or 0) * 86400)
-    metrics.checkpoint_interval.set(settings.checkpoint_seconds)
+    metrics.set_policy(settings.retention_days, settings.checkpoint_seconds)
     db, on = settings.db, OnTheWriter(writer, now)
     tasks = [
         asyncio.create_task(report(db, metrics.privacy_counted), name="privacy-metrics"),
