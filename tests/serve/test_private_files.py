@@ -154,3 +154,27 @@ def test_serve_and_checkpoint_refuse_a_key_others_can_read_or_write(tmp_path: Pa
     assert f"refusing the signing key {key}" in output and "Traceback" not in output
     key.chmod(0o600)
     assert run_cli("checkpoint", "--db", str(db)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a key\n",
+        b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        b"",
+    ],
+    ids=["text", "truncated", "empty"],
+)
+@pytest.mark.parametrize("command", ["checkpoint", "public-key"])
+def test_a_signing_key_that_is_not_a_key_is_refused_in_one_line(
+    tmp_path: Path, command: str, content: bytes
+) -> None:
+    db = tmp_path / "data" / "audit.db"
+    assert run_cli("migrate", "--db", str(db)).returncode == 0
+    key = Settings(db=db).signing_key_path
+    key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key.write_bytes(content)
+    key.chmod(0o600)
+    refused = run_cli(command, "--db", str(db))
+    assert refused.returncode == 1
+    assert f"the signing key {key} cannot be read" in refused.stderr and "Traceback" not in refused.stderr

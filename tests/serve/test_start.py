@@ -114,3 +114,49 @@ def test_serve_stops_at_once_when_it_cannot_migrate(tmp_path: Path) -> None:
     assert "serve could not start" in log.read_text() and "database is locked" in log.read_text()
     assert "migrating" in log.read_text() and "receiver process" not in log.read_text()  # no child started
     assert took < 20, took  # the writer's busy timeout, not a receiver's wait for it (30 s) on top
+
+
+def _environments_naming(text: str) -> list[int]:
+    """The processes whose environment contains ``text``."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if text.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> None:
+    """The migrations done, the writer process fails at start (here: its signing key is not a key). The
+    receivers started beside it, still waiting for it, are stopped with it: serve exits 1 at once, saying
+    why in one line each, not after a receiver's 30 s wait for a writer that will not come."""
+    db, key = tmp_path / "data" / "audit.db", tmp_path / "signing.key"
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    log = tmp_path / "serve.log"
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.run(
+            [sys.executable, "-m", "topic_audit.cli", "serve"],
+            env={
+                **os.environ,
+                "TOPIC_AUDIT_SDKAPPID": APP_ID,
+                "TOPIC_AUDIT_TOKEN": TOKEN,
+                "TOPIC_AUDIT_DB": str(db),
+                "TOPIC_AUDIT_PORT": "0",
+                "TOPIC_AUDIT_SIGNING_KEY": str(key),
+            },
+            stdout=out,
+            stderr=out,
+            timeout=60,
+        )
+    took = time.monotonic() - started
+    said = log.read_text()
+    assert process.returncode == 1
+    assert f"the writer process could not start: the signing key {key} cannot be read" in said
+    assert "serve could not start: writer process" in said and "Traceback" not in said
+    assert took < 10, took
+    assert _environments_naming(str(db)) == []  # no receiver left waiting
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone() == (0,)  # migrated

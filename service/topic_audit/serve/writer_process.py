@@ -39,7 +39,7 @@ import uvloop
 from topic_audit.log.database import connect
 from topic_audit.log.migrations import migrate
 from topic_audit.metrics import Metrics, package_version
-from topic_audit.settings import WORKER_SETTINGS, Settings, configure_logging
+from topic_audit.settings import WORKER_SETTINGS, Settings, SettingsError, configure_logging
 from topic_audit.transparency.checkpoints import record_key
 from topic_audit.writer import jobs, wire
 from topic_audit.writer.client import WRITER_SOCKET
@@ -244,7 +244,11 @@ def main() -> None:
     ready = os.environ.get(READY_FD)
     sys.setswitchinterval(0.0005)  # the WAL checkpointer's thread gives the GIL back quickly
     # uvloop, as the receivers run under uvicorn: its socket writes and callbacks cost less CPU a row
-    uvloop.run(serve(settings, Path(os.environ[WRITER_SOCKET]), None if ready is None else int(ready)))
+    try:
+        uvloop.run(serve(settings, Path(os.environ[WRITER_SOCKET]), None if ready is None else int(ready)))
+    except SettingsError as exc:  # a setting only the writer reads at start (the signing key): said plainly
+        log.error("the writer process could not start: %s", exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,15 +96,23 @@ class Signer:
     @classmethod
     def load_or_create(cls, path: Path) -> tuple[Signer, bool]:
         """The key at ``path``; created (permissions 0600, its folder 0700 when new) when absent. Returns
-        (signer, created). A key that group or others may read or write is refused
-        (:class:`topic_audit.settings.SettingsError`, saying how to fix it)."""
-        from topic_audit.settings import check_key_file
+        (signer, created). A key that group or others may read or write, or that is not an unencrypted
+        PEM Ed25519 private key, is refused (:class:`topic_audit.settings.SettingsError`, saying why)."""
+        from cryptography.exceptions import UnsupportedAlgorithm
+
+        from topic_audit.settings import PREFIX, SettingsError, check_key_file
 
         if path.exists():
             check_key_file(path)
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise SettingsError(
+                    f"the signing key {path} cannot be read as an unencrypted PEM private key "
+                    f"({str(exc).split('. See ')[0]}); restore it from its backup, or set {PREFIX}SIGNING_KEY"
+                ) from None
             if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} is not an Ed25519 private key")
+                raise SettingsError(f"the signing key {path} is not an Ed25519 private key")
             return cls(key, path), False
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
