@@ -82,6 +82,28 @@ def test_the_receivers_start_beside_the_writer_not_after_it(db_path: Path, tmp_p
     assert "waiting for the writer process" not in (tmp_path / "serve.log").read_text()  # it was starting
 
 
+def _serve_until_it_stops(db: Path, log: Path, **env: str) -> tuple[int, str, float]:
+    """``serve`` on ``db`` (with ``env`` added), expected to stop by itself: its exit code, what it said,
+    and how long it took."""
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.run(
+            [sys.executable, "-m", "topic_audit.cli", "serve"],
+            env={
+                **os.environ,
+                "TOPIC_AUDIT_SDKAPPID": APP_ID,
+                "TOPIC_AUDIT_TOKEN": TOKEN,
+                "TOPIC_AUDIT_DB": str(db),
+                "TOPIC_AUDIT_PORT": "0",
+                **env,
+            },
+            stdout=out,
+            stderr=out,
+            timeout=60,
+        )
+    return process.returncode, log.read_text(), time.monotonic() - started
+
+
 def test_serve_stops_at_once_when_it_cannot_migrate(tmp_path: Path) -> None:
     """A log with migrations to apply (here: a new one) is migrated by serve itself before any child
     starts: an upgrade's migrations may take longer than a receiver waits for the writer. When that fails
@@ -90,29 +112,13 @@ def test_serve_stops_at_once_when_it_cannot_migrate(tmp_path: Path) -> None:
     db.parent.mkdir(mode=0o700)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    log = tmp_path / "serve.log"
-    started = time.monotonic()
     try:
-        with log.open("wb") as out:
-            process = subprocess.run(
-                [sys.executable, "-m", "topic_audit.cli", "serve"],
-                env={
-                    **os.environ,
-                    "TOPIC_AUDIT_SDKAPPID": APP_ID,
-                    "TOPIC_AUDIT_TOKEN": TOKEN,
-                    "TOPIC_AUDIT_DB": str(db),
-                    "TOPIC_AUDIT_PORT": "0",
-                },
-                stdout=out,
-                stderr=out,
-                timeout=60,
-            )
+        code, said, took = _serve_until_it_stops(db, tmp_path / "serve.log")
     finally:
         holder.close()
-    took = time.monotonic() - started
-    assert process.returncode == 1
-    assert "serve could not start" in log.read_text() and "database is locked" in log.read_text()
-    assert "migrating" in log.read_text() and "receiver process" not in log.read_text()  # no child started
+    assert code == 1
+    assert "serve could not start" in said and "database is locked" in said
+    assert "migrating" in said and "receiver process" not in said  # no child started
     assert took < 20, took  # the writer's busy timeout, not a receiver's wait for it (30 s) on top
 
 
@@ -135,26 +141,8 @@ def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> Non
     db, key = tmp_path / "data" / "audit.db", tmp_path / "signing.key"
     key.write_text("not a key\n")
     key.chmod(0o600)
-    log = tmp_path / "serve.log"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        process = subprocess.run(
-            [sys.executable, "-m", "topic_audit.cli", "serve"],
-            env={
-                **os.environ,
-                "TOPIC_AUDIT_SDKAPPID": APP_ID,
-                "TOPIC_AUDIT_TOKEN": TOKEN,
-                "TOPIC_AUDIT_DB": str(db),
-                "TOPIC_AUDIT_PORT": "0",
-                "TOPIC_AUDIT_SIGNING_KEY": str(key),
-            },
-            stdout=out,
-            stderr=out,
-            timeout=60,
-        )
-    took = time.monotonic() - started
-    said = log.read_text()
-    assert process.returncode == 1
+    code, said, took = _serve_until_it_stops(db, tmp_path / "serve.log", TOPIC_AUDIT_SIGNING_KEY=str(key))
+    assert code == 1
     assert f"the writer process could not start: the signing key {key} cannot be read" in said
     assert "serve could not start: writer process" in said and "Traceback" not in said
     assert took < 10, took
