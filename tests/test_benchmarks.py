@@ -68,6 +68,8 @@ def test_bench_suite_smoke() -> None:
     ):
         assert heading in out, out
     assert "Every answered request committed" in out and "(OK)" in out, out
+    memory = re.findall(r"^  (.+?): [\d.]+ → [\d.]+ MiB", out, re.M)
+    assert {"receiver_process", "writer_process", "serve (the supervisor)", "all"} <= set(memory), out
     targets = re.findall(
         r"^\| (.+?) \| (≥|≤)[^|]* \| ([\d.+]+)[^|]* \| [^|]+ \| (yes|\*\*no\*\*) \|$", out, re.M
     )

@@ -84,11 +84,25 @@ class Process:
         self.url = url
         wait_up(url)
 
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+    def rss_kib(self) -> dict[str, int]:
+        """Resident KiB of this process and each of its descendants (``serve``'s writer, receivers and
+        delivery process), by what each runs."""
+        found: dict[str, int] = {}
+        pids = [self.process.pid]
+        while pids:
+            pid = pids.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids.extend(int(c) for c in (task / "children").read_text().split())
+            except FileNotFoundError:  # it ended meanwhile
+                continue
+            name = argv[2].decode().rsplit(".", 1)[-1] if argv[1:2] == [b"-m"] else argv[0].decode()
+            kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            name = {"cli": "serve (the supervisor)"}.get(name, name)
+            found[name] = found.get(name, 0) + kib
+        return found
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -475,11 +489,14 @@ def memory_benchmark(folder: Path) -> list[str]:
         took = time.monotonic() - started
     finally:
         process.stop()
-    growth = (after - before) / before * 100
-    return [
-        f"Resident memory of serve: {before / 1024:.1f} MiB after {warm.sent} warm-up deliveries, "
-        f"{after / 1024:.1f} MiB after {sent} more ({growth:+.1f}%, {took:.0f} s)"
+    lines = [
+        f"Resident memory of serve's processes after {warm.sent} warm-up deliveries, then after {sent} more ({took:.0f} s):"
     ]
+    for name in [*sorted(before), "all"]:
+        was = sum(before.values()) if name == "all" else before[name]
+        now = sum(after.values()) if name == "all" else after.get(name, 0)
+        lines.append(f"  {name}: {was / 1024:.1f} → {now / 1024:.1f} MiB ({(now - was) / was * 100:+.1f}%)")
+    return lines
 
 
 READ_FLOOR = """

@@ -323,6 +323,27 @@ def test_the_boundaries_are_checked_again_under_the_lock(signed_log: Path, setti
     conn.close()
 
 
+def test_the_tree_is_extended_window_by_window_to_the_same_root(
+    signed_log: Path, settings: Settings, post: Post, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signer reads the leaves since the last checkpoint a window at a time (its memory stays flat
+    however much a checkpoint covers); the windows, here 4 leaves from an unaligned size of 10, give the
+    root the stored tree gives."""
+    from topic_audit.transparency import tree
+
+    for i in range(29):
+        post(samples.sample(CREATE, TopicId=f"@TGS#_window-{i}"))
+    monkeypatch.setattr(signer, "LEAVES_AT_ONCE", 4)
+    conn = sqlite3.connect(signed_log)
+    tree.update(conn)
+    vetting = signer.Vetting(public_key(settings), signer.last_signed(conn, settings.checkpoint_path))
+    assert vetting.advance(conn) == []
+    assert vetting.frontier is not None and vetting.frontier.size == 39
+    assert vetting.frontier.root() == tree.root(conn, 39)
+    conn.close()
+    assert _checkpoint(settings).returncode == 0
+
+
 def test_a_rewritten_signed_record_is_not_signed_again(signed_log: Path, settings: Settings) -> None:
     erased = run_cli(
         "erase", "--db", str(signed_log), "--id", "3", "--reason", "request", "--yes",
