@@ -84,24 +84,31 @@ class Process:
         self.url = url
         wait_up(url)
 
-    def rss_kib(self) -> dict[str, int]:
-        """Resident KiB of this process and each of its descendants (``serve``'s writer, receivers and
-        delivery process), by what each runs."""
-        found: dict[str, int] = {}
+    def memory_kib(self) -> dict[str, dict[str, int]]:
+        """Memory of this process and each of its descendants (``serve``'s writer, receivers and delivery
+        process), by what each runs, in KiB: ``Pss`` (resident, shared pages divided among their sharers:
+        these add up), ``VmRSS`` and ``VmHWM`` (the highest resident so far)."""
+        found: dict[str, dict[str, int]] = {}
         pids = [self.process.pid]
         while pids:
             pid = pids.pop()
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
+                fields = (
+                    Path(f"/proc/{pid}/status").read_text() + Path(f"/proc/{pid}/smaps_rollup").read_text()
+                )
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    pids.extend(int(c) for c in (task / "children").read_text().split())
-            except FileNotFoundError:  # it ended meanwhile
+            except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
                 continue
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+                    pids.extend(int(c) for c in (task / "children").read_text().split())
             name = argv[2].decode().rsplit(".", 1)[-1] if argv[1:2] == [b"-m"] else argv[0].decode()
-            kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
             name = {"cli": "serve (the supervisor)"}.get(name, name)
-            found[name] = found.get(name, 0) + kib
+            mine = found.setdefault(name, {"Pss": 0, "VmRSS": 0, "VmHWM": 0})
+            for line in fields.splitlines():
+                key = line.split(":", 1)[0]
+                if key in mine:
+                    mine[key] += int(line.split()[1])
         return found
 
     def stop(self) -> None:
@@ -463,7 +470,7 @@ def memory_benchmark(folder: Path) -> list[str]:
             concurrency=32,
             mix={"good": 9, "duplicate": 1, "bad": 0},
         )
-        before = process.rss_kib()
+        before = process.memory_kib()
         seconds = max(int(deliveries / 1500), 1)
         sent = 0
         started = time.monotonic()
@@ -485,17 +492,24 @@ def memory_benchmark(folder: Path) -> list[str]:
                 timeout=600,
             )
             sent += int(re.search(r"(\d+) requests in", result.stdout).group(1))  # type: ignore[union-attr]
-        after = process.rss_kib()
+        after = process.memory_kib()
         took = time.monotonic() - started
     finally:
         process.stop()
     lines = [
-        f"Resident memory of serve's processes after {warm.sent} warm-up deliveries, then after {sent} more ({took:.0f} s):"
+        f"Memory of serve's processes after {warm.sent} warm-up deliveries, then after {sent} more ({took:.0f} s); "
+        "proportional (shared pages divided among their sharers: they add up), resident, highest resident:"
     ]
-    for name in [*sorted(before), "all"]:
-        was = sum(before.values()) if name == "all" else before[name]
-        now = sum(after.values()) if name == "all" else after.get(name, 0)
-        lines.append(f"  {name}: {was / 1024:.1f} → {now / 1024:.1f} MiB ({(now - was) / was * 100:+.1f}%)")
+    total = {
+        when: {k: sum(m[k] for m in seen.values()) for k in ("Pss", "VmRSS")}
+        for when, seen in (("before", before), ("after", after))
+    }
+    for name in [*sorted(before.keys() | after.keys()), "all"]:
+        was = total["before"] if name == "all" else before.get(name, {"Pss": 0, "VmRSS": 0})
+        now = total["after"] if name == "all" else after.get(name, {"Pss": 0, "VmRSS": 0, "VmHWM": 0})
+        growth = f" ({(now['Pss'] - was['Pss']) / was['Pss'] * 100:+.1f}%)" if was["Pss"] else ""
+        line = f"  {name}: {was['Pss'] / 1024:.1f} → {now['Pss'] / 1024:.1f} MiB{growth}; resident {was['VmRSS'] / 1024:.1f} → {now['VmRSS'] / 1024:.1f} MiB"
+        lines.append(line + (f", highest {now['VmHWM'] / 1024:.1f} MiB" if "VmHWM" in now else ""))
     return lines
 
 

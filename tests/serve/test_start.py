@@ -145,6 +145,6 @@ def test_serve_stops_at_once_when_its_writer_cannot_start(tmp_path: Path) -> Non
     assert code == 1
     assert f"the writer process could not start: the signing key {key} cannot be read" in said
     assert "serve could not start: writer process" in said and "Traceback" not in said
-    assert took < 10, took
+    assert took < 20, took  # not a receiver's 30 s wait for the writer on top
     assert _environments_naming(str(db)) == []  # no receiver left waiting
     assert sqlite3.connect(db).execute("SELECT count(*) FROM audit_log").fetchone() == (0,)  # migrated

@@ -21,6 +21,7 @@ import pytest
 from benchmarks.logs import decided
 from conftest import APP_ID, TOKEN, run_cli
 from topic_audit.settings import WORKER_SETTINGS, Settings
+from topic_audit.writer import client as client_module
 from topic_audit.writer import jobs, wire
 from topic_audit.writer.append import Committed
 from topic_audit.writer.client import WRITER_SOCKET, RemoteWriter
@@ -178,10 +179,11 @@ def test_a_request_with_no_writer_listening_is_refused_quickly(tmp_path: Path) -
 
 
 def test_a_writer_still_starting_is_waited_for_quietly_and_a_lost_one_out_loud(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A receiver starts beside its writer (``serve``): until their first connection, the writer is only
     starting, and nothing is said. Once connected, losing it is worth a warning."""
+    monkeypatch.setattr(client_module, "STARTING_SECONDS", 60.0)  # however slowly this machine starts it
     sock = tmp_path / "writer.sock"
 
     def waiting() -> int:
@@ -205,6 +207,23 @@ def test_a_writer_still_starting_is_waited_for_quietly_and_a_lost_one_out_loud(
     with caplog.at_level("WARNING", logger="topic_audit"):
         before, after = asyncio.run(main())
     assert (before, after) == (0, 1)
+
+
+def test_a_writer_that_does_not_come_is_waited_for_out_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the time a writer takes to start, one never reached is waited for out loud, once."""
+    monkeypatch.setattr(client_module, "STARTING_SECONDS", 0.2)
+
+    async def main() -> None:
+        client = RemoteWriter(tmp_path / "nobody.sock")
+        client.start()
+        await asyncio.sleep(0.8)
+        client.stop()
+
+    with caplog.at_level("WARNING", logger="topic_audit"):
+        asyncio.run(main())
+    assert sum("waiting for the writer process" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_sigterm_commits_what_arrived_and_exits_zero(writer_process: WriterProcess) -> None:

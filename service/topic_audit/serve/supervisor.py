@@ -256,7 +256,10 @@ class Supervisor:
 
     def _reap(self) -> None:
         self.writers.reap()
-        if self.writers.retiring and not self.draining:  # the receivers they served are gone
+        self._retired_deliveries = [t for t in self._retired_deliveries if t.is_alive()]
+        # The receivers and the delivery process they served are gone (the old delivery process records
+        # its last attempts through them as it stops).
+        if self.writers.retiring and not self.draining and not self._retired_deliveries:
             self._stop_writers(self.writers.retiring)
         for receiver in list(self.draining):
             if receiver.process.poll() is None:

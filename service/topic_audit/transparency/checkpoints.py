@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,12 +108,16 @@ class Signer:
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                why = re.sub(r"\s*See https?://\S+ for more details\.", "", str(exc)).strip()
                 raise SettingsError(
-                    f"the signing key {path} cannot be read as an unencrypted PEM private key "
-                    f"({str(exc).split('. See ')[0]}); restore it from its backup, or set {PREFIX}SIGNING_KEY"
+                    f"the signing key {path} cannot be read as an unencrypted PEM private key ({why}); "
+                    f"restore it from its backup, or set {PREFIX}SIGNING_KEY"
                 ) from None
             if not isinstance(key, Ed25519PrivateKey):
-                raise SettingsError(f"the signing key {path} is not an Ed25519 private key")
+                raise SettingsError(
+                    f"the signing key {path} is not an Ed25519 private key; restore it from its backup, "
+                    f"or set {PREFIX}SIGNING_KEY"
+                )
             return cls(key, path), False
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()

@@ -45,8 +45,11 @@ does not keep up must not fill the receiver's memory)."""
 RETRY_SECONDS = 0.05
 """How often a receiver tries again to reach a writer process it has lost."""
 FIRST_RETRY_SECONDS = 0.005
-"""How often it tries before its first connection: ``serve`` starts the writer beside the receivers, and
-each millisecond here is one before the first answer."""
+"""How often it tries before its first connection, for at most :data:`STARTING_SECONDS`: ``serve`` starts
+the writer beside the receivers, and each millisecond here is one before the first answer."""
+STARTING_SECONDS = 2.0
+"""How long a writer not yet reached is taken to be starting (nothing said, tried every 5 ms); then it is
+waited for out loud, as a lost one is (a writer that fails at start, a restart while it is down)."""
 _RECORD = "(record)"
 """What a delivery record waits as, in ``_waiting`` (an append waits as "", a job as its class's name)."""
 COMPLAIN_SECONDS = 10.0
@@ -309,14 +312,15 @@ class RemoteWriter:
 
     async def _keep_connected(self) -> None:
         loop = asyncio.get_running_loop()
-        said, ever = False, False
+        said, starting_until = False, loop.time() + STARTING_SECONDS
         while not self._stopping:
             await self._disconnected.wait()
-            retry = RETRY_SECONDS if ever else FIRST_RETRY_SECONDS
+            starting = loop.time() < starting_until  # never connected, and only just started
+            retry = FIRST_RETRY_SECONDS if starting else RETRY_SECONDS
             try:
                 transport, _ = await loop.create_unix_connection(lambda: _Link(self), str(self.path))
             except OSError as exc:
-                if ever and not said:  # before the first connection, the writer is still starting
+                if not starting and not said:
                     log.warning("waiting for the writer process on %s (%s)", self.path, exc)
                     said = True
                 await asyncio.sleep(retry)
@@ -325,7 +329,7 @@ class RemoteWriter:
                 await asyncio.sleep(retry)
                 continue
             transport.write(wire.hello())
-            self._transport, said, ever = transport, False, True
+            self._transport, said, starting_until = transport, False, 0.0
             self._disconnected.clear()
             self._connected.set()
 
