@@ -255,6 +255,9 @@ def test_the_topic_search_index_follows_the_projection(tmp_path: Path) -> None:
     finally:
         writer.stop()
     assert progress == [(last,)] and bodies == [(last,)]
+    for index in ("audit_log_fts", "topics_fts"):  # merged by hand, a few pages a batch: still sound
+        assert _table(db, f"SELECT v FROM {index}_config WHERE k = 'automerge'") == [(0,)]
+        _table(db, f"INSERT INTO {index} ({index}, rank) VALUES ('integrity-check', 1)")
     texts = "rowid, name, introduction, notification"
     indexed = _table(db, f"SELECT {texts} FROM topics_fts ORDER BY rowid")
     assert indexed == _table(db, f"SELECT {texts} FROM topics ORDER BY rowid")

@@ -53,6 +53,10 @@ class SearchIndexer:
         self.conn = conn
         self._indexed_at = 0.0
         self._behind = True  # the indexes may lack entries
+        try:
+            search.merge_by_hand(conn)  # no batch merges a whole level inline (search.MERGE_PAGES)
+        except sqlite3.Error as exc:  # derived data: FTS5 merges on its own meanwhile
+            log.warning("the full-text indexes merge on their own for now: %s", exc)
 
     def wait_seconds(self) -> float:
         """How long the writer may wait for its queue before it should index (:meth:`idle`)."""
