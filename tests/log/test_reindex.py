@@ -66,6 +66,8 @@ def test_a_rebuild_beside_the_index_follows_every_change_made_meanwhile(post: Po
     search.index_everything(conn)
     for index in purge.INDEXES:
         conn.execute(f"INSERT INTO {index} ({index}) VALUES ('integrity-check')")
+        # the rebuilt index keeps the writer's setting: merged by hand, not inside an insert
+        assert conn.execute(f"SELECT v FROM {index}_config WHERE k = 'automerge'").fetchone() == (0,)
         held = instances(conn, index)
         assert held == rebuilt_in_one_go(conn, index)
     terms = {term for term, *_ in instances(conn, "audit_log_fts")}

@@ -121,6 +121,10 @@ def _create_next(conn: sqlite3.Connection, index: str) -> None:
     if created == sql:
         raise ValueError(f"{index} is not a full-text index defined as expected: {sql}")
     conn.execute(created)
+    # Its settings too (the writer's merging by hand: topic_audit.log.search.merge_by_hand), which live in
+    # the index, not in its definition.
+    for key, value in conn.execute(f"SELECT k, v FROM {index}_config WHERE k != 'version'").fetchall():
+        conn.execute(f"INSERT INTO {index}_next ({index}_next, rank) VALUES (?, ?)", (key, value))
 
 
 def _copy(conn: sqlite3.Connection, index: str, rows: int) -> int:
