@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -470,6 +471,7 @@ class Server:
             "TOPIC_AUDIT_TOKEN": TOKEN,
             "TOPIC_AUDIT_DB": str(db),
             "TOPIC_AUDIT_PORT": "0",  # the OS picks a free port when it binds; asked once it listens
+            "PYTHONFAULTHANDLER": "1",  # SIGABRT prints every thread's stack into the log (see stop)
             **(env or {}),
         }
         self.port = 0
@@ -498,9 +500,17 @@ class Server:
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.process.kill()  # never leave a process behind, even when the test failed
-                self.process.wait(timeout=10)
-                raise
+                # never leave a process behind, and say where it was stuck: every thread's stack
+                self.process.send_signal(signal.SIGABRT)
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=10)
+                tail = self.log.read_text(errors="replace")[-6000:]
+                raise AssertionError(
+                    f"serve did not stop within 15 s of SIGTERM; its log ends:\n{tail}"
+                ) from None
 
 
 @pytest.fixture

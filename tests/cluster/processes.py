@@ -23,7 +23,17 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from conftest import APP_ID, TOKEN, Server, free_port, rows, start_on_free_ports, unavailable, wait_for
+from conftest import (
+    APP_ID,
+    TOKEN,
+    Server,
+    free_port,
+    metric_samples,
+    rows,
+    start_on_free_ports,
+    unavailable,
+    wait_for,
+)
 from topic_audit.tencent import samples
 from topic_audit.transparency.checkpoints import Signer
 
@@ -167,6 +177,11 @@ def writer_and_receiver(tmp_path: Path, cluster: NatsCluster, **env: str) -> Ite
 
 def ready(server: Server) -> bool:
     return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+
+
+def holds_lease(writer: Server) -> bool:
+    """The writer's ``topic_audit_writer_lease`` says it holds the lease."""
+    return sum(metric_samples(writer, "topic_audit_writer_lease").values()) == 1
 
 
 def callback(url: str, topic: str) -> httpx.Response:

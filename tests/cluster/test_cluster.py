@@ -1,11 +1,24 @@
-"""Cluster mode end to end: a callback answered by a receiver is applied once by the writer."""
+"""Cluster mode end to end: a callback answered by a receiver is applied once by the writer; a writer
+stopped hands the lease over."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import httpx
 from conftest import run_cli, wait_for
-from processes import NatsCluster, applied, callback, exactly_once, needs_nats, ready, role, topic_ids
+from processes import (
+    NatsCluster,
+    applied,
+    callback,
+    exactly_once,
+    holds_lease,
+    needs_nats,
+    ready,
+    role,
+    topic_ids,
+)
 from processes import nats_cluster_fixture as nats_cluster_fixture
 
 pytestmark = needs_nats
@@ -32,3 +45,31 @@ def test_a_callback_is_answered_once_the_intake_stored_it_and_applied_once(
     finally:
         receiver.stop()
         writer.stop()
+
+
+def test_a_writer_stopped_hands_the_lease_over_at_once_and_exits_0(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """SIGTERM (systemctl stop or restart): the active writer releases the lease, so a standby takes it
+    within its next try rather than once the lease expired (8 s), and exits 0 with its temporary folders
+    removed -- not killed by the signal it was stopped with."""
+    active = role(tmp_path, nats_cluster, "writer-a", "writer").start()
+    standby = role(tmp_path, nats_cluster, "writer-b", "writer")
+    try:
+        wait_for(lambda: ready(active), 30, "the first writer to hold the lease")
+        standby.start()
+        wait_for(
+            lambda: "standing by" in httpx.get(f"{standby.url}/readyz").text, 30, "the second to stand by"
+        )
+        assert active.process is not None
+        active.process.terminate()
+        code = active.process.wait(30)
+        took = wait_for(lambda: holds_lease(standby), 10, "the standby to take the lease", interval=0.05)
+        print(f"\nthe standby held the lease {took:.2f} s after the first writer exited")
+        assert code == 0, active.log.read_text()[-3000:]
+        assert took < 3, "the lease was not released: the standby waited for it to expire"
+        assert not list(Path(tempfile.gettempdir()).glob(f"topic-audit-*-{active.process.pid}-*"))
+        wait_for(lambda: ready(standby), 30, "the standby to be active")
+    finally:
+        standby.stop()
+        active.stop()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, metric_samples, run_cli, wait_for
+from conftest import run_cli, wait_for
 from processes import (
     HAProxy,
     Load,
     NatsCluster,
     applied,
     exactly_once,
+    holds_lease,
     needs_nats,
     ready,
     role,
@@ -38,10 +39,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield running
     finally:
         running.stop()
-
-
-def holds_lease(writer: Server) -> bool:
-    return sum(metric_samples(writer, "topic_audit_writer_lease").values()) == 1
 
 
 def test_a_receiver_killed_leaves_haproxy_the_other(tmp_path: Path, nats_cluster: NatsCluster) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import shutil
@@ -60,6 +61,8 @@ TAKE_EVERY_SECONDS: Final = 1.0
 """How often a standby tries to take the lease."""
 RETRY_RENEW_SECONDS: Final = 0.5
 """After a renewal that got no answer, the next try."""
+STOP_SECONDS: Final = 75.0
+"""The longest a stop may take (Litestream's last sync up to 40 s of it), within the unit's 90 s."""
 
 
 class Role:
@@ -326,6 +329,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         try:
             yield
         finally:
+            # A stop that does not end (a thread or a call that never returns) writes every thread's stack
+            # to the log and exits 1, before systemd's TimeoutStopSec kills it without a word.
+            faulthandler.dump_traceback_later(STOP_SECONDS, exit=True)
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await running
