@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -32,6 +33,10 @@ from topic_audit.metrics import Metrics
 from topic_audit.receiver.app import create_app
 from topic_audit.settings import Settings
 from topic_audit.tencent import samples
+
+# A serve that does not stop is sent SIGABRT for its stacks (Server.stop): no core file from it, or from
+# anything else the tests start, whatever the machine's limit.
+resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 APP_ID = "1400000001"
 TOKEN = "test-token-7f3a9c1e5b"
@@ -499,7 +504,7 @@ class Server:
             self.process.terminate()
             try:
                 self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as timed_out:
                 # never leave a process behind, and say where it was stuck: every thread's stack
                 self.process.send_signal(signal.SIGABRT)
                 try:
@@ -510,7 +515,7 @@ class Server:
                 tail = self.log.read_text(errors="replace")[-6000:]
                 raise AssertionError(
                     f"serve did not stop within 15 s of SIGTERM; its log ends:\n{tail}"
-                ) from None
+                ) from timed_out
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ prints what it measured."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import time
@@ -144,3 +146,49 @@ def test_the_active_writer_killed_with_its_disk_is_replaced_by_the_standby(
             receiver.stop()
         standby.stop()
         active.stop()
+
+
+def test_a_writer_stopped_while_it_restores_exits_0_and_leaves_no_copy(
+    tmp_path: Path, nats_cluster: NatsCluster, store: SeaweedFS
+) -> None:
+    """A stop cuts a takeover's restore short (one can take minutes): the writer exits 0 at once rather
+    than waiting for it; the copy it was restoring into beside the log is removed as it starts again.
+    The slow restore is a stand-in: a ``litestream`` that writes a partial copy and waits."""
+    started = tmp_path / "restore.pid"
+    slow = tmp_path / "litestream"
+    slow.write_text(
+        f'#!/bin/sh\necho $$ > {started}\nfor last; do :; done\necho "a partial copy" > "$last"\nexec sleep 120\n'
+    )
+    slow.chmod(0o755)
+    replica = {
+        **store.env,
+        "TOPIC_AUDIT_REPLICA_URL": "s3://cluster/cut-short",
+        "TOPIC_AUDIT_REPLICA_ENDPOINT": store.endpoint,
+    }
+    writer = role(tmp_path, nats_cluster, "writer-a", "writer", **replica, TOPIC_AUDIT_LITESTREAM=str(slow))
+    writer.start()
+    try:
+        wait_for(
+            lambda: started.exists() and "restoring" in httpx.get(f"{writer.url}/readyz").text,
+            30,
+            "the writer to be restoring",
+        )
+        assert writer.process is not None
+        stopping = time.monotonic()
+        writer.process.terminate()
+        code = writer.process.wait(30)
+        took = time.monotonic() - stopping
+        print(f"\nstopped while restoring: exit {code} in {took:.2f} s")
+        assert code == 0, writer.log.read_text()[-3000:]
+        assert took < 5
+        left = list(writer.db.parent.glob("topic-audit-takeover-*"))
+        assert len(left) == 1 and any(left[0].iterdir()), "the cut-short restore's folder, with its copy"
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(started.read_text()), signal.SIGKILL)
+        del writer.env["TOPIC_AUDIT_LITESTREAM"]  # the real one: the store holds no replica yet
+        writer.start()
+        wait_for(lambda: ready(writer), 60, "the writer, started again, to be active")
+        assert not left[0].exists()
+        assert "a takeover cut short left it" in writer.log.read_text()
+    finally:
+        writer.stop()

@@ -47,6 +47,8 @@ def test_a_rebuild_beside_the_index_follows_every_change_made_meanwhile(post: Po
             assert not reindex.step(conn, index, most_levels=0, rows=4)
             steps[index] += 1
         assert f"{index}_next" in tables(conn)
+        # it fills with FTS5's own merging (the writer merges by hand only the indexes in use)
+        assert conn.execute(f"SELECT v FROM {index}_next_config WHERE k = 'automerge'").fetchone() != (0,)
     # Meanwhile: new callbacks, a copied topic changed, a copied entry erased (its terms must go from
     # both indexes), all indexed the way serve's writer does.
     for i in range(40, 50):
@@ -76,6 +78,23 @@ def test_a_rebuild_beside_the_index_follows_every_change_made_meanwhile(post: Po
     names = {term for term, *_ in instances(conn, "topics_fts")}
     assert {"name1", "name3"} <= names and "name2" not in names  # and so was the topic's name
     assert conn.execute("SELECT count(*) FROM topics_fts WHERE topics_fts MATCH 'renamed'").fetchone() == (1,)
+    conn.close()
+
+
+def test_a_setting_sqlite_does_not_know_does_not_stop_a_rebuild(post: Post, db_path: Path) -> None:
+    """A setting a newer SQLite wrote into the index (an operator's ``sqlite3``) is not carried over, so
+    that the rebuild -- and with it every purge -- still completes."""
+    for i in range(30):
+        assert post(created(i)).status_code == 200
+    conn = connect(db_path)
+    search.index_everything(conn)
+    conn.execute("INSERT INTO audit_log_fts_config (k, v) VALUES ('secure-delete', 1)")
+    steps = 0
+    while not reindex.step(conn, "audit_log_fts", most_levels=0, rows=8):
+        steps += 1
+    assert steps > 4
+    conn.execute("INSERT INTO audit_log_fts (audit_log_fts) VALUES ('integrity-check')")
+    assert conn.execute("SELECT v FROM audit_log_fts_config WHERE k = 'automerge'").fetchone() == (0,)
     conn.close()
 
 

@@ -53,6 +53,8 @@ from topic_audit.writer.thread import AuditWriter
 
 log = logging.getLogger("topic_audit.cluster")
 
+TAKEOVER_PREFIX: Final = "topic-audit-takeover-"
+"""The folder beside the log a takeover restores the replica into (then moved in place, or deleted)."""
 NO_BACKUPS: Final = "no matching backup"
 """What ``litestream restore`` says of a replica that holds nothing yet (the first writer's start)."""
 LOST_EXIT: Final = 75
@@ -62,7 +64,8 @@ TAKE_EVERY_SECONDS: Final = 1.0
 RETRY_RENEW_SECONDS: Final = 0.5
 """After a renewal that got no answer, the next try."""
 STOP_SECONDS: Final = 75.0
-"""The longest a stop may take (Litestream's last sync up to 40 s of it), within the unit's 90 s."""
+"""The longest the writer's own stop may take (Litestream's last sync up to 40 s of it), after uvicorn's
+up to 5 s for requests in flight: within the unit's 90 s."""
 
 
 class Role:
@@ -87,6 +90,7 @@ class Role:
     # -- taking over -------------------------------------------------------------------------------
     async def run(self) -> None:
         settings = self.settings
+        await asyncio.to_thread(_remove_takeovers, settings.db.parent)
         while self.nc is None:
             try:
                 self.nc = await jetstream.connect(settings, f"topic-audit writer {self.name}")
@@ -165,9 +169,7 @@ class Role:
         settings = self.settings
         if settings.replica_url is not None:
             target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
-            with tempfile.TemporaryDirectory(
-                prefix="topic-audit-takeover-", dir=settings.db.parent
-            ) as folder:
+            with tempfile.TemporaryDirectory(prefix=TAKEOVER_PREFIX, dir=settings.db.parent) as folder:
                 copy = Path(folder) / settings.db.name
                 try:
                     replica.restore(target, copy, litestream=settings.litestream)
@@ -274,6 +276,15 @@ class Role:
         return None
 
 
+def _remove_takeovers(folder: Path) -> None:
+    """Remove the folders of takeovers cut short beside the log (a stop, a crash or a lost lease during a
+    restore): the copy of the log in one would escape every later erasure."""
+    for path in folder.glob(f"{TAKEOVER_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s: a takeover cut short left it, with a copy of the log", path)
+
+
 def _continues(local: Path, copy: Path) -> bool:
     """Whether the local log holds the replica's head entry, the same (and so everything before it):
     this writer's own log, continued since the replica was made."""
@@ -329,9 +340,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         try:
             yield
         finally:
-            # A stop that does not end (a thread or a call that never returns) writes every thread's stack
-            # to the log and exits 1, before systemd's TimeoutStopSec kills it without a word.
-            faulthandler.dump_traceback_later(STOP_SECONDS, exit=True)
+            # A stop that does not end (a call that never returns) writes every thread's stack to the log
+            # and exits 1, before systemd's TimeoutStopSec kills it without a word.
+            with contextlib.suppress(Exception):  # a stderr without a file descriptor: no watchdog
+                faulthandler.dump_traceback_later(STOP_SECONDS, exit=True)
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await running

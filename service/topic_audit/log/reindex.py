@@ -35,6 +35,12 @@ ROWS: Final = 1000
 MOST_LEVELS: Final = 1000
 """Levels an index's structure may list before purging rebuilds it (SQLite 3.40 fails past 2,000)."""
 EVERYTHING: Final = 1 << 62
+SETTINGS: Final = ("pgsz", "hashsize", "usermerge", "crisismerge", "rank")
+"""The settings of an index the next one is created with (those SQLite 3.40 knows: one a newer SQLite
+wrote would be refused, and every purge with it). ``automerge`` is set only as the next index is swapped
+in: the writer merges by hand (:func:`topic_audit.log.search.merge_by_hand`) only the indexes in use, so
+the next one merges on its own while it fills -- with its merging off, FTS5's crisis merge would merge a
+whole level inside one step."""
 _SHADOWS: Final = {
     "data": ("rowid", "rowid > 10"),
     "idx": ("segid, term", "1"),
@@ -93,6 +99,7 @@ def step(
         if _copy(conn, index, rows) < rows:  # caught up: in the same transaction, swap
             conn.execute(f"ALTER TABLE {index} RENAME TO {index}_old")
             conn.execute(f"ALTER TABLE {index}_next RENAME TO {index}")
+            _set(conn, index, f"{index}_old", ("automerge",))
         return False
 
 
@@ -121,10 +128,15 @@ def _create_next(conn: sqlite3.Connection, index: str) -> None:
     if created == sql:
         raise ValueError(f"{index} is not a full-text index defined as expected: {sql}")
     conn.execute(created)
-    # Its settings too (the writer's merging by hand: topic_audit.log.search.merge_by_hand), which live in
-    # the index, not in its definition.
-    for key, value in conn.execute(f"SELECT k, v FROM {index}_config WHERE k != 'version'").fetchall():
-        conn.execute(f"INSERT INTO {index}_next ({index}_next, rank) VALUES (?, ?)", (key, value))
+    _set(conn, f"{index}_next", index, SETTINGS)
+
+
+def _set(conn: sqlite3.Connection, index: str, source: str, keys: tuple[str, ...]) -> None:
+    """Give ``index`` the settings among ``keys`` that the index ``source`` has (FTS5 keeps them in the
+    index, not in its definition)."""
+    marks = ", ".join("?" * len(keys))
+    for key, value in conn.execute(f"SELECT k, v FROM {source}_config WHERE k IN ({marks})", keys).fetchall():
+        conn.execute(f"INSERT INTO {index} ({index}, rank) VALUES (?, ?)", (key, value))
 
 
 def _copy(conn: sqlite3.Connection, index: str, rows: int) -> int:
