@@ -4,7 +4,6 @@ prints what it measured."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -148,11 +147,20 @@ def test_the_active_writer_killed_with_its_disk_is_replaced_by_the_standby(
         active.stop()
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+
+
 def test_a_writer_stopped_while_it_restores_exits_0_and_leaves_no_copy(
     tmp_path: Path, nats_cluster: NatsCluster, store: SeaweedFS
 ) -> None:
     """A stop cuts a takeover's restore short (one can take minutes): the writer exits 0 at once rather
-    than waiting for it; the copy it was restoring into beside the log is removed as it starts again.
+    than waiting for it, and the restore stops with it; the copy it was restoring into beside the log is
+    removed as it starts again.
     The slow restore is a stand-in: a ``litestream`` that writes a partial copy and waits."""
     started = tmp_path / "restore.pid"
     slow = tmp_path / "litestream"
@@ -183,8 +191,8 @@ def test_a_writer_stopped_while_it_restores_exits_0_and_leaves_no_copy(
         assert took < 5
         left = list(writer.db.parent.glob("topic-audit-takeover-*"))
         assert len(left) == 1 and any(left[0].iterdir()), "the cut-short restore's folder, with its copy"
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(started.read_text()), signal.SIGKILL)
+        restoring = int(started.read_text())
+        wait_for(lambda: not alive(restoring), 10, "the restore to stop with the writer")
         del writer.env["TOPIC_AUDIT_LITESTREAM"]  # the real one: the store holds no replica yet
         writer.start()
         wait_for(lambda: ready(writer), 60, "the writer, started again, to be active")

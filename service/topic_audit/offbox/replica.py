@@ -210,7 +210,8 @@ def child_env(target: Target) -> dict[str, str]:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """If ``serve`` is killed, Litestream goes too (as it would with the machine)."""
+    """If ``serve`` is killed (or stops during a restore), Litestream goes too (as it would with the
+    machine)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -479,7 +480,12 @@ def restore(
         if timestamp is not None:
             command += ["-timestamp", timestamp]
         done = subprocess.run(
-            [*command, str(to.resolve())], capture_output=True, text=True, env=child_env(target), timeout=3600
+            [*command, str(to.resolve())],
+            capture_output=True,
+            text=True,
+            env=child_env(target),
+            timeout=3600,
+            preexec_fn=_die_with_parent,  # a writer stopped during a takeover: its restore stops too
         )
     if done.returncode != 0:
         raise RuntimeError(f"litestream restore failed: {(done.stderr or done.stdout).strip()[-2000:]}")
