@@ -141,10 +141,10 @@ class Applier:
             self._stalled = {}
             checked = time.monotonic()
             while True:
-                try:
-                    first: Msg | None = await asyncio.wait_for(arrived.get(), IDLE_SECONDS)
-                except TimeoutError:
-                    first = None
+                first: Msg | None = None
+                with contextlib.suppress(TimeoutError):  # not wait_for: in 3.11 it can drop a cancellation
+                    async with asyncio.timeout(IDLE_SECONDS):
+                        first = await arrived.get()
                 if first is not None:
                     batch = [first]
                     while len(batch) < self.max_batch and not arrived.empty():

@@ -33,7 +33,7 @@ from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from nats.aio.client import Client
 
-from topic_audit import clock
+from topic_audit import clock, tasks
 from topic_audit.cluster import jetstream
 from topic_audit.cluster.applier import Applier, last_applied
 from topic_audit.cluster.lease import Lease, Lost
@@ -259,13 +259,12 @@ class Role:
         if self.replicator is not None:
             await asyncio.to_thread(self.replicator.stop)
         if self.keeping is not None:  # renewed until here: a slow stop never lets a standby in early
-            self.keeping.cancel()
+            await tasks.end(self.keeping, log)  # and never after the release
         if self.lease is not None:
             await self.lease.release()
         self.metrics.writer_lease.labels(self.name).set(0)
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 2)  # a stop never waits on a server that is gone
+        if self.nc is not None:  # a stop never waits on a server that is gone (nor on the close, cancelled)
+            await asyncio.wait({asyncio.create_task(self.nc.close(), name="intake-close")}, timeout=2)
 
     def ready(self) -> str | None:
         """None when active and caught up; else why not."""
@@ -344,9 +343,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             # and exits 1, before systemd's TimeoutStopSec kills it without a word.
             with contextlib.suppress(Exception):  # a stderr without a file descriptor: no watchdog
                 faulthandler.dump_traceback_later(STOP_SECONDS, exit=True)
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await running
+            await tasks.end(running, log)  # its failure, if any, is _ended's to report
             await role.stop()
 
     return Litestar(

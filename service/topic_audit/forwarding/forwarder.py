@@ -27,6 +27,7 @@ import json
 import logging
 from typing import Protocol
 
+from topic_audit import tasks
 from topic_audit.forwarding import loop, outbox
 from topic_audit.forwarding.deliverer import Writer
 from topic_audit.forwarding.outbox import Forward
@@ -140,7 +141,7 @@ class LocalDelivery:
 
     async def stop(self) -> None:
         """Abandon the attempts under way (attempted again later), record the finished ones."""
-        self._task.cancel()
+        await tasks.end(self._task, log)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
