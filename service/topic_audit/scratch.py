@@ -1,6 +1,7 @@
 """The temporary folders of ``serve`` (the writer's socket, the metrics of every process, Litestream's
-configuration): each named for the process that made it, and those of a ``serve`` that died without
-removing its own (``kill -9``, a lost machine) removed when the next one starts."""
+configuration; beside the log, a cluster writer's takeover): each named for the process that made it,
+and those of a ``serve`` that died without removing its own (``kill -9``, a lost machine) removed when
+the next one starts."""
 
 from __future__ import annotations
 

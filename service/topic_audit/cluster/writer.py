@@ -33,7 +33,7 @@ from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from nats.aio.client import Client
 
-from topic_audit import clock, tasks
+from topic_audit import clock, scratch, tasks
 from topic_audit.cluster import jetstream
 from topic_audit.cluster.applier import Applier, last_applied
 from topic_audit.cluster.lease import Lease, Lost
@@ -53,8 +53,6 @@ from topic_audit.writer.thread import AuditWriter
 
 log = logging.getLogger("topic_audit.cluster")
 
-TAKEOVER_PREFIX: Final = "topic-audit-takeover-"
-"""The folder beside the log a takeover restores the replica into (then moved in place, or deleted)."""
 NO_BACKUPS: Final = "no matching backup"
 """What ``litestream restore`` says of a replica that holds nothing yet (the first writer's start)."""
 LOST_EXIT: Final = 75
@@ -90,7 +88,9 @@ class Role:
     # -- taking over -------------------------------------------------------------------------------
     async def run(self) -> None:
         settings = self.settings
-        await asyncio.to_thread(_remove_takeovers, settings.db.parent)
+        # the folders of takeovers cut short (a stop, a crash, a lost lease during a restore): the copy of
+        # the log in one would escape every later erasure
+        await asyncio.to_thread(scratch.remove_leftovers, settings.db.parent)
         while self.nc is None:
             try:
                 self.nc = await jetstream.connect(settings, f"topic-audit writer {self.name}")
@@ -169,7 +169,9 @@ class Role:
         settings = self.settings
         if settings.replica_url is not None:
             target = replica.Target.parse(settings.replica_url, settings.replica_endpoint)
-            with tempfile.TemporaryDirectory(prefix=TAKEOVER_PREFIX, dir=settings.db.parent) as folder:
+            with tempfile.TemporaryDirectory(
+                prefix=f"{scratch.PREFIX}takeover-{os.getpid()}-", dir=settings.db.parent
+            ) as folder:
                 copy = Path(folder) / settings.db.name
                 try:
                     replica.restore(target, copy, litestream=settings.litestream)
@@ -275,15 +277,6 @@ class Role:
         return None
 
 
-def _remove_takeovers(folder: Path) -> None:
-    """Remove the folders of takeovers cut short beside the log (a stop, a crash or a lost lease during a
-    restore): the copy of the log in one would escape every later erasure."""
-    for path in folder.glob(f"{TAKEOVER_PREFIX}*"):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            log.warning("removed %s: a takeover cut short left it, with a copy of the log", path)
-
-
 def _continues(local: Path, copy: Path) -> bool:
     """Whether the local log holds the replica's head entry, the same (and so everything before it):
     this writer's own log, continued since the replica was made."""
@@ -345,6 +338,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                 faulthandler.dump_traceback_later(STOP_SECONDS, exit=True)
             await tasks.end(running, log)  # its failure, if any, is _ended's to report
             await role.stop()
+            faulthandler.cancel_dump_traceback_later()
 
     return Litestar(
         route_handlers=[healthz, readyz, metrics_endpoint],

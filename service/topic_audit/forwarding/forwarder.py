@@ -27,7 +27,6 @@ import json
 import logging
 from typing import Protocol
 
-from topic_audit import tasks
 from topic_audit.forwarding import loop, outbox
 from topic_audit.forwarding.deliverer import Writer
 from topic_audit.forwarding.outbox import Forward
@@ -141,7 +140,7 @@ class LocalDelivery:
 
     async def stop(self) -> None:
         """Abandon the attempts under way (attempted again later), record the finished ones."""
-        await tasks.end(self._task, log)
+        self._task.cancel()  # once: its clean-up records the finished attempts (and no wait_for drops it)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 

@@ -30,14 +30,14 @@ async def drops_cancellations(times: int, cleaned: list[str]) -> None:
 def test_a_task_that_drops_a_cancellation_is_ended_all_the_same() -> None:
     async def main() -> tuple[bool, bool]:
         cleaned: list[str] = []
-        once = asyncio.create_task(drops_cancellations(1, cleaned))
+        twice = asyncio.create_task(drops_cancellations(2, cleaned))
         await asyncio.sleep(0.05)
-        once.cancel()
-        done, _ = await asyncio.wait({once}, timeout=0.5)
+        twice.cancel()
+        done, _ = await asyncio.wait({twice}, timeout=0.5)
         ran_on = not done  # cancelled once, it runs on: what the stop awaited for ever
         async with asyncio.timeout(5):  # a failure, not a test that hangs
-            await tasks.end(once, logging.getLogger("test"), again=0.1)
-        return ran_on, once.cancelled() and cleaned == ["done"]
+            await tasks.end(twice, logging.getLogger("test"), again=0.1)  # it drops one more
+        return ran_on, twice.cancelled() and cleaned == ["done"]
 
     assert asyncio.run(main()) == (True, True)
 
@@ -50,7 +50,8 @@ def test_a_task_that_runs_on_is_said_where_it_is(
     async def main() -> None:
         stubborn = asyncio.create_task(drops_cancellations(5, []), name="stubborn")
         await asyncio.sleep(0.05)
-        await tasks.end(stubborn, logging.getLogger("test"), again=0.1)
+        async with asyncio.timeout(5):
+            await tasks.end(stubborn, logging.getLogger("test"), again=0.1)
 
     with caplog.at_level(logging.WARNING, logger="test"):
         asyncio.run(main())
